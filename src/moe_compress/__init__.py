@@ -1,0 +1,26 @@
+"""moe-compress: shared-core compression of Mixture-of-Experts language models.
+
+    import moe_compress as mc
+    report = mc.compress(model, mc.CompressionConfig(rank=64))
+    mc.save_compressed(model, "out/model-sc64")
+    model = mc.load_compressed("out/model-sc64")
+"""
+
+from moe_compress.checkpoint import SharedCoreConfig, load_compressed, save_compressed
+from moe_compress.compress import CompressionConfig, CompressionReport, RankTooLargeError, compress
+from moe_compress.discovery import NoExpertsError, find_experts
+from moe_compress.experts import SharedCoreExperts
+
+__all__ = [
+    "CompressionConfig",
+    "CompressionReport",
+    "NoExpertsError",
+    "RankTooLargeError",
+    "SharedCoreConfig",
+    "SharedCoreExperts",
+    "compress",
+    "find_experts",
+    "load_compressed",
+    "save_compressed",
+]
+__version__ = "0.1.0"

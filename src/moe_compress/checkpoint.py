@@ -1,0 +1,199 @@
+"""save_compressed / load_compressed, and the transformers quantizer that lets from_pretrained load our folders.
+
+A compressed folder is a Hugging Face model folder: config.json carries a `quantization_config` with
+`quant_method: "moe_compress"` and the shape of every compressed experts module. Registering a quantization config
+and an HfQuantizer for that method (transformers' own extension point, as compressed-tensors uses) makes
+`AutoModelForCausalLM.from_pretrained(folder)` swap in SharedCoreExperts before the weights load, with no
+trust_remote_code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from moe_compress.experts import SharedCoreExperts
+
+QUANT_METHOD = "moe_compress"
+
+
+@register_quantization_config(QUANT_METHOD)
+class SharedCoreConfig(QuantizationConfigMixin):
+    """What config.json records of a compression: each experts module's form and ranks, the settings, the stats."""
+
+    def __init__(self, modules: dict[str, dict], compression: dict | None = None, stats: dict | None = None,
+                 **kwargs: Any):
+        self.quant_method = QUANT_METHOD
+        self.modules = modules
+        self.compression = compression or {}
+        self.stats = stats or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "modules": self.modules, "compression": self.compression,
+                "stats": self.stats}
+
+
+@register_quantizer(QUANT_METHOD)
+class SharedCoreQuantizer(HfQuantizer):
+    """Loads compressed folders; compressing happens in moe_compress.compress, never inside from_pretrained."""
+
+    requires_calibration = True
+    quantization_config: SharedCoreConfig
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        swap_in_shared_core(model, self.quantization_config.modules)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:  # the compressed model is trained directly (distillation), no adapters
+        return True
+
+
+def swap_in_shared_core(model: nn.Module, modules: dict[str, dict]) -> None:
+    """Replace the named experts modules by empty SharedCoreExperts of the recorded shapes."""
+    for name, spec in modules.items():
+        parent, _, child = name.rpartition(".")
+        experts = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child, SharedCoreExperts.empty(experts, spec))
+
+
+def attach_quantization_config(model: nn.Module, modules: dict[str, dict], compression: Any, report: Any) -> None:
+    """Record the compression in model.config, so that save_pretrained writes a folder from_pretrained can load."""
+    stats = {k: v for k, v in report.to_dict().items() if k not in ("config", "rows")}
+    model.config.quantization_config = SharedCoreConfig(modules, compression.to_dict(), stats)
+
+
+def compression_of(model: nn.Module) -> SharedCoreConfig:
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD:
+        return SharedCoreConfig(**config)
+    if not isinstance(config, SharedCoreConfig):
+        raise ValueError("this model is not compressed by moe-compress; call moe_compress.compress(model, config) first")
+    return config
+
+
+def _config_in(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_target(path: Path, model: nn.Module, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder; choose another output_dir")
+    if overwrite or not path.exists() or not any(path.iterdir()):
+        return
+    existing = _config_in(path)
+    ours = model.config.to_dict()
+    same = existing is not None and all(
+        existing.get(k) == ours.get(k) for k in ("model_type", "quantization_config", "architectures")
+    )
+    if not same:
+        raise FileExistsError(
+            f"{path} already holds a different model or other files; pass overwrite=True (CLI: overwrite=true) "
+            "to replace it, or choose another output_dir"
+        )
+
+
+def _source_tokenizer(model: nn.Module):
+    source = getattr(model, "name_or_path", "") or ""
+    if not source:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def model_card(model: nn.Module) -> str:
+    compression = compression_of(model)
+    stats, settings = compression.stats, compression.compression
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [moe-compress, mixture-of-experts, compressed]",
+        "---",
+        f"# {model.config.model_type} compressed with moe-compress",
+        "",
+        "Every expert projection W_e of each MoE layer is stored as one shared core C and per-expert low-rank wrappers,",
+        "W_e ~ (I + U_out V_out^T) C (I + U_in V_in^T)"
+        + (" (here the additive form W_e ~ C + U V^T)." if settings.get("method") == "delta" else "."),
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| source | {getattr(model, 'name_or_path', '') or 'in-memory model'} |",
+        f"| method | {settings.get('method')} |",
+        f"| expert parameters | {stats.get('params_before', 0):,} -> {stats.get('params_after', 0):,} |",
+        f"| kept fraction | {stats.get('kept_fraction', float('nan')):.4f} |",
+        f"| relative reconstruction error | {stats.get('rel_error', float('nan')):.4f} |",
+        f"| compressed experts modules | {len(compression.modules)} |",
+        "",
+        "Load it with `moe_compress.load_compressed(folder)`, or with `AutoModelForCausalLM.from_pretrained(folder)`",
+        "after `import moe_compress`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
+                    max_shard_size: str | int = "5GB") -> Path:
+    """Write a compressed model as a Hugging Face folder: config, sharded safetensors, tokenizer, generation config,
+    model card. The folder appears complete or not at all: it is written beside the target and renamed into place."""
+    compression_of(model)
+    path = Path(path)
+    _check_target(path, model, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        tokenizer = tokenizer if tokenizer is not None else _source_tokenizer(model)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(model))
+        _replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace(staging: Path, path: Path) -> None:
+    if not path.exists():
+        staging.rename(path)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    path.rename(retired / "folder")
+    staging.rename(path)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def load_compressed(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Load a folder written by save_compressed (kwargs go to from_pretrained: dtype, device_map, ...)."""
+    folder = Path(path)
+    if folder.is_dir():
+        config = _config_in(folder)
+        if config is None:
+            raise FileNotFoundError(f"{folder} has no readable config.json; pass a folder written by save_compressed")
+        if (config.get("quantization_config") or {}).get("quant_method") != QUANT_METHOD:
+            raise ValueError(
+                f"{folder} holds a model that moe-compress did not compress; load it with "
+                "AutoModelForCausalLM.from_pretrained, or compress it first"
+            )
+    elif os.sep in str(path) or str(path).startswith("."):
+        raise FileNotFoundError(f"no compressed model folder at {path}; check the path")
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

@@ -1,0 +1,242 @@
+"""compress(model, config): replace every experts module of a transformers MoE model by SharedCoreExperts, in place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moe_compress import fit
+from moe_compress.discovery import find_experts, projection_names, split_weights
+from moe_compress.checkpoint import attach_quantization_config
+from moe_compress.experts import SharedCoreExperts
+
+METHODS = ("als", "adam", "delta")
+PROJECTIONS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How to compress. Give `rank` (per projection overrides in `ranks`) or `target_ratio`, the kept fraction of
+    expert parameters, from which the largest rank that fits is chosen per projection."""
+
+    rank: Optional[int] = None
+    target_ratio: Optional[float] = None
+    ranks: Optional[dict[str, int]] = None
+    method: str = "als"
+    als_iters: int = 3
+    polish_steps: int = 100
+    adam_steps: int = 1000
+    lr: float = 1e-3
+    seed: int = 0
+    device: Optional[str] = None
+
+    def __post_init__(self):
+        ranks = dict(self.ranks or {})
+        if self.rank is None and self.target_ratio is None and set(ranks) != set(PROJECTIONS):
+            raise ValueError("CompressionConfig needs a size: set rank=<int> or target_ratio=<kept fraction in (0, 1)>")
+        if self.rank is not None and self.target_ratio is not None:
+            raise ValueError("CompressionConfig got both rank and target_ratio; set only one of them")
+        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
+            raise ValueError(f"target_ratio={self.target_ratio} is not a kept fraction; use a value in (0, 1)")
+        unknown = set(ranks) - set(PROJECTIONS)
+        if unknown:
+            raise ValueError(f"ranks has unknown projections {sorted(unknown)}; use keys among {list(PROJECTIONS)}")
+        for name, r in [("rank", self.rank), *ranks.items()]:
+            if r is not None and (not isinstance(r, int) or r < 1):
+                raise ValueError(f"{name}={r} is not a positive integer rank; use rank >= 1")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; use one of {list(METHODS)}")
+        if min(self.als_iters, self.polish_steps, self.adam_steps) < 0 or self.lr <= 0:
+            raise ValueError("als_iters, polish_steps and adam_steps must be >= 0 and lr > 0")
+        object.__setattr__(self, "ranks", ranks or None)
+
+    @property
+    def form(self) -> str:
+        return "delta" if self.method == "delta" else "wrapped"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RankTooLargeError(ValueError):
+    pass
+
+
+def stored_params(num_experts: int, out_f: int, in_f: int, rank: int, num_cores: int = 1) -> int:
+    """Parameters stored for one projection: G*out*in cores + E*2r*(out+in) factors (both forms)."""
+    return num_cores * out_f * in_f + num_experts * 2 * rank * (out_f + in_f)
+
+
+def max_rank(num_experts: int, out_f: int, in_f: int, budget: float) -> int:
+    """The largest rank whose storage stays under `budget` parameters (0 if none does)."""
+    return max(0, int((budget - out_f * in_f) // (num_experts * 2 * (out_f + in_f))))
+
+
+def choose_rank(config: CompressionConfig, projection: str, num_experts: int, out_f: int, in_f: int) -> int:
+    original = num_experts * out_f * in_f
+    shape = f"E={num_experts}, {out_f}x{in_f}"
+    limit = max_rank(num_experts, out_f, in_f, original - 1)
+    rank = (config.ranks or {}).get(projection, config.rank)
+    if rank is None:
+        rank = max_rank(num_experts, out_f, in_f, config.target_ratio * original)
+        if rank < 1:
+            smallest = stored_params(num_experts, out_f, in_f, 1) / original
+            raise RankTooLargeError(
+                f"target_ratio {config.target_ratio} is below what rank 1 stores for {projection} ({shape}); "
+                f"use target_ratio >= {smallest:.4f}"
+            )
+    if rank > limit:
+        raise RankTooLargeError(
+            f"rank {rank} stores more than the original for {projection} ({shape}); "
+            f"use rank <= {limit} or target_ratio"
+        )
+    return rank
+
+
+@dataclass
+class ProjectionStats:
+    module: str
+    projection: str
+    experts: int
+    shape: tuple[int, int]
+    rank: int
+    rel_error: float
+    params_before: int
+    params_after: int
+    seconds: float
+
+
+@dataclass
+class CompressionReport:
+    """What compress did, per (layer, projection): relative error, parameters before and after, fit time."""
+
+    config: CompressionConfig
+    rows: list[ProjectionStats] = field(default_factory=list)
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.rows)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.rows)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.params_after / self.params_before
+
+    @property
+    def rel_error(self) -> float:
+        """Relative error over all compressed weights, each projection weighted by its size."""
+        num = sum(r.rel_error**2 * r.params_before for r in self.rows)
+        return (num / self.params_before) ** 0.5
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "kept_fraction": self.kept_fraction,
+            "rel_error": self.rel_error,
+            "seconds": self.seconds,
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        header = f"{'module':<40} {'proj':<5} {'E':>4} {'shape':>11} {'rank':>5} {'rel err':>8} {'params':>23} {'s':>6}"
+        lines = [header, "-" * len(header)]
+        for r in self.rows:
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            params = f"{r.params_before:,} -> {r.params_after:,}"
+            lines.append(
+                f"{r.module[-40:]:<40} {r.projection:<5} {r.experts:>4} {shape:>11} {r.rank:>5} {r.rel_error:>8.4f} "
+                f"{params:>23} {r.seconds:>6.2f}"
+            )
+        lines.append(
+            f"total: {self.params_before:,} -> {self.params_after:,} expert parameters "
+            f"(kept {self.kept_fraction:.3f}), relative error {self.rel_error:.4f}, fit {self.seconds:.1f} s "
+            f"[{self.config.method}]"
+        )
+        return "\n".join(lines)
+
+
+def fit_projection(W: torch.Tensor, rank: int, config: CompressionConfig) -> dict[str, torch.Tensor]:
+    """The fitted factors of one projection, W [E, out, in] in fp32 on the fit device."""
+    if config.method == "delta":
+        return fit.fit_delta(W, rank, max(1, config.als_iters))
+    if config.method == "adam":
+        return fit.fit_adam(W, config.adam_steps, config.lr, fit.seed_init(W, rank, config.seed))
+    return fit.fit_adam(W, config.polish_steps, config.lr, fit.fit_als(W, rank, config.als_iters))
+
+
+def _check_finite(found: list[tuple[str, nn.Module]]) -> None:
+    for name, experts in found:
+        for pname, p in experts.named_parameters(recurse=False):
+            if not torch.isfinite(p).all():
+                raise ValueError(
+                    f"{name}.{pname} holds NaN or Inf values; fix or re-download the checkpoint before compressing"
+                )
+
+
+def plan(model: nn.Module, config: CompressionConfig) -> dict[str, dict]:
+    """{experts module name: spec} for the whole model, checked before any fit starts."""
+    found = find_experts(model)
+    _check_finite(found)
+    specs = {}
+    for name, experts in found:
+        parts = split_weights(experts)
+        ranks = {p: choose_rank(config, p, *parts[p][0].shape) for p in projection_names(experts)}
+        specs[name] = {"form": config.form, "num_cores": 1, "ranks": ranks}
+    return specs
+
+
+def _fit_device(config: CompressionConfig) -> torch.device:
+    return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def compress(model: nn.Module, config: CompressionConfig, progress: bool = True) -> CompressionReport:
+    """Replace every experts module of `model` by a fitted SharedCoreExperts, in place; return the report."""
+    specs = plan(model, config)
+    device = _fit_device(config)
+    report = CompressionReport(config)
+    bar = tqdm(total=sum(len(s["ranks"]) for s in specs.values()), desc="compress", disable=not progress)
+    for name, spec in specs.items():
+        experts = model.get_submodule(name)
+        shared = SharedCoreExperts.empty(experts, spec)
+        for proj_name, (W, bias) in split_weights(experts).items():
+            proj = shared.projections[proj_name]
+            start = time.perf_counter()
+            factors = fit_projection(W.detach().to(device, torch.float32), proj.rank, config)
+            with torch.no_grad():
+                for key, value in factors.items():
+                    getattr(proj, key).copy_(value)
+                if bias is not None:
+                    proj.bias.copy_(bias)
+                error = fit.relative_error(W.float(), proj.dense().float())
+            seconds = time.perf_counter() - start
+            E, out_f, in_f = W.shape
+            report.rows.append(ProjectionStats(
+                name, proj_name, E, (out_f, in_f), proj.rank, error,
+                E * out_f * in_f, stored_params(E, out_f, in_f, proj.rank), seconds,
+            ))
+            bar.set_postfix_str(f"{name.split('.experts')[0][-20:]} {proj_name} err={error:.3f}")
+            bar.update()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, shared)
+    bar.close()
+    attach_quantization_config(model, specs, config, report)
+    return report

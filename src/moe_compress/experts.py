@@ -1,0 +1,330 @@
+"""SharedCoreExperts: a drop-in replacement for a transformers experts module.
+
+Every expert projection W_e (out x in) of a layer is stored as one shared core C and per-expert low-rank factors:
+
+    wrapped:  W_e = (I + U_out,e V_out,e^T) C (I + U_in,e V_in,e^T)     (the method)
+    delta:    W_e = C + U_e V_e^T                                       (the additive baseline, rank 2r)
+
+Shapes: E experts, G cores, T tokens, K active experts per token, S = T*K (token, expert) pairs, r rank.
+C is stored as [G, out, in] with a map expert -> core, so that several cores (expert groups) fit in the same module;
+G = 1 is the plain shared-core method.
+
+The forward never rebuilds a dense W_e. It relies on
+    C (I + U_in V_in^T) x = C x + (C U_in)(V_in^T x),
+so the core runs once per token, not once per (token, expert) pair; for the down projection the core runs once per
+token on the routing-weighted sum of the pairs' inputs. Only rank-r products are per pair.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import _default_apply_gate
+
+from moe_compress.discovery import join_weights, projection_names, split_weights
+
+
+@dataclass
+class Route:
+    """The (token, expert) pairs of one forward, sorted by expert so that per-expert work is a grouped matmul."""
+
+    token: torch.Tensor  # [S] token of each sorted pair
+    expert: torch.Tensor  # [S] expert of each sorted pair, ascending
+    weight: torch.Tensor  # [S] routing weight of each sorted pair
+    order: torch.Tensor  # [S] position of each sorted pair in the flattened [T, K] routing grid
+    counts: list[int]  # [E] pairs per expert
+    offsets: torch.Tensor  # [E] int32 cumulative counts, for torch's grouped_mm
+    num_tokens: int
+    top_k: int
+
+    @classmethod
+    def build(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> Route:
+        num_tokens, top_k = top_k_index.shape
+        expert, order = torch.sort(top_k_index.reshape(-1), stable=True)
+        counts = torch.bincount(expert, minlength=num_experts)
+        return cls(
+            token=order // top_k,
+            expert=expert,
+            weight=top_k_weights.reshape(-1)[order],
+            order=order,
+            counts=counts.tolist(),
+            offsets=torch.cumsum(counts, 0, dtype=torch.int32),
+            num_tokens=num_tokens,
+            top_k=top_k,
+        )
+
+    def to_grid(self, y: torch.Tensor) -> torch.Tensor:
+        """[S, d] sorted pairs -> [T, K, d] routing grid."""
+        grid = torch.empty_like(y)
+        grid[self.order] = y
+        return grid.view(self.num_tokens, self.top_k, -1)
+
+    def to_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """Sum the pairs of each token: [S, d] -> [T, d]. A reshape and sum, not index_add, to stay deterministic."""
+        return self.to_grid(y).sum(dim=1)
+
+
+def wrapped_weights(core, u_out, v_out, u_in, v_in) -> torch.Tensor:
+    """(I + U_out V_out^T) C (I + U_in V_in^T) densely, [E, out, in]; a side given as None is the identity."""
+    W = core
+    if u_in is not None:
+        W = W + (W @ u_in) @ v_in.mT
+    if u_out is not None:
+        W = W + u_out @ (v_out.mT @ W)
+    return W
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return all(s == 1 or (s * t.element_size()) % 16 == 0 for s in t.stride()) and t.data_ptr() % 16 == 0
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
+    """Per-expert matmul of sorted pairs: [S, a] x [E, a, b] -> [S, b], row block e times w[e]."""
+    fast = x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+    if fast and hasattr(F, "grouped_mm") and x.shape[0] > 0 and _aligned(x) and _aligned(w):
+        try:
+            return F.grouped_mm(x, w, offs=route.offsets)
+        except RuntimeError:  # the kernel refuses some layouts and GPUs; the loop below handles all of them
+            pass
+    blocks = [x_e @ w[e] for e, x_e in enumerate(x.split(route.counts)) if x_e.shape[0] > 0]
+    return torch.cat(blocks) if blocks else x.new_zeros(0, w.shape[-1])
+
+
+class _Projection(nn.Module):
+    """What both storage forms share: the cores, the expert -> core map, the optional per-expert bias."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, num_cores: int, bias: bool, **factory):
+        super().__init__()
+        self.core = nn.Parameter(torch.empty(num_cores, out_features, in_features, **factory))
+        self.register_buffer("expert_core", torch.zeros(num_experts, dtype=torch.long, device=factory.get("device")))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
+        self._derived_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_core.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.core.shape[1], self.core.shape[2]
+
+    def _derived(self, name: str, inputs: tuple[torch.Tensor, ...], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A product of parameters, cached while they stay unchanged; recomputed under autograd so gradients flow."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            return fn()
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in inputs)
+        cached = self._derived_cache.get(name)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, fn())
+            self._derived_cache[name] = cached
+        return cached[1]
+
+    def core_of_experts(self, per_expert: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        """fn(C_g, factor of the experts of core g) for every core, assembled back in expert order."""
+        if self.core.shape[0] == 1:
+            return fn(self.core[0], per_expert)
+        out = None
+        for g in range(self.core.shape[0]):
+            members = (self.expert_core == g).nonzero().squeeze(1)
+            part = fn(self.core[g], per_expert[members])
+            out = part.new_empty(self.num_experts, *part.shape[1:]) if out is None else out
+            out[members] = part
+        return out
+
+    def core_on_tokens(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """C_{g(e)} x for each sorted pair, computing each core once per token: [T, in] -> [S, out]."""
+        G, out_f, in_f = self.core.shape
+        z = (x @ self.core.reshape(G * out_f, in_f).T).view(-1, G, out_f)  # [T, G, out]
+        return z[route.token, self.expert_core[route.expert]]
+
+    def core_on_pairs(self, h: torch.Tensor, route: Route) -> torch.Tensor:
+        """C_{g(e)} h for each sorted pair: [S, in] -> [S, out]."""
+        if self.core.shape[0] == 1:
+            return h @ self.core[0].T
+        return torch.einsum("si,soi->so", h, self.core[self.expert_core[route.expert]])
+
+    def core_reduce(self, h: torch.Tensor, route: Route) -> torch.Tensor:
+        """sum_k w_k C_{g(e_k)} h_k per token, each core once per token on a weighted sum: [S, in] -> [T, out]."""
+        weighted = route.to_grid(h * route.weight.unsqueeze(-1))  # [T, K, in]
+        if self.core.shape[0] == 1:
+            return weighted.sum(1) @ self.core[0].T
+        core_grid = route.to_grid(self.expert_core[route.expert].unsqueeze(-1)).squeeze(-1)  # [T, K]
+        one_hot = F.one_hot(core_grid, self.core.shape[0]).to(h.dtype)  # [T, K, G]
+        return torch.einsum("tkg,tki,goi->to", one_hot, weighted, self.core)
+
+    def add_bias(self, y: torch.Tensor, route: Route) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias[route.expert]
+
+    def expand(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """W_e x for each sorted pair, from token inputs: [T, in] -> [S, out]."""
+        return self.add_bias(self._pairs(self.core_on_tokens(x, route), x[route.token], route), route)
+
+    def pairs(self, h: torch.Tensor, route: Route) -> torch.Tensor:
+        """W_e h for each sorted pair, from pair inputs: [S, in] -> [S, out]."""
+        return self.add_bias(self._pairs(self.core_on_pairs(h, route), h, route), route)
+
+
+class WrappedProjection(_Projection):
+    """W_e = (I + U_out V_out^T) C (I + U_in V_in^T); U_out, V_out: [E, out, r]; U_in, V_in: [E, in, r]."""
+
+    form = "wrapped"
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, rank: int, num_cores: int = 1,
+                 bias: bool = False, **factory):
+        super().__init__(num_experts, out_features, in_features, num_cores, bias, **factory)
+        self.u_out = nn.Parameter(torch.empty(num_experts, out_features, rank, **factory))
+        self.v_out = nn.Parameter(torch.empty(num_experts, out_features, rank, **factory))
+        self.u_in = nn.Parameter(torch.empty(num_experts, in_features, rank, **factory))
+        self.v_in = nn.Parameter(torch.empty(num_experts, in_features, rank, **factory))
+
+    @property
+    def rank(self) -> int:
+        return self.u_out.shape[-1]
+
+    def dense(self) -> torch.Tensor:
+        """The reference: every W_e rebuilt, [E, out, in]."""
+        return wrapped_weights(self.core[self.expert_core], self.u_out, self.v_out, self.u_in, self.v_in)
+
+    def _core_u_in_t(self) -> torch.Tensor:  # (C U_in)^T: [E, r, out]
+        return self._derived("core_u_in_t", (self.core, self.u_in),
+                             lambda: self.core_of_experts(self.u_in, lambda C, U: (C @ U).transpose(1, 2)))
+
+    def _core_t_v_out(self) -> torch.Tensor:  # C^T V_out: [E, in, r]
+        return self._derived("core_t_v_out", (self.core, self.v_out),
+                             lambda: self.core_of_experts(self.v_out, lambda C, V: C.T @ V))
+
+    def _out_wrapper(self, z: torch.Tensor, route: Route) -> torch.Tensor:  # (I + U_out V_out^T) z
+        return z + grouped_mm(grouped_mm(z, self.v_out, route), self.u_out.transpose(1, 2), route)
+
+    def _pairs(self, core_x: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
+        # C (I + U_in V_in^T) x = Cx + (C U_in)(V_in^T x)
+        z = core_x + grouped_mm(grouped_mm(x, self.v_in, route), self._core_u_in_t(), route)
+        return self._out_wrapper(z, route)
+
+    def reduce(self, h: torch.Tensor, route: Route) -> torch.Tensor:
+        """sum_k w_k W_{e_k} h_k per token: [S, in] -> [T, out]."""
+        s = h + grouped_mm(grouped_mm(h, self.v_in, route), self.u_in.transpose(1, 2), route)  # (I + U_in V_in^T) h
+        # (I + U_out V_out^T) C s = C s + U_out ((C^T V_out)^T s): the first term is summed per token before C
+        low_rank = grouped_mm(grouped_mm(s, self._core_t_v_out(), route), self.u_out.transpose(1, 2), route)
+        low_rank = self.add_bias(low_rank, route) * route.weight.unsqueeze(-1)
+        return self.core_reduce(s, route) + route.to_tokens(low_rank)
+
+
+class DeltaProjection(_Projection):
+    """The additive baseline of equal storage: W_e = C + U_e V_e^T; U: [E, out, 2r], V: [E, in, 2r]."""
+
+    form = "delta"
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, rank: int, num_cores: int = 1,
+                 bias: bool = False, **factory):
+        super().__init__(num_experts, out_features, in_features, num_cores, bias, **factory)
+        self.u = nn.Parameter(torch.empty(num_experts, out_features, 2 * rank, **factory))
+        self.v = nn.Parameter(torch.empty(num_experts, in_features, 2 * rank, **factory))
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[-1] // 2
+
+    def dense(self) -> torch.Tensor:
+        return self.core[self.expert_core] + self.u @ self.v.transpose(1, 2)
+
+    def _low_rank(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        return grouped_mm(grouped_mm(x, self.v, route), self.u.transpose(1, 2), route)
+
+    def _pairs(self, core_x: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
+        return core_x + self._low_rank(x, route)
+
+    def reduce(self, h: torch.Tensor, route: Route) -> torch.Tensor:
+        low_rank = self.add_bias(self._low_rank(h, route), route) * route.weight.unsqueeze(-1)
+        return self.core_reduce(h, route) + route.to_tokens(low_rank)
+
+
+PROJECTION_FORMS: dict[str, type[_Projection]] = {"wrapped": WrappedProjection, "delta": DeltaProjection}
+
+
+class SharedCoreExperts(nn.Module):
+    """Replaces a transformers experts module (same forward signature) with shared-core projections.
+
+    `projections` holds "gate", "up" (or "up" alone for ungated experts) and "down". The original module, stripped of
+    its weights, is kept as a template: its gating function, activation and layout flags define the math, and the
+    reference path rebuilds it with dense weights to run transformers' own code.
+    """
+
+    def __init__(self, template: nn.Module, projections: dict[str, _Projection]):
+        super().__init__()
+        self.__dict__["template"] = template  # a plain attribute: no weights, and not a submodule to save or move
+        self.projections = nn.ModuleDict(projections)
+        self.act_fn = getattr(template, "act_fn", None)
+        self.post_expert_norm = template.post_expert_norm if template.has_post_expert_norm else None
+        self.num_experts = projections["down"].num_experts
+        self.has_gate = template.has_gate
+
+    @classmethod
+    def empty(cls, experts: nn.Module, spec: dict) -> SharedCoreExperts:
+        """An unfitted replacement for `experts`, shaped by `spec` ({"form", "num_cores", "ranks"}); its parameters
+        take the experts' dtype and device (meta while transformers loads a checkpoint)."""
+        parts = split_weights(experts)
+        projections = {}
+        for name in projection_names(experts):
+            W, bias = parts[name]
+            projections[name] = PROJECTION_FORMS[spec["form"]](
+                *W.shape, spec["ranks"][name], spec.get("num_cores", 1), bias is not None, dtype=W.dtype,
+                device=W.device,
+            )
+        return cls(cls.from_template(experts), projections)
+
+    @staticmethod
+    def from_template(experts: nn.Module) -> nn.Module:
+        """A weightless copy of an experts module, kept as the template of its replacement."""
+        template = copy.copy(experts)
+        template._parameters = {}
+        template._buffers = {}
+        template._modules = dict(experts._modules)
+        return template
+
+    def _apply_gate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        apply_gate = type(self.template)._apply_gate
+        if apply_gate is _default_apply_gate:
+            return self.act_fn(gate) * up
+        # A model's own gating reads the fused layout: [gate | up] or interleaved [g0, u0, g1, u1, ...]
+        fused = torch.cat([gate, up], -1) if self.template.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
+        return apply_gate(self.template, fused)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        route = Route.build(top_k_index, top_k_weights.to(hidden_states.dtype), self.num_experts)
+        p = self.projections
+        if self.has_gate:
+            h = self._apply_gate(p["gate"].expand(hidden_states, route), p["up"].expand(hidden_states, route))
+        else:
+            h = self.act_fn(p["up"].expand(hidden_states, route))
+        if self.post_expert_norm is None:
+            return p["down"].reduce(h, route).to(hidden_states.dtype)
+        y = self.post_expert_norm(p["down"].pairs(h, route))  # the norm is per expert, so the down core is per pair
+        return route.to_tokens(y * route.weight.unsqueeze(-1)).to(hidden_states.dtype)
+
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """The original module's weights rebuilt from the cores and factors, in its own layout."""
+        return join_weights(self.template, {name: (p.dense(), p.bias) for name, p in self.projections.items()})
+
+    def to_dense(self) -> nn.Module:
+        """The original experts module, with every W_e rebuilt: the reference path."""
+        dense = copy.copy(self.template)
+        dense._parameters = {}
+        dense._modules = dict(self.template._modules)
+        for name, value in self.dense_state().items():
+            dense.register_parameter(name, nn.Parameter(value.detach().clone()))
+        if self.post_expert_norm is not None:
+            dense._modules["post_expert_norm"] = self.post_expert_norm
+        return dense
+
+    def reference_forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """Transformers' own eager experts code on the rebuilt dense weights."""
+        dense = self.to_dense()
+        eager = type(dense).forward.__wrapped__
+        return eager(dense, hidden_states, top_k_index, top_k_weights)

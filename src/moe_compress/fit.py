@@ -1,0 +1,142 @@
+"""Zero-shot fit of shared cores and per-expert factors to a layer's expert weights.
+
+W: [E, out, in], fp32. The wrapped form W_e ~ (I + A_e B_e^T) C (I + P_e Q_e^T) names A = U_out, B = V_out,
+P = U_in, Q = V_in. Methods:
+  als    (default) C = mean, then alternating closed-form fits of each side (reduced-rank regression), the side that
+         can represent any rank-r delta first, and a conjugate-gradient refit of C after each round.
+  adam   the seed recipe: C = mean, U = 0, V ~ N(0, 1), Adam on sum_e ||W_e - What_e||^2.
+  delta  the additive baseline of equal storage, W_e ~ C + U_e V_e^T of rank 2r, by alternating SVD and mean.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_compress.experts import wrapped_weights
+
+RIDGE = 1e-5  # relative to the largest squared singular value: keeps factors bounded where M is nearly singular
+
+
+def relative_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:
+    return ((W - W_hat).norm() / W.norm().clamp_min(1e-30)).item()
+
+
+def _balance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale the columns of A and B to equal norms: A B^T unchanged, both factors well scaled for bf16."""
+    scale = (B.norm(dim=-2, keepdim=True) / A.norm(dim=-2, keepdim=True).clamp_min(1e-30)).sqrt()
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    return A * scale, B / scale
+
+
+def reduced_rank_fit(R: torch.Tensor, M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin over A, B [E, m, rank] of ||R - A B^T M||_F, with R [E, m, n] and M [E or 1, m, n].
+
+    Reduced-rank regression: with M = U S V^T, the optimum makes A B^T M the best rank-r approximation of R V V^T.
+    Eigendecompositions of Gram matrices of the smaller side stand in for SVDs (far faster on CPU and GPU); a small
+    ridge on 1/S drops directions in which M is nearly singular.
+    """
+    m, n = M.shape[-2:]
+    gram = M @ M.mT if m <= n else M.mT @ M
+    s2, basis = torch.linalg.eigh(gram)  # ascending; basis = U if m <= n else V
+    s2 = s2.clamp_min(0)
+    inv = s2.sqrt() / (s2 + RIDGE * s2[..., -1:].clamp_min(1e-30))  # ~ 1 / S
+    if m <= n:
+        U = basis
+        Y = (R @ M.mT) @ U * inv.unsqueeze(-2)  # R V with V = M^T U S^-1: [E, m, k]
+    else:
+        U = M @ basis * inv.unsqueeze(-2)
+        Y = R @ basis
+    _, W_y = torch.linalg.eigh(Y.mT @ Y)
+    W_r = W_y[..., -rank:]  # top right singular vectors of Y: [E, k, r]
+    A = Y @ W_r
+    B = U @ (inv.unsqueeze(-1) * W_r)  # B^T M = W_r^T V^T
+    return _balance(A, B)
+
+
+def _out_side(W, C, P, Q, rank):
+    M = wrapped_weights(C, None, None, P, Q)  # C (I + P Q^T)
+    return reduced_rank_fit(W - M, M, rank)
+
+
+def _in_side(W, C, A, B, rank):
+    L = wrapped_weights(C, A, B, None, None)  # (I + A B^T) C; transposed, the input side is a left problem
+    Q, P = reduced_rank_fit((W - L).mT, L.mT, rank)
+    return P, Q
+
+
+def refit_core(W, C, A, B, P, Q, iters: int) -> torch.Tensor:
+    """Conjugate gradient on the normal equations of C: sum_e L_e^T L_e C R_e R_e^T = sum_e L_e^T W_e R_e^T."""
+    left = lambda X: X + A @ (B.mT @ X)
+    left_t = lambda X: X + B @ (A.mT @ X)
+    right = lambda X: X + (X @ P) @ Q.mT
+    right_t = lambda X: X + (X @ Q) @ P.mT
+    normal = lambda X: left_t(right_t(left(right(X)))).sum(0, keepdim=True)
+    residual = left_t(right_t(W)).sum(0, keepdim=True) - normal(C)
+    direction, rr = residual, (residual * residual).sum()
+    for _ in range(iters):
+        H_d = normal(direction)
+        step = rr / (direction * H_d).sum().clamp_min(1e-30)
+        C = C + step * direction
+        residual = residual - step * H_d
+        rr_next = (residual * residual).sum()
+        direction, rr = residual + (rr_next / rr.clamp_min(1e-30)) * direction, rr_next
+    return C
+
+
+def fit_als(W: torch.Tensor, rank: int, iters: int = 3, core_iters: int = 5) -> dict[str, torch.Tensor]:
+    E, out_f, in_f = W.shape
+    C = W.mean(0, keepdim=True)
+    A = B = W.new_zeros(E, out_f, rank)
+    P = Q = W.new_zeros(E, in_f, rank)
+    input_first = out_f <= in_f  # that side alone can represent any rank-r delta W_e - C
+    for _ in range(iters):
+        if input_first:
+            P, Q = _in_side(W, C, A, B, rank)
+            A, B = _out_side(W, C, P, Q, rank)
+        else:
+            A, B = _out_side(W, C, P, Q, rank)
+            P, Q = _in_side(W, C, A, B, rank)
+        C = refit_core(W, C, A, B, P, Q, core_iters)
+    return {"core": C, "u_out": A, "v_out": B, "u_in": P, "v_in": Q}
+
+
+def seed_init(W: torch.Tensor, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """The seed recipe's start: C = mean, U = 0, V ~ N(0, 1)."""
+    E, out_f, in_f = W.shape
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "core": W.mean(0, keepdim=True),
+        "u_out": W.new_zeros(E, out_f, rank),
+        "v_out": torch.randn(E, out_f, rank, generator=generator).to(W),
+        "u_in": W.new_zeros(E, in_f, rank),
+        "v_in": torch.randn(E, in_f, rank, generator=generator).to(W),
+    }
+
+
+def fit_adam(W: torch.Tensor, steps: int, lr: float, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adam on sum_e ||W_e - What_e||^2 over all factors and the core, from `init`."""
+    params = {name: t.detach().clone().requires_grad_(True) for name, t in init.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = (W - wrapped_weights(**params)).square().sum()
+            loss.backward()
+            optimizer.step()
+    return {name: p.detach() for name, p in params.items()}
+
+
+def _truncated_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    root = S[..., :rank].sqrt().unsqueeze(-2)
+    return U[..., :rank] * root, Vh[..., :rank, :].mT * root
+
+
+def fit_delta(W: torch.Tensor, rank: int, iters: int = 3) -> dict[str, torch.Tensor]:
+    """W_e ~ C + U_e V_e^T with rank 2r: the SVD of W_e - C, then C refit as the mean of what the factors leave."""
+    C = W.mean(0, keepdim=True)
+    for step in range(iters):
+        U, V = _truncated_svd(W - C, 2 * rank)
+        if step < iters - 1:
+            C = (W - U @ V.mT).mean(0, keepdim=True)
+    return {"core": C, "u": U, "v": V}
