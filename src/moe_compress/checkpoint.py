@@ -94,15 +94,18 @@ def _config_in(folder: Path) -> dict | None:
         return None
 
 
-def _check_target(path: Path, model: nn.Module, overwrite: bool) -> None:
+def check_output_dir(path: str | os.PathLike, model_config: Any, compression: dict, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that holds anything but this same compression of this model."""
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file, not a folder; choose another output_dir")
     if overwrite or not path.exists() or not any(path.iterdir()):
         return
-    existing = _config_in(path)
-    ours = model.config.to_dict()
-    same = existing is not None and all(
-        existing.get(k) == ours.get(k) for k in ("model_type", "quantization_config", "architectures")
+    existing = _config_in(path) or {}
+    same = (
+        existing.get("model_type") == model_config.model_type
+        and existing.get("architectures") == getattr(model_config, "architectures", None)
+        and (existing.get("quantization_config") or {}).get("compression") == compression
     )
     if not same:
         raise FileExistsError(
@@ -151,12 +154,13 @@ def model_card(model: nn.Module) -> str:
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
-                    max_shard_size: str | int = "5GB") -> Path:
+                    max_shard_size: str | int = "5GB", report: Any = None) -> Path:
     """Write a compressed model as a Hugging Face folder: config, sharded safetensors, tokenizer, generation config,
-    model card. The folder appears complete or not at all: it is written beside the target and renamed into place."""
-    compression_of(model)
+    model card, and the compression report when given. The folder appears complete or not at all: it is written
+    beside the target and renamed into place."""
+    compression = compression_of(model)
     path = Path(path)
-    _check_target(path, model, overwrite)
+    check_output_dir(path, model.config, compression.compression, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
@@ -165,6 +169,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(model_card(model))
+        if report is not None:
+            (staging / "compression_report.json").write_text(report.to_json())
         _replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -182,6 +188,21 @@ def _replace(staging: Path, path: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
+    """A causal LM from a local folder or a hub id, with a one-line error when neither exists."""
+    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(f"no model folder at {name_or_path}; check the path, or pass a hub id")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except OSError as error:
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r}: it is no local model folder, and the Hugging Face Hub does not "
+            f"serve it here ({str(error).splitlines()[0]}); pass an existing folder or a valid hub id"
+        ) from error
+
+
 def load_compressed(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """Load a folder written by save_compressed (kwargs go to from_pretrained: dtype, device_map, ...)."""
     folder = Path(path)
@@ -194,6 +215,4 @@ def load_compressed(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
                 f"{folder} holds a model that moe-compress did not compress; load it with "
                 "AutoModelForCausalLM.from_pretrained, or compress it first"
             )
-    elif os.sep in str(path) or str(path).startswith("."):
-        raise FileNotFoundError(f"no compressed model folder at {path}; check the path")
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return load_model(str(path), **kwargs)

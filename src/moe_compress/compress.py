@@ -194,6 +194,8 @@ def _check_finite(found: list[tuple[str, nn.Module]]) -> None:
 
 def plan(model: nn.Module, config: CompressionConfig) -> dict[str, dict]:
     """{experts module name: spec} for the whole model, checked before any fit starts."""
+    if any(isinstance(m, SharedCoreExperts) for m in model.modules()):
+        raise ValueError("this model is already compressed; compress the original model instead")
     found = find_experts(model)
     _check_finite(found)
     specs = {}

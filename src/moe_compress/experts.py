@@ -62,7 +62,7 @@ class Route:
         """[S, d] sorted pairs -> [T, K, d] routing grid."""
         grid = torch.empty_like(y)
         grid[self.order] = y
-        return grid.view(self.num_tokens, self.top_k, -1)
+        return grid.view(self.num_tokens, self.top_k, y.shape[-1])
 
     def to_tokens(self, y: torch.Tensor) -> torch.Tensor:
         """Sum the pairs of each token: [S, d] -> [T, d]. A reshape and sum, not index_add, to stay deterministic."""

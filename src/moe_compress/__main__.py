@@ -1,0 +1,3 @@
+from moe_compress.cli import main
+
+main()

@@ -1,0 +1,106 @@
+"""The testbed's model card: README.md in the model folder, written from the training script's stats."""
+
+import math
+from pathlib import Path
+
+
+def verdict(losses: dict[str, float]) -> str:
+    gap = losses["dense"] - losses["moe"]
+    if gap > 0:
+        return f"The upcycled MoE beats the dense model it started from by {gap:.3f} nats per byte."
+    return f"The upcycled MoE does not beat the dense model it started from: it is {-gap:.3f} nats per byte worse."
+
+
+def expert_table(spread: list[float], load: list[list[float]]) -> str:
+    rows = [
+        f"| {i} | {s:.3f} | {min(shares):.3f} | {max(shares):.3f} |" for i, (s, shares) in enumerate(zip(spread, load))
+    ]
+    header = "| layer | expert spread | smallest load share | largest load share |\n|---|---|---|---|"
+    return "\n".join([header, *rows])
+
+
+def write_card(folder: Path, stats: dict) -> None:
+    settings, params, losses, seconds = (stats[k] for k in ("settings", "parameters", "heldout_nats_per_byte", "seconds"))
+    window_bytes = settings["batch_size"] * settings["seq_len"]
+    text = f"""# moe-compress testbed: a byte-level Qwen3-MoE trained on Tiny Shakespeare
+
+A small real trained Mixture-of-Experts language model, so that compression quality can be measured on weights that
+mean something. Made the way Mixtral and Qwen-MoE were made: a dense model is trained, upcycled (its MLP copied into
+every expert, a router added) and trained on so that the experts diverge.
+
+## How it was made
+
+    {stats["command"]}
+
+Seed {settings["seed"]} for every random choice, {settings["threads"]} CPU thread(s), {seconds["total"]} s in all
+({seconds["dense"]} s dense training, {seconds["moe"]} s MoE training).
+
+1. **Tokenizer**: byte-level, token id = byte value, vocabulary of exactly 256 (tokenizers BPE without merges over the
+   ByteLevel alphabet), lossless on any UTF-8 text. Byte 0 (NUL, absent from text) is bos, eos and pad.
+2. **Dense**: `Qwen3ForCausalLM` trained {settings["dense_steps"]} steps on random {settings["seq_len"]}-byte windows of
+   the train split, {settings["batch_size"]} windows a step ({settings["dense_steps"] * window_bytes:,} bytes seen),
+   transformers' Trainer: AdamW (lr {settings["dense_lr"]}, beta2 0.95, weight decay 0.1), 5% warmup, cosine decay,
+   gradient clipping at 1.
+3. **Upcycling**: a `Qwen3MoeForCausalLM` with the dense model's attention, norms and embeddings; each layer's dense
+   MLP copied into all 8 experts; router initialised random with std 0.02. With renormalised top-2 weights the
+   upcycled model computes exactly the dense model until training moves the experts apart.
+4. **MoE**: trained {settings["moe_steps"]} more steps the same way on fresh windows (lr {settings["moe_lr"]},
+   {settings["moe_steps"] * window_bytes:,} bytes seen), with the load-balancing loss (router_aux_loss_coef 0.01).
+5. **Saved** in bfloat16 safetensors, with the tokenizer. `output_router_logits` is off in the saved config.
+
+## Architecture
+
+| | |
+|---|---|
+| layers | 4, every one an MoE layer |
+| hidden size | 128 |
+| attention | 4 query heads, 2 key-value heads, head dim 32, RoPE, QK-norm (Qwen3) |
+| experts | 8 per layer, SwiGLU width 256 (the dense MLP's width), top-2, renormalised weights |
+| vocabulary | 256 bytes, tied input and output embeddings |
+| context | {settings["seq_len"]} bytes trained |
+
+| parameters | count |
+|---|---|
+| dense model | {params["dense"]:,} |
+| MoE, total | {params["moe_total"]:,} |
+| MoE, in experts | {params["moe_experts"]:,} |
+| MoE, active per token | {params["moe_active_per_token"]:,} |
+
+## Held-out loss
+
+On the validation split (the last 10% of Tiny Shakespeare, cut at a newline; {stats["validation_bytes"]:,} bytes),
+scored by `moe_compress.testbed.heldout_loss`: non-overlapping {settings["seq_len"]}-byte windows, mean next-byte
+cross-entropy. A uniform guess scores ln 256 = 5.545 nats per byte.
+
+| model | nats per byte | bits per byte |
+|---|---|---|
+| dense (fp32, as upcycled) | {losses["dense"]:.4f} | {losses["dense"] / math.log(2):.3f} |
+| MoE (as shipped, bf16 weights) | {losses["moe"]:.4f} | {losses["moe"] / math.log(2):.3f} |
+
+{verdict(losses)} The comparison is not compute-matched: the MoE saw {settings["moe_steps"]} training steps more than
+the dense model, and its gain includes what more training alone would give.
+
+## Experts
+
+Expert spread is mean_e ‖W_e − W̄‖ / ‖W̄‖ over each expert's weights (0 right after upcycling); load share is the
+fraction of top-2 slots an expert receives on up to 32 validation windows (0.125 each if perfectly balanced).
+
+{expert_table(stats["expert_spread"], stats["expert_load"])}
+
+## Use
+
+```python
+from moe_compress.testbed import heldout_loss, load_testbed, read_split
+
+model, tokenizer = load_testbed()
+print(heldout_loss(model, read_split("validation")))
+ids = model.generate(**tokenizer("ROMEO:", return_tensors="pt"), max_new_tokens=100, do_sample=True)
+print(tokenizer.decode(ids[0]))
+```
+
+## Data
+
+Tiny Shakespeare (`../data/tinyshakespeare.txt`, public domain), the char-rnn / nanoGPT corpus: 1,115,394 ASCII
+characters. The figures above are also in `training_stats.json`.
+"""
+    (folder / "README.md").write_text(text, encoding="utf-8")

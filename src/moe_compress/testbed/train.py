@@ -1,0 +1,246 @@
+"""Makes the testbed the way Mixtral and Qwen-MoE were made: train a dense model, upcycle it, train on.
+
+    python -m moe_compress.testbed.train --out <dir>     # the defaults make the shipped model in testbed/model/
+
+1. a byte-level tokenizer (token id = byte value, 256 ids, lossless);
+2. a dense Qwen3 (4 layers, hidden 128, MLP width 256) trained on random 256-byte windows of the train split;
+3. upcycling to a Qwen3-MoE: attention, norms and embeddings copied, the dense MLP copied into each of 8 experts,
+   a small random router (top-2, renormalised), so the MoE starts out computing exactly the dense model;
+4. training the MoE on, with the load-balancing loss, so different tokens reach different experts and they diverge;
+5. held-out loss of both models on the validation split, then the MoE (bf16 safetensors), tokenizer, model card and
+   training_stats.json are saved to --out.
+
+Every random choice (init, router, windows, Trainer shuffling) is seeded by --seed; runs on one CPU thread by default.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch.utils.data import Dataset
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from moe_compress.testbed import TESTBED_DIR, heldout_loss, load_testbed, read_split
+from moe_compress.testbed.card import write_card
+
+# Byte 0 (NUL) never occurs in text, so it serves as bos, eos and pad without taking a 257th id.
+SPECIAL_BYTE = 0
+ARCHITECTURE = dict(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    tie_word_embeddings=True,
+    bos_token_id=SPECIAL_BYTE,
+    eos_token_id=SPECIAL_BYTE,
+    pad_token_id=SPECIAL_BYTE,
+)
+MOE = dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+ROUTER_AUX_LOSS_COEF = 0.01
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=TESTBED_DIR, help="folder for the MoE model (default: shipped)")
+    parser.add_argument("--dense-steps", type=int, default=1200)
+    parser.add_argument("--moe-steps", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--dense-lr", type=float, default=3e-3)
+    parser.add_argument("--moe-lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--eval-bytes", type=int, default=None, help="score only this many validation bytes")
+    return parser.parse_args(argv)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Token id = byte value: BPE without merges over the 256 ByteLevel symbols, so encoding never loses a byte."""
+    symbol = bytes_to_unicode()  # byte -> the printable character ByteLevel uses for it
+    backend = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    special = symbol[SPECIAL_BYTE]
+    # split_special_tokens: the text "Ā" (ByteLevel's symbol for byte 0) must encode as its bytes, not as eos.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=special, eos_token=special, pad_token=special, split_special_tokens=True
+    )
+
+
+def encode_checked(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
+    ids = tokenizer(text)["input_ids"]
+    if ids != list(text.encode("utf-8")) or tokenizer.decode(ids) != text:
+        raise RuntimeError("byte tokenizer is not lossless on the corpus; tokenizers' ByteLevel mapping changed")
+    return torch.tensor(ids)
+
+
+class RandomWindows(Dataset):
+    """`n` windows of `seq_len` + 1 bytes at seeded random offsets; labels = inputs (the model shifts them)."""
+
+    def __init__(self, ids: torch.Tensor, seq_len: int, n: int, seed: int):
+        self.ids, self.seq_len = ids, seq_len
+        self.starts = torch.randint(0, len(ids) - seq_len, (n,), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        window = self.ids[self.starts[i] : self.starts[i] + self.seq_len + 1]
+        return {"input_ids": window, "labels": window}
+
+
+def fit(model: torch.nn.Module, windows: RandomWindows, lr: float, args: argparse.Namespace) -> None:
+    """One pass over `windows` in batches: AdamW, warmup over 5% of the steps, cosine decay to 0, clipping at 1."""
+    steps = len(windows) // args.batch_size
+    with tempfile.TemporaryDirectory() as scratch:
+        training_args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, steps // 20),
+            weight_decay=0.1,
+            adam_beta2=0.95,
+            max_grad_norm=1.0,
+            logging_steps=max(1, steps // 10),
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=args.seed,
+            data_seed=args.seed,
+        )
+        Trainer(model=model, args=training_args, train_dataset=windows).train()
+
+
+def upcycle(dense: Qwen3ForCausalLM, config: Qwen3MoeConfig) -> Qwen3MoeForCausalLM:
+    """Every expert starts as the dense MLP; with renormalised top-k weights the MoE output equals the dense one.
+
+    The router keeps its small random init (std = initializer_range): it only picks which identical experts see a
+    token at first, and those different tokens are what make the experts diverge in training.
+    """
+    moe = Qwen3MoeForCausalLM(config)
+    shared = {name: w for name, w in dense.state_dict().items() if ".mlp." not in name}
+    missing, unexpected = moe.load_state_dict(shared, strict=False)
+    if unexpected or any(".mlp." not in name for name in missing):
+        raise RuntimeError(f"dense and MoE configs disagree outside the MLPs: {unexpected or missing}")
+    with torch.no_grad():
+        for dense_layer, moe_layer in zip(dense.model.layers, moe.model.layers):
+            mlp, experts = dense_layer.mlp, moe_layer.mlp.experts
+            # copy_ broadcasts the dense [2F, H] and [H, F] weights over the expert dimension E
+            experts.gate_up_proj.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))  # [E, 2F, H], gate first
+            experts.down_proj.copy_(mlp.down_proj.weight)  # [E, H, F]
+    return moe
+
+
+def expert_spread(moe: Qwen3MoeForCausalLM) -> list[float]:
+    """Per layer, mean_e ||W_e - W_mean|| / ||W_mean|| over each expert's weights: 0 right after upcycling."""
+    spreads = []
+    for layer in moe.model.layers:
+        experts = layer.mlp.experts
+        W = torch.cat([experts.gate_up_proj.flatten(1), experts.down_proj.flatten(1)], dim=1).float()  # [E, P]
+        W_mean = W.mean(dim=0)
+        spreads.append(((W - W_mean).norm(dim=1).mean() / W_mean.norm()).item())
+    return spreads
+
+
+@torch.inference_mode()
+def expert_load(moe: Qwen3MoeForCausalLM, text: str, seq_len: int, max_windows: int = 32) -> list[list[float]]:
+    """Per layer, the share of top-k slots each expert receives on `text` (1/E each under perfect balance)."""
+    n_windows = min(max_windows, len(text.encode("utf-8")) // seq_len)
+    ids = torch.tensor(list(text.encode("utf-8")[: n_windows * seq_len]))
+    device = next(moe.parameters()).device
+    router_logits = moe(input_ids=ids.view(-1, seq_len).to(device), output_router_logits=True).router_logits
+    loads = []
+    for logits in router_logits:  # [T, E] per layer
+        chosen = logits.topk(moe.config.num_experts_per_tok, dim=-1).indices.flatten()
+        loads.append((torch.bincount(chosen, minlength=moe.config.num_experts) / chosen.numel()).tolist())
+    return loads
+
+
+def parameter_counts(dense: Qwen3ForCausalLM, moe: Qwen3MoeForCausalLM) -> dict[str, int]:
+    experts = [layer.mlp.experts for layer in moe.model.layers]
+    expert_params = sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in experts)
+    idle_share = 1 - MOE["num_experts_per_tok"] / MOE["num_experts"]
+    return {
+        "dense": dense.num_parameters(),
+        "moe_total": moe.num_parameters(),
+        "moe_experts": expert_params,
+        "moe_active_per_token": moe.num_parameters() - round(expert_params * idle_share),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    seconds = {"start": time.time()}
+
+    tokenizer = byte_tokenizer()
+    train_ids = encode_checked(tokenizer, read_split("train"))
+    validation = read_split("validation")[: args.eval_bytes]
+    max_positions = dict(max_position_embeddings=args.seq_len)
+
+    dense = Qwen3ForCausalLM(Qwen3Config(**ARCHITECTURE, **max_positions))
+    dense_windows = RandomWindows(train_ids, args.seq_len, args.dense_steps * args.batch_size, args.seed)
+    fit(dense, dense_windows, args.dense_lr, args)
+    seconds["dense"] = time.time() - seconds["start"]
+
+    torch.manual_seed(args.seed)
+    moe_config = Qwen3MoeConfig(
+        **ARCHITECTURE,
+        **max_positions,
+        **MOE,
+        moe_intermediate_size=ARCHITECTURE["intermediate_size"],
+        router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
+        output_router_logits=True,
+    )
+    moe = upcycle(dense, moe_config)
+    # seed + 1: the MoE reads fresh windows rather than replaying the dense model's
+    moe_windows = RandomWindows(train_ids, args.seq_len, args.moe_steps * args.batch_size, args.seed + 1)
+    fit(moe, moe_windows, args.moe_lr, args)
+    seconds["moe"] = time.time() - seconds["start"] - seconds["dense"]
+    # Off in the shipped config: with it on, a user's loss(labels=...) would silently include the aux loss.
+    moe.config.output_router_logits = False
+    moe.to(torch.bfloat16).save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+
+    shipped, _ = load_testbed(torch.float32, args.out)
+    models = {"dense": dense.eval(), "moe": shipped}
+    losses = {name: heldout_loss(model, validation, args.seq_len) for name, model in models.items()}
+    seconds["total"] = time.time() - seconds.pop("start")
+    stats = {
+        "command": " ".join(["python -m moe_compress.testbed.train", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "seconds": {phase: round(s) for phase, s in seconds.items()},
+        "parameters": parameter_counts(dense, shipped),
+        "validation_bytes": len(validation.encode("utf-8")),
+        "heldout_nats_per_byte": losses,
+        "moe_beats_dense": losses["moe"] < losses["dense"],
+        "expert_spread": expert_spread(shipped),
+        "expert_load": expert_load(shipped, validation, args.seq_len),
+    }
+    (args.out / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_card(args.out, stats)
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Tiny random transformers models of many MoE architectures, built offline from their configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+VOCAB = 128
+SMALL = dict(
+    hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, num_experts=4, num_local_experts=4, n_routed_experts=4,
+    num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16,
+    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1, max_position_embeddings=128,
+    decoder_sparse_step=1, mlp_only_layers=[], shared_expert_intermediate_size=32,
+)
+# Architectures that use transformers' experts interface, with what sets each apart.
+ARCHITECTURES = {
+    "qwen3_moe": {},
+    "qwen2_moe": {},  # shared expert beside the routed ones
+    "mixtral": {},
+    "olmoe": {},
+    "deepseek_v3": {"num_key_value_heads": 4},  # multi-head latent attention, shared experts
+    "gpt_oss": {},  # biases, transposed weights, interleaved gate/up, its own clamped gating
+    "glm4_moe": {},
+    "phimoe": {},
+    "granitemoe": {},
+    "nemotron_h": {},  # no gate: up and down only, hybrid mamba layers
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    config = AutoConfig.for_model(model_type)
+    for key, value in {**SMALL, **ARCHITECTURES.get(model_type, {}), **overrides}.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    return config
+
+
+def tiny_model(model_type: str = "qwen3_moe", seed: int = 0, **overrides) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
+
+
+def token_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def qwen3_moe() -> PreTrainedModel:
+    return tiny_model("qwen3_moe")

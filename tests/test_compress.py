@@ -1,0 +1,105 @@
+"""compress(): the module swap, the rank choice, the report, and bad input refused before any work."""
+
+import re
+
+import pytest
+import torch
+from conftest import token_ids, tiny_model
+
+import moe_compress as mc
+from moe_compress.compress import choose_rank, stored_params
+
+
+def rebuilt_dense(model, compressed):
+    """The original architecture with every expert weight rebuilt from the compressed model's factors."""
+    with torch.no_grad():
+        for name, module in compressed.named_modules():
+            if isinstance(module, mc.SharedCoreExperts):
+                for key, value in module.dense_state().items():
+                    getattr(model.get_submodule(name), key).copy_(value)
+    return model
+
+
+@pytest.mark.parametrize("method", ["als", "adam", "delta"])
+def test_compress_swaps_every_experts_module_and_reports(method):
+    model = tiny_model("mixtral")
+    report = mc.compress(model, mc.CompressionConfig(rank=2, method=method, adam_steps=20, polish_steps=5),
+                         progress=False)
+    swapped = [m for m in model.modules() if isinstance(m, mc.SharedCoreExperts)]
+    assert len(swapped) == 2
+    with pytest.raises(ValueError, match="already compressed"):
+        mc.compress(model, mc.CompressionConfig(rank=2), progress=False)
+    assert len(report.rows) == 6 and all(0 < r.rel_error < 1 for r in report.rows)
+    stored = sum(p.numel() for m in swapped for name, p in m.named_parameters() if not name.endswith("bias"))
+    assert report.params_after == stored
+    assert report.params_before == 2 * 4 * 3 * 64 * 32
+    text = str(report)
+    assert "total:" in text and f"{report.params_after:,}" in text
+    with torch.no_grad():
+        ids = token_ids()
+        reference = rebuilt_dense(tiny_model("mixtral"), model)(ids).logits
+        assert torch.allclose(model(ids).logits, reference, atol=1e-4)
+
+
+def test_seed_gives_identical_results():
+    first, again = tiny_model(), tiny_model()
+    config = mc.CompressionConfig(rank=2, polish_steps=10)
+    mc.compress(first, config, progress=False)
+    mc.compress(again, config, progress=False)
+    for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_target_ratio_picks_the_largest_rank_that_fits():
+    config = mc.CompressionConfig(target_ratio=0.5)
+    rank = choose_rank(config, "down", 8, 64, 32)
+    original = 8 * 64 * 32
+    assert stored_params(8, 64, 32, rank) <= 0.5 * original < stored_params(8, 64, 32, rank + 1)
+    report = mc.compress(tiny_model("mixtral"), mc.CompressionConfig(target_ratio=0.5), progress=False)
+    assert report.kept_fraction <= 0.5
+
+
+def test_per_projection_ranks():
+    model = tiny_model()
+    report = mc.compress(model, mc.CompressionConfig(rank=2, ranks={"down": 1}), progress=False)
+    assert {(r.projection, r.rank) for r in report.rows} == {("gate", 2), ("up", 2), ("down", 1)}
+
+
+def test_rank_that_stores_more_than_the_original_is_refused():
+    model = tiny_model()  # 4 experts of 32x32: rank 2 stores 2048 < 4096, rank 6 would store 7168
+    message = "rank 6 stores more than the original for gate (E=4, 32x32); use rank <= 5 or target_ratio"
+    with pytest.raises(mc.RankTooLargeError, match=re.escape(message)):
+        mc.compress(model, mc.CompressionConfig(rank=6), progress=False)
+    assert not any(isinstance(m, mc.SharedCoreExperts) for m in model.modules())
+    with pytest.raises(mc.RankTooLargeError, match="target_ratio 0.01 is below what rank 1 stores"):
+        mc.compress(model, mc.CompressionConfig(target_ratio=0.01), progress=False)
+
+
+def test_nan_weights_are_refused_before_any_work():
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.experts.down_proj holds NaN or Inf"):
+        mc.compress(model, mc.CompressionConfig(rank=2), progress=False)
+    assert not any(isinstance(m, mc.SharedCoreExperts) for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, "needs a size"),
+    ({"rank": 2, "target_ratio": 0.3}, "both rank and target_ratio"),
+    ({"target_ratio": 1.5}, "not a kept fraction"),
+    ({"rank": 0}, "not a positive integer rank"),
+    ({"rank": 2, "ranks": {"gate_up": 2}}, "unknown projections"),
+    ({"rank": 2, "method": "svd"}, "method='svd' is unknown"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mc.CompressionConfig(**kwargs)
+
+
+def test_bfloat16_model_stays_bfloat16():
+    model = tiny_model().to(torch.bfloat16)
+    mc.compress(model, mc.CompressionConfig(rank=2), progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.isfinite(model(token_ids()).logits).all()

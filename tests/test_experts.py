@@ -1,0 +1,131 @@
+"""SharedCoreExperts against the plain math: every W_e rebuilt and run through transformers' own experts code."""
+
+import copy
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, tiny_config, tiny_model, token_ids
+from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+
+from moe_compress import SharedCoreExperts, find_experts
+from moe_compress.discovery import projection_names
+
+
+def randomize(shared: SharedCoreExperts, seed: int = 0, num_cores: int = 1) -> SharedCoreExperts:
+    """Random cores and factors, so that the experts are exactly of the stored form."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for proj in shared.projections.values():
+            out_f, in_f = proj.shape
+            proj.expert_core.copy_(torch.arange(proj.num_experts) % num_cores)
+            for name, p in proj.named_parameters():
+                scale = in_f**-0.5 if name == "core" else 0.3 / max(out_f, in_f) ** 0.5
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return shared
+
+
+def shared_spec(experts, form="wrapped", rank=3, num_cores=1) -> dict:
+    return {"form": form, "num_cores": num_cores, "ranks": {p: rank for p in projection_names(experts)}}
+
+
+def exact_pair(model_type: str, form: str = "wrapped"):
+    """(original model whose experts are exactly of the stored form, the same model with SharedCoreExperts)."""
+    original = tiny_model(model_type)
+    compressed = copy.deepcopy(original)
+    for i, (name, experts) in enumerate(find_experts(compressed)):
+        shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts, form)), seed=i)
+        with torch.no_grad():
+            for key, value in shared.dense_state().items():
+                getattr(original.get_submodule(name), key).copy_(value)
+        parent, _, child = name.rpartition(".")
+        setattr(compressed.get_submodule(parent), child, shared)
+    return original, compressed
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_logits_match_original_for_exact_wrapper_experts(model_type):
+    original, compressed = exact_pair(model_type)
+    ids = token_ids()
+    with torch.no_grad():
+        expected, got = original(ids).logits, compressed(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
+
+
+def test_delta_form_logits_match_original():
+    original, compressed = exact_pair("qwen3_moe", form="delta")
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.allclose(compressed(ids).logits, original(ids).logits, atol=1e-4, rtol=0)
+
+
+def route(num_tokens=9, num_experts=4, top_k=2, hidden=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g)
+    index = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=g)
+    return x, index, weights
+
+
+@pytest.mark.parametrize("form", ["wrapped", "delta"])
+def test_several_cores_match_reference(form):
+    experts = find_experts(tiny_model("mixtral"))[0][1]
+    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts, form, num_cores=2)), num_cores=2)
+    x, index, weights = route()
+    with torch.no_grad():
+        assert torch.allclose(shared(x, index, weights), shared.reference_forward(x, index, weights), atol=1e-5)
+
+
+def test_post_expert_norm_path_matches_reference():
+    config = tiny_config("muse_spark").get_text_config()
+    for key, value in dict(hidden_size=32, moe_hidden_size=32, moe_intermediate_size=16, num_local_experts=4).items():
+        setattr(config, key, value)
+    experts = MuseSparkExperts(config)
+    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts)))
+    with torch.no_grad():
+        shared.post_expert_norm.weight.uniform_(0.5, 1.5)
+    x, index, weights = route()
+    with torch.no_grad():
+        assert torch.allclose(shared(x, index, weights), shared.reference_forward(x, index, weights), atol=1e-5)
+
+
+def test_unrouted_experts_and_no_tokens():
+    experts = find_experts(tiny_model("qwen3_moe"))[0][1]
+    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts)))
+    x, _, weights = route()
+    index = torch.zeros(9, 2, dtype=torch.long)
+    index[:, 1] = 3  # experts 1 and 2 get no token
+    with torch.no_grad():
+        assert torch.allclose(shared(x, index, weights), shared.reference_forward(x, index, weights), atol=1e-5)
+        assert shared(x[:0], index[:0], weights[:0]).shape == (0, 32)
+
+
+def test_gradients_reach_cores_and_wrappers():
+    _, compressed = exact_pair("qwen3_moe")
+    compressed.train()
+    ids = token_ids()
+    compressed(ids, labels=ids).loss.backward()
+    for name, p in compressed.named_parameters():
+        if ".experts." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_cached_products_follow_parameter_updates():
+    experts = find_experts(tiny_model("qwen3_moe"))[0][1]
+    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts)))
+    x, index, weights = route()
+    with torch.no_grad():
+        shared(x, index, weights)  # fills the caches
+        for p in shared.parameters():
+            p.mul_(1.1)
+        assert torch.allclose(shared(x, index, weights), shared.reference_forward(x, index, weights), atol=1e-5)
+
+
+def test_bfloat16_forward_close_to_float32():
+    experts = find_experts(tiny_model("qwen3_moe"))[0][1]
+    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts)))
+    x, index, weights = route()
+    with torch.no_grad():
+        expected = shared(x, index, weights)
+        got = shared.to(torch.bfloat16)(x.bfloat16(), index, weights.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - expected).norm() / expected.norm()) < 2e-2
