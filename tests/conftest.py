@@ -34,6 +34,9 @@ def tiny_config(model_type: str, **overrides):
     for key, value in {**SMALL, **ARCHITECTURES.get(model_type, {}), **overrides}.items():
         if hasattr(config, key):
             setattr(config, key, value)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) > config.num_hidden_layers:
+        config.layer_types = layer_types[: config.num_hidden_layers]  # the defaults describe the full-size model
     return config
 
 

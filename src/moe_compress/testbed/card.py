@@ -20,8 +20,10 @@ def expert_table(spread: list[float], load: list[list[float]]) -> str:
 
 
 def write_card(folder: Path, stats: dict) -> None:
-    settings, params, losses, seconds = (stats[k] for k in ("settings", "parameters", "heldout_nats_per_byte", "seconds"))
+    settings, arch, params = stats["settings"], stats["architecture"], stats["parameters"]
+    losses, seconds = stats["heldout_nats_per_byte"], stats["seconds"]
     window_bytes = settings["batch_size"] * settings["seq_len"]
+    experts, top_k = arch["num_experts"], arch["num_experts_per_tok"]
     text = f"""# moe-compress testbed: a byte-level Qwen3-MoE trained on Tiny Shakespeare
 
 A small real trained Mixture-of-Experts language model, so that compression quality can be measured on weights that
@@ -32,31 +34,35 @@ every expert, a router added) and trained on so that the experts diverge.
 
     {stats["command"]}
 
-Seed {settings["seed"]} for every random choice, {settings["threads"]} CPU thread(s), {seconds["total"]} s in all
-({seconds["dense"]} s dense training, {seconds["moe"]} s MoE training).
+Seed: {settings["seed"]}, for every random choice. CPU threads: {settings["threads"]}.
+Wall time: {seconds["total"]} s in all, {seconds["dense"]} s of it dense training and {seconds["moe"]} s MoE training.
 
 1. **Tokenizer**: byte-level, token id = byte value, vocabulary of exactly 256 (tokenizers BPE without merges over the
    ByteLevel alphabet), lossless on any UTF-8 text. Byte 0 (NUL, absent from text) is bos, eos and pad.
-2. **Dense**: `Qwen3ForCausalLM` trained {settings["dense_steps"]} steps on random {settings["seq_len"]}-byte windows of
-   the train split, {settings["batch_size"]} windows a step ({settings["dense_steps"] * window_bytes:,} bytes seen),
-   transformers' Trainer: AdamW (lr {settings["dense_lr"]}, beta2 0.95, weight decay 0.1), 5% warmup, cosine decay,
-   gradient clipping at 1.
+2. **Dense**: `Qwen3ForCausalLM` trained with transformers' Trainer on random windows of the train split.
+   Steps: {settings["dense_steps"]}, of {settings["batch_size"]} windows of {settings["seq_len"]} bytes \
+({settings["dense_steps"] * window_bytes:,} bytes seen).
+   AdamW (lr {settings["dense_lr"]}, beta2 0.95, weight decay 0.1), 5% warmup, cosine decay, gradient clipping at 1.
 3. **Upcycling**: a `Qwen3MoeForCausalLM` with the dense model's attention, norms and embeddings; each layer's dense
-   MLP copied into all 8 experts; router initialised random with std 0.02. With renormalised top-2 weights the
-   upcycled model computes exactly the dense model until training moves the experts apart.
-4. **MoE**: trained {settings["moe_steps"]} more steps the same way on fresh windows (lr {settings["moe_lr"]},
-   {settings["moe_steps"] * window_bytes:,} bytes seen), with the load-balancing loss (router_aux_loss_coef 0.01).
+   MLP copied into all {experts} experts; the router initialised normal with std {arch["initializer_range"]}.
+   With renormalised top-{top_k} weights the upcycled model computes exactly the dense model until training moves
+   the experts apart.
+4. **MoE**: trained on the same way, on fresh windows, with the load-balancing loss.
+   Steps: {settings["moe_steps"]} ({settings["moe_steps"] * window_bytes:,} bytes seen), lr {settings["moe_lr"]}, \
+router_aux_loss_coef {arch["router_aux_loss_coef"]}.
 5. **Saved** in bfloat16 safetensors, with the tokenizer. `output_router_logits` is off in the saved config.
 
 ## Architecture
 
 | | |
 |---|---|
-| layers | 4, every one an MoE layer |
-| hidden size | 128 |
-| attention | 4 query heads, 2 key-value heads, head dim 32, RoPE, QK-norm (Qwen3) |
-| experts | 8 per layer, SwiGLU width 256 (the dense MLP's width), top-2, renormalised weights |
-| vocabulary | 256 bytes, tied input and output embeddings |
+| layers | {arch["num_hidden_layers"]}, every one an MoE layer |
+| hidden size | {arch["hidden_size"]} |
+| attention | {arch["num_attention_heads"]} query heads, {arch["num_key_value_heads"]} key-value heads, head dim \
+{arch["head_dim"]}, RoPE, QK-norm (Qwen3) |
+| experts | {experts} per layer, SwiGLU width {arch["intermediate_size"]} (the dense MLP's width), top-{top_k}, \
+renormalised weights |
+| vocabulary | {arch["vocab_size"]} bytes, tied input and output embeddings |
 | context | {settings["seq_len"]} bytes trained |
 
 | parameters | count |
@@ -68,22 +74,24 @@ Seed {settings["seed"]} for every random choice, {settings["threads"]} CPU threa
 
 ## Held-out loss
 
-On the validation split (the last 10% of Tiny Shakespeare, cut at a newline; {stats["validation_bytes"]:,} bytes),
-scored by `moe_compress.testbed.heldout_loss`: non-overlapping {settings["seq_len"]}-byte windows, mean next-byte
-cross-entropy. A uniform guess scores ln 256 = 5.545 nats per byte.
+Scored by `moe_compress.testbed.heldout_loss` (non-overlapping {settings["seq_len"]}-byte windows, mean next-byte
+cross-entropy) on the validation split: the last 10% of Tiny Shakespeare, cut at a newline.
+Bytes scored: {stats["validation_bytes"]:,}. A uniform guess scores ln 256 = 5.545 nats per byte.
 
 | model | nats per byte | bits per byte |
 |---|---|---|
 | dense (fp32, as upcycled) | {losses["dense"]:.4f} | {losses["dense"] / math.log(2):.3f} |
 | MoE (as shipped, bf16 weights) | {losses["moe"]:.4f} | {losses["moe"] / math.log(2):.3f} |
 
-{verdict(losses)} The comparison is not compute-matched: the MoE saw {settings["moe_steps"]} training steps more than
-the dense model, and its gain includes what more training alone would give.
+{verdict(losses)}
+The comparison is not compute-matched: the MoE trained {settings["moe_steps"]} steps more than the dense model, so its
+gain includes what more training alone would give.
 
 ## Experts
 
 Expert spread is mean_e ‖W_e − W̄‖ / ‖W̄‖ over each expert's weights (0 right after upcycling); load share is the
-fraction of top-2 slots an expert receives on up to 32 validation windows (0.125 each if perfectly balanced).
+fraction of top-{top_k} slots an expert receives on up to 32 validation windows.
+Perfect balance gives each expert {1 / experts:.3f}.
 
 {expert_table(stats["expert_spread"], stats["expert_load"])}
 

@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     seconds["moe"] = time.time() - seconds["start"] - seconds["dense"]
     # Off in the shipped config: with it on, a user's loss(labels=...) would silently include the aux loss.
     moe.config.output_router_logits = False
+    moe.config.use_cache = True  # Trainer turns the KV cache off for training; generate() wants it
     moe.to(torch.bfloat16).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
 
@@ -229,6 +230,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     stats = {
         "command": " ".join(["python -m moe_compress.testbed.train", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "architecture": {
+            **ARCHITECTURE,
+            **MOE,
+            "initializer_range": moe_config.initializer_range,
+            "router_aux_loss_coef": ROUTER_AUX_LOSS_COEF,
+        },
         "seconds": {phase: round(s) for phase, s in seconds.items()},
         "parameters": parameter_counts(dense, shipped),
         "validation_bytes": len(validation.encode("utf-8")),

@@ -1,0 +1,54 @@
+"""The `moe-compress` command, run as a real process."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import token_ids, tiny_model
+
+import moe_compress as mc
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moe_compress", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_compress_writes_a_folder_that_reloads_to_the_library_result(tmp_path, model_dir):
+    out = tmp_path / "sc"
+    result = cli("compress", f"model={model_dir}", "compression.rank=2", "compression.target_ratio=null",
+                 f"output_dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "total:" in result.stdout and (out / "compression_report.json").exists()
+    model = tiny_model("qwen3_moe")
+    mc.compress(model, mc.CompressionConfig(rank=2), progress=False)
+    with torch.no_grad():
+        assert torch.allclose(mc.load_compressed(out)(token_ids()).logits, model(token_ids()).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model=/nonexistent/model", "output_dir=x"], "no model folder at /nonexistent/model"),
+    (["compression.rank=50", "compression.target_ratio=null"], "rank 50 stores more than the original"),
+    (["compression.method=svd"], "method='svd' is unknown"),
+])
+def test_bad_input_is_one_line(tmp_path, model_dir, args, message):
+    result = cli("compress", f"model={model_dir}", f"output_dir={tmp_path / 'out'}", *args, cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("moe-compress: error: ") and message in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_stages_and_cfg_prints_the_resolved_config(tmp_path):
+    result = cli("--help")
+    assert result.returncode == 0 and "compress" in result.stdout and "usage: moe-compress" in result.stdout
+    result = cli("compress", "model=m", "output_dir=o", "compression.rank=8", "compression.target_ratio=null",
+                 "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0 and "rank: 8" in result.stdout and "method: als" in result.stdout
+    assert cli("frobnicate").returncode == 1
