@@ -22,6 +22,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from moe_compress.experts import SharedCoreExperts
+from moe_compress.testbed import TESTBED_DIR
 
 QUANT_METHOD = "moe_compress"
 
@@ -189,7 +190,10 @@ def _replace(staging: Path, path: Path) -> None:
 
 
 def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
-    """A causal LM from a local folder or a hub id, with a one-line error when neither exists."""
+    """A causal LM from a local folder, a hub id, or "testbed" (the trained MoE shipped with moe-compress), with a
+    one-line error when none of them exists."""
+    if name_or_path == "testbed":
+        name_or_path = str(TESTBED_DIR)
     if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().is_dir():
         raise FileNotFoundError(f"no model folder at {name_or_path}; check the path, or pass a hub id")
     try:

@@ -86,7 +86,9 @@ def _aligned(t: torch.Tensor) -> bool:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
     """Per-expert matmul of sorted pairs: [S, a] x [E, a, b] -> [S, b], row block e times w[e]."""
     fast = x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
-    if fast and hasattr(F, "grouped_mm") and x.shape[0] > 0 and _aligned(x) and _aligned(w):
+    # torch's kernel visits every expert; with few of them routed (decoding) a loop over those is cheaper
+    busy = sum(1 for c in route.counts if c) > len(route.counts) // 2
+    if fast and busy and hasattr(F, "grouped_mm") and _aligned(x) and _aligned(w):
         try:
             return F.grouped_mm(x, w, offs=route.offsets)
         except RuntimeError:  # the kernel refuses some layouts and GPUs; the loop below handles all of them
@@ -140,6 +142,8 @@ class _Projection(nn.Module):
     def core_on_tokens(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         """C_{g(e)} x for each sorted pair, computing each core once per token: [T, in] -> [S, out]."""
         G, out_f, in_f = self.core.shape
+        if G == 1:
+            return (x @ self.core[0].T)[route.token]
         z = (x @ self.core.reshape(G * out_f, in_f).T).view(-1, G, out_f)  # [T, G, out]
         return z[route.token, self.expert_core[route.expert]]
 
@@ -161,9 +165,9 @@ class _Projection(nn.Module):
     def add_bias(self, y: torch.Tensor, route: Route) -> torch.Tensor:
         return y if self.bias is None else y + self.bias[route.expert]
 
-    def expand(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        """W_e x for each sorted pair, from token inputs: [T, in] -> [S, out]."""
-        return self.add_bias(self._pairs(self.core_on_tokens(x, route), x[route.token], route), route)
+    def expand(self, x: torch.Tensor, x_pairs: torch.Tensor, route: Route) -> torch.Tensor:
+        """W_e x for each sorted pair, from token inputs x [T, in] and their copies per pair x_pairs [S, in]."""
+        return self.add_bias(self._pairs(self.core_on_tokens(x, route), x_pairs, route), route)
 
     def pairs(self, h: torch.Tensor, route: Route) -> torch.Tensor:
         """W_e h for each sorted pair, from pair inputs: [S, in] -> [S, out]."""
@@ -298,11 +302,11 @@ class SharedCoreExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         route = Route.build(top_k_index, top_k_weights.to(hidden_states.dtype), self.num_experts)
-        p = self.projections
+        p, x, x_pairs = self.projections, hidden_states, hidden_states[route.token]
         if self.has_gate:
-            h = self._apply_gate(p["gate"].expand(hidden_states, route), p["up"].expand(hidden_states, route))
+            h = self._apply_gate(p["gate"].expand(x, x_pairs, route), p["up"].expand(x, x_pairs, route))
         else:
-            h = self.act_fn(p["up"].expand(hidden_states, route))
+            h = self.act_fn(p["up"].expand(x, x_pairs, route))
         if self.post_expert_norm is None:
             return p["down"].reduce(h, route).to(hidden_states.dtype)
         y = self.post_expert_norm(p["down"].pairs(h, route))  # the norm is per expert, so the down core is per pair

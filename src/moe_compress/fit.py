@@ -10,10 +10,13 @@ P = U_in, Q = V_in. Methods:
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from moe_compress.experts import wrapped_weights
 
+Callback = Optional[Callable[[dict[str, torch.Tensor]], None]]  # sees the factors after each round or step
 RIDGE = 1e-5  # relative to the largest squared singular value: keeps factors bounded where M is nearly singular
 
 
@@ -83,7 +86,8 @@ def refit_core(W, C, A, B, P, Q, iters: int) -> torch.Tensor:
     return C
 
 
-def fit_als(W: torch.Tensor, rank: int, iters: int = 3, core_iters: int = 5) -> dict[str, torch.Tensor]:
+def fit_als(W: torch.Tensor, rank: int, iters: int = 3, core_iters: int = 5,
+            callback: Callback = None) -> dict[str, torch.Tensor]:
     E, out_f, in_f = W.shape
     C = W.mean(0, keepdim=True)
     A = B = W.new_zeros(E, out_f, rank)
@@ -97,6 +101,8 @@ def fit_als(W: torch.Tensor, rank: int, iters: int = 3, core_iters: int = 5) -> 
             A, B = _out_side(W, C, P, Q, rank)
             P, Q = _in_side(W, C, A, B, rank)
         C = refit_core(W, C, A, B, P, Q, core_iters)
+        if callback is not None:
+            callback({"core": C, "u_out": A, "v_out": B, "u_in": P, "v_in": Q})
     return {"core": C, "u_out": A, "v_out": B, "u_in": P, "v_in": Q}
 
 
@@ -113,7 +119,8 @@ def seed_init(W: torch.Tensor, rank: int, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def fit_adam(W: torch.Tensor, steps: int, lr: float, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fit_adam(W: torch.Tensor, steps: int, lr: float, init: dict[str, torch.Tensor],
+             callback: Callback = None) -> dict[str, torch.Tensor]:
     """Adam on sum_e ||W_e - What_e||^2 over all factors and the core, from `init`."""
     params = {name: t.detach().clone().requires_grad_(True) for name, t in init.items()}
     optimizer = torch.optim.Adam(params.values(), lr=lr)
@@ -123,6 +130,8 @@ def fit_adam(W: torch.Tensor, steps: int, lr: float, init: dict[str, torch.Tenso
             loss = (W - wrapped_weights(**params)).square().sum()
             loss.backward()
             optimizer.step()
+            if callback is not None:
+                callback({name: p.detach() for name, p in params.items()})
     return {name: p.detach() for name, p in params.items()}
 
 

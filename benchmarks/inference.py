@@ -1,0 +1,92 @@
+"""Question 3: is the compressed experts module faster than the original one?
+
+The original is transformers' Qwen3MoeExperts with its default experts implementation (grouped_mm), the compressed one
+SharedCoreExperts at ranks 16 and 64, both fp32 with random weights (speed does not depend on the values), at
+Qwen3-30B-A3B shapes: E=128 experts, top-8, hidden 2048, expert width 768. Timing: medians of interleaved runs in one
+process. Memory: peak resident memory of a fresh process that builds one module and runs one forward.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import torch
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+from benchmarks.common import interleaved_medians, peak_rss_mib, table
+from moe_compress import SharedCoreExperts
+
+FULL = dict(num_experts=128, top_k=8, hidden=2048, width=768, tokens=(1, 64, 512), ranks=(16, 64), repeats=7)
+QUICK = dict(num_experts=8, top_k=2, hidden=64, width=32, tokens=(1, 16), ranks=(4,), repeats=2)
+
+
+def build(kind: str, shape: dict) -> torch.nn.Module:
+    config = Qwen3MoeConfig(hidden_size=shape["hidden"], moe_intermediate_size=shape["width"],
+                            num_experts=shape["num_experts"], num_experts_per_tok=shape["top_k"])
+    config._experts_implementation = "grouped_mm"  # what from_pretrained picks by default
+    original = Qwen3MoeExperts(config)
+    module = original
+    if kind != "original":
+        rank = int(kind.removeprefix("rank "))
+        module = SharedCoreExperts.empty(original, {"form": "wrapped", "ranks": dict.fromkeys(("gate", "up", "down"), rank)})
+        del original
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)
+    return module.eval()
+
+
+def routing(tokens: int, shape: dict, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, shape["hidden"], generator=g)
+    index = torch.stack([torch.randperm(shape["num_experts"], generator=g)[: shape["top_k"]] for _ in range(tokens)])
+    return x, index, torch.softmax(torch.randn(tokens, shape["top_k"], generator=g), -1)
+
+
+def _peak_child(kind: str, tokens: int, shape: dict, queue) -> None:
+    module = build(kind, shape)
+    with torch.no_grad():
+        module(*routing(tokens, shape))
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    queue.put((weights / 2**20, peak_rss_mib()))
+
+
+def peak_memory(kind: str, tokens: int, shape: dict) -> tuple[float, float]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_peak_child, args=(kind, tokens, shape, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def run(quick: bool = False) -> dict:
+    shape = QUICK if quick else FULL
+    kinds = ["original"] + [f"rank {r}" for r in shape["ranks"]]
+    modules = {kind: build(kind, shape) for kind in kinds}
+    rows = []
+    for tokens in shape["tokens"]:
+        inputs = routing(tokens, shape)
+        with torch.no_grad():
+            seconds = interleaved_medians({k: (lambda m=m: m(*inputs)) for k, m in modules.items()}, shape["repeats"])
+        for kind in kinds:
+            weights, peak = peak_memory(kind, tokens, shape)
+            rows.append({"tokens": tokens, "module": kind, "tokens_per_s": tokens / seconds[kind],
+                         "ms": 1e3 * seconds[kind], "speedup": seconds["original"] / seconds[kind],
+                         "weights_mib": weights, "peak_rss_mib": peak})
+    return {"shape": shape, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    s = result["shape"]
+    header = ["tokens", "module", "ms (median)", "tokens/s", "speed-up vs original", "weights MiB", "peak RSS MiB"]
+    rows = [[r["tokens"], r["module"], f"{r['ms']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x",
+             f"{r['weights_mib']:,.0f}", f"{r['peak_rss_mib']:,.0f}"] for r in result["rows"]]
+    return (f"E={s['num_experts']}, top-{s['top_k']}, hidden {s['hidden']}, width {s['width']}, fp32, "
+            f"median of {s['repeats']} interleaved runs.\n\n" + table(header, rows))
+
+
+if __name__ == "__main__":
+    print(markdown(run()))

@@ -1,0 +1,22 @@
+"""A smoke run of the whole benchmark at tiny sizes, so that it cannot rot. Timings here mean nothing."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run_writes_report_and_plots(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    for heading in ("Quality at equal storage", "Fit speed", "Inference speed", "parameter-count claim"):
+        assert heading in report
+    assert "| per-expert SVD |" in report and "77,594,624" in report
+    for plot in ("quality.png", "fit_speed.png"):
+        assert (tmp_path / "benchmarks" / plot).stat().st_size > 10_000
