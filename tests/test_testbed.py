@@ -8,10 +8,11 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moe_compress.testbed import corpus_path, heldout_loss, load_testbed, read_split
-from moe_compress.testbed.train import main, upcycle
+from moe_compress.testbed.train import expert_load, main, upcycle
 
-# The shipped MoE scores about 1.6 nats per byte on the validation split (model/README.md); uniform is ln 256 = 5.55.
-TRAINED_BOUND = 2.0
+# The shipped MoE scores 1.30 nats per byte on the first 16 validation windows, 1.49 on the whole split
+# (model/README.md); a uniform guess scores ln 256 = 5.55.
+TRAINED_BOUND = 1.8
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,11 @@ def test_shipped_model_is_much_better_than_uniform(testbed):
     assert math.isfinite(loss) and loss < TRAINED_BOUND < math.log(256)
 
 
+def test_every_shipped_expert_is_in_use(testbed):
+    loads = expert_load(testbed[0], read_split("validation"), seq_len=256, max_windows=8)  # measured: >= 9% each
+    assert all(min(shares) > 0.03 for shares in loads)
+
+
 def test_heldout_loss_refuses_text_shorter_than_a_window(testbed):
     with pytest.raises(ValueError, match="fewer than seq_len"):
         heldout_loss(testbed[0], "too short")
@@ -65,7 +71,9 @@ def test_generate_continues_a_prompt(testbed):
 
 def test_upcycled_moe_computes_the_dense_model():
     torch.manual_seed(0)
-    shape = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    shape = dict(
+        vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16
+    )
     dense = Qwen3ForCausalLM(Qwen3Config(**shape, intermediate_size=48)).eval()
     experts = dict(moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
     moe = upcycle(dense, Qwen3MoeConfig(**shape, **experts)).eval()
@@ -73,7 +81,6 @@ def test_upcycled_moe_computes_the_dense_model():
     torch.testing.assert_close(moe(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_training_script_makes_a_loadable_model(tmp_path):
     steps = ["--dense-steps", "3", "--moe-steps", "3", "--batch-size", "2", "--eval-bytes", "1024"]
     main(["--out", str(tmp_path), *steps, "--threads", str(torch.get_num_threads())])  # keeps this process's threads

@@ -47,9 +47,10 @@ Wall time: {seconds["total"]} s in all, {seconds["dense"]} s of it dense trainin
    MLP copied into all {experts} experts; the router initialised normal with std {arch["initializer_range"]}.
    With renormalised top-{top_k} weights the upcycled model computes exactly the dense model until training moves
    the experts apart.
-4. **MoE**: trained on the same way, on fresh windows, with the load-balancing loss.
+4. **MoE**: trained on the same way, on fresh windows, plus the Switch load-balancing loss of each layer, averaged
+   over layers (transformers' own pools all layers, which let single layers starve experts in a first attempt).
    Steps: {settings["moe_steps"]} ({settings["moe_steps"] * window_bytes:,} bytes seen), lr {settings["moe_lr"]}, \
-router_aux_loss_coef {arch["router_aux_loss_coef"]}.
+balance coefficient {arch["router_aux_loss_coef"]}.
 5. **Saved** in bfloat16 safetensors, with the tokenizer. `output_router_logits` is off in the saved config.
 
 ## Architecture
@@ -76,7 +77,8 @@ renormalised weights |
 
 Scored by `moe_compress.testbed.heldout_loss` (non-overlapping {settings["seq_len"]}-byte windows, mean next-byte
 cross-entropy) on the validation split: the last 10% of Tiny Shakespeare, cut at a newline.
-Bytes scored: {stats["validation_bytes"]:,}. A uniform guess scores ln 256 = 5.545 nats per byte.
+Validation text: {stats["validation_bytes"]:,} bytes (a last partial window is not scored).
+A uniform guess scores ln 256 = 5.545 nats per byte.
 
 | model | nats per byte | bits per byte |
 |---|---|---|

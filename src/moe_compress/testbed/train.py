@@ -6,7 +6,7 @@
 2. a dense Qwen3 (4 layers, hidden 128, MLP width 256) trained on random 256-byte windows of the train split;
 3. upcycling to a Qwen3-MoE: attention, norms and embeddings copied, the dense MLP copied into each of 8 experts,
    a small random router (top-2, renormalised), so the MoE starts out computing exactly the dense model;
-4. training the MoE on, with the load-balancing loss, so different tokens reach different experts and they diverge;
+4. training the MoE on, with a per-layer load-balancing loss, so different tokens reach different experts and they diverge;
 5. held-out loss of both models on the validation split, then the MoE (bf16 safetensors), tokenizer, model card and
    training_stats.json are saved to --out.
 
@@ -18,6 +18,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from moe_compress.testbed import TESTBED_DIR, heldout_loss, load_testbed, read_split
 from moe_compress.testbed.card import write_card
@@ -106,8 +110,31 @@ class RandomWindows(Dataset):
         return {"input_ids": window, "labels": window}
 
 
-def fit(model: torch.nn.Module, windows: RandomWindows, lr: float, args: argparse.Namespace) -> None:
-    """One pass over `windows` in batches: AdamW, warmup over 5% of the steps, cosine decay to 0, clipping at 1."""
+def loss_with_per_layer_balance(
+    outputs: MoeCausalLMOutputWithPast, labels: torch.Tensor, num_items_in_batch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-byte loss + ROUTER_AUX_LOSS_COEF * the Switch load-balancing loss of each layer, averaged over layers.
+
+    transformers' own aux loss pools the routing statistics of all layers, so layers may overload different experts
+    and cancel out; a first run trained with it left 2-3 experts per layer with almost no tokens.
+    """
+    lm = ForCausalLMLoss(outputs.logits, labels, ARCHITECTURE["vocab_size"], num_items_in_batch)
+    E, K = MOE["num_experts"], MOE["num_experts_per_tok"]
+    balance = [load_balancing_loss_func((logits,), E, K) for logits in outputs.router_logits]  # [T, E] per layer
+    return lm + ROUTER_AUX_LOSS_COEF * torch.stack(balance).mean()
+
+
+def fit(
+    model: torch.nn.Module,
+    windows: RandomWindows,
+    lr: float,
+    args: argparse.Namespace,
+    loss_func: Callable[..., torch.Tensor] | None = None,
+) -> None:
+    """One pass over `windows` in batches: AdamW, warmup over 5% of the steps, cosine decay to 0, clipping at 1.
+
+    `loss_func(outputs, labels, num_items_in_batch)` replaces the model's own loss where given.
+    """
     steps = len(windows) // args.batch_size
     with tempfile.TemporaryDirectory() as scratch:
         training_args = TrainingArguments(
@@ -126,8 +153,9 @@ def fit(model: torch.nn.Module, windows: RandomWindows, lr: float, args: argpars
             disable_tqdm=True,
             seed=args.seed,
             data_seed=args.seed,
+            dataloader_pin_memory=False,  # windows are a few KB; pinning only warns on CPU
         )
-        Trainer(model=model, args=training_args, train_dataset=windows).train()
+        Trainer(model=model, args=training_args, train_dataset=windows, compute_loss_func=loss_func).train()
 
 
 def upcycle(dense: Qwen3ForCausalLM, config: Qwen3MoeConfig) -> Qwen3MoeForCausalLM:
@@ -210,12 +238,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         **MOE,
         moe_intermediate_size=ARCHITECTURE["intermediate_size"],
         router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
-        output_router_logits=True,
+        output_router_logits=True,  # for loss_with_per_layer_balance
     )
     moe = upcycle(dense, moe_config)
     # seed + 1: the MoE reads fresh windows rather than replaying the dense model's
     moe_windows = RandomWindows(train_ids, args.seq_len, args.moe_steps * args.batch_size, args.seed + 1)
-    fit(moe, moe_windows, args.moe_lr, args)
+    fit(moe, moe_windows, args.moe_lr, args, loss_with_per_layer_balance)
     seconds["moe"] = time.time() - seconds["start"] - seconds["dense"]
     # Off in the shipped config: with it on, a user's loss(labels=...) would silently include the aux loss.
     moe.config.output_router_logits = False
