@@ -111,12 +111,20 @@ def test_gradients_reach_cores_and_wrappers():
 
 def test_cached_products_follow_parameter_updates():
     experts = find_experts(tiny_model("qwen3_moe"))[0][1]
-    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts)))
+    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts))).eval()
     x, index, weights = route()
     with torch.no_grad():
         shared(x, index, weights)  # fills the caches
+        assert all(p._derived_cache for p in shared.projections.values())
         for p in shared.parameters():
             p.mul_(1.1)
+        assert torch.allclose(shared(x, index, weights), shared.reference_forward(x, index, weights), atol=1e-5)
+    shared.train()
+    optimizer = torch.optim.AdamW(shared.parameters(), lr=1e-2)
+    shared(x, index, weights).square().sum().backward()
+    optimizer.step()
+    shared.eval()
+    with torch.no_grad():
         assert torch.allclose(shared(x, index, weights), shared.reference_forward(x, index, weights), atol=1e-5)
 
 

@@ -3,6 +3,7 @@ library; all logic lives in the library."""
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,8 +13,13 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe_compress.checkpoint import check_output_dir, load_model, save_compressed
+import torch
+from transformers import AutoTokenizer, TrainingArguments
+
+from moe_compress.checkpoint import check_output_dir, load_compressed, load_model, save_compressed
 from moe_compress.compress import CompressionConfig, compress
+from moe_compress.data import DataConfig
+from moe_compress.distill import DistillationConfig, distill, load_teacher
 
 
 def _schema(dataclass_type: type) -> DictConfig:
@@ -23,7 +29,8 @@ def _schema(dataclass_type: type) -> DictConfig:
     return node
 
 
-ConfigStore.instance().store(group="compression", name="schema", node=_schema(CompressionConfig))
+for group, schema in (("compression", CompressionConfig), ("distill", DistillationConfig), ("data", DataConfig)):
+    ConfigStore.instance().store(group=group, name="schema", node=_schema(schema))
 
 
 @contextmanager
@@ -35,13 +42,22 @@ def user_errors() -> Iterator[None]:
         sys.exit(f"moe-compress: error: {error}")
 
 
-def compression_config(cfg: DictConfig) -> CompressionConfig:
-    return CompressionConfig(**OmegaConf.to_container(cfg.compression, resolve=True))
+def settings(node: DictConfig) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def training_arguments(cfg: DictConfig) -> TrainingArguments:
+    training = settings(cfg.training)
+    if "wandb" in str(training.get("report_to")):
+        os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` uploads later
+    if training.get("bf16") == "auto":
+        training["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return TrainingArguments(output_dir=cfg.output_dir, use_cpu=not torch.cuda.is_available(), **training)
 
 
 def run_compress(cfg: DictConfig) -> None:
     with user_errors():
-        config = compression_config(cfg)
+        config = CompressionConfig(**settings(cfg.compression))
         model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         check_output_dir(cfg.output_dir, model.config, config.to_dict(), cfg.overwrite)
         report = compress(model, config)
@@ -50,8 +66,20 @@ def run_compress(cfg: DictConfig) -> None:
         print(f"compressed model written to {folder}")
 
 
+def run_distill(cfg: DictConfig) -> None:
+    with user_errors():
+        distillation, data = DistillationConfig(**settings(cfg.distill)), DataConfig(**settings(cfg.data))
+        args = training_arguments(cfg)
+        student = load_compressed(cfg.student, dtype=cfg.dtype)
+        teacher = load_teacher(cfg.teacher, distillation.teacher_quantization, cfg.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+        trainer = distill(student, teacher, tokenizer, data, distillation, args, resume=cfg.resume)
+        print(f"distilled {trainer.state.global_step} steps; checkpoints and final/ in {cfg.output_dir}")
+
+
 STAGES: dict[str, tuple[Callable[[DictConfig], None], str]] = {
     "compress": (run_compress, "fit shared cores and wrappers to a model's experts; save the compressed model"),
+    "distill": (run_distill, "train a compressed model from the original with alpha*KL + (1-alpha)*CE"),
 }
 
 

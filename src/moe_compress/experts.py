@@ -115,9 +115,15 @@ class _Projection(nn.Module):
     def shape(self) -> tuple[int, int]:
         return self.core.shape[1], self.core.shape[2]
 
+    def train(self, mode: bool = True) -> _Projection:
+        # Trainers update parameters in ways the version counters below do not always see: start afresh
+        self._derived_cache.clear()
+        return super().train(mode)
+
     def _derived(self, name: str, inputs: tuple[torch.Tensor, ...], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A product of parameters, cached while they stay unchanged; recomputed under autograd so gradients flow."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        """A product of parameters, cached in eval mode while they stay unchanged; recomputed in training mode and
+        under autograd, so that gradients flow and updates show at once."""
+        if self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
             return fn()
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in inputs)
         cached = self._derived_cache.get(name)
@@ -281,7 +287,7 @@ class SharedCoreExperts(nn.Module):
                 *W.shape, spec["ranks"][name], spec.get("num_cores", 1), bias is not None, dtype=W.dtype,
                 device=W.device,
             )
-        return cls(cls.from_template(experts), projections)
+        return cls(cls.from_template(experts), projections).train(experts.training)
 
     @staticmethod
     def from_template(experts: nn.Module) -> nn.Module:

@@ -65,7 +65,12 @@ def heldout_loss(
     targets = ids[1 : n_windows * seq_len + 1].view(n_windows, seq_len)  # [N, L]
     device = next(model.parameters()).device
     total = 0.0
-    for x, y in zip(inputs.split(batch_size), targets.split(batch_size)):
-        logits = model(input_ids=x.to(device)).logits.float()  # [B, L, V]
-        total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+    was_training = model.training
+    model.eval()  # routers and dropout behave as at inference, whatever state a trainer left the model in
+    try:
+        for x, y in zip(inputs.split(batch_size), targets.split(batch_size)):
+            logits = model(input_ids=x.to(device)).logits.float()  # [B, L, V]
+            total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+    finally:
+        model.train(was_training)
     return total / targets.numel()

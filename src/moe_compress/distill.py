@@ -1,0 +1,199 @@
+"""Knowledge distillation of a compressed model (student) from the original (teacher), on Hugging Face Trainer.
+
+Loss = alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(student, labels), per predicted token, where p^T
+is the softmax at temperature T. The KL is computed in chunks of tokens under activation checkpointing, so at most one
+chunk of full-vocabulary fp32 values exists at a time, in the forward and in the backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BitsAndBytesConfig, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from moe_compress.checkpoint import compression_of, load_model
+from moe_compress.data import DataConfig, build_datasets
+from moe_compress.experts import SharedCoreExperts
+
+TRAINABLE = ("wrappers", "wrappers+cores", "all")
+QUANTIZATIONS = (None, "8bit", "4bit")
+WRAPPER_PARAMS = ("u_out", "v_out", "u_in", "v_in", "u", "v")
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the cross-entropy on the data
+    temperature: float = 2.0
+    train: str = "wrappers+cores"  # wrappers (cores frozen) | wrappers+cores | all
+    train_routers: bool = False
+    chunk_tokens: int = 1024  # tokens per KL chunk
+    teacher_quantization: Optional[str] = None  # null | 8bit | 4bit (bitsandbytes, CUDA only)
+
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha={self.alpha} is outside [0, 1]; it weighs KL against cross-entropy")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.train not in TRAINABLE:
+            raise ValueError(f"train={self.train!r} is unknown; use one of {list(TRAINABLE)}")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens={self.chunk_tokens} must be >= 1")
+        if self.teacher_quantization not in QUANTIZATIONS:
+            raise ValueError(f"teacher_quantization={self.teacher_quantization!r} is unknown; use null, 8bit or 4bit")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _chunk_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """Summed KL (at temperature) and CE of one chunk of tokens: [n, V], [n, V], [n] -> two scalars."""
+    student, teacher = student.float(), teacher.float()
+    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum()
+    ce = F.cross_entropy(student, labels, reduction="sum")
+    return kl, ce
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      alpha: float, temperature: float, chunk_tokens: int = 1024):
+    """(loss, kl, ce), each a mean over the predicted tokens (labels shifted by one, -100 ignored).
+
+    Logits: [B, L, V] in the models' dtype; labels [B, L]."""
+    V = student_logits.shape[-1]
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    student = student_logits[:, :-1].reshape(-1, V)[keep]  # [N, V]
+    teacher = teacher_logits[:, :-1].reshape(-1, V)[keep]
+    targets = targets[keep]
+    count = max(int(keep.sum()), 1)
+    kl = ce = student.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        # recomputed in backward: the chunk's fp32 softmaxes are never all kept at once
+        chunk_kl, chunk_ce = checkpoint(_chunk_terms, student[part], teacher[part], targets[part], temperature,
+                                        use_reentrant=False)
+        kl, ce = kl + chunk_kl, ce + chunk_ce
+    kl, ce = kl / count, ce / count
+    return alpha * temperature**2 * kl + (1 - alpha) * ce, kl, ce
+
+
+def router_parameters(model: nn.Module) -> set[int]:
+    """ids of the routers' parameters: those beside each experts module whose first dimension counts the experts."""
+    found = set()
+    for name, module in model.named_modules():
+        if isinstance(module, SharedCoreExperts):
+            block = model.get_submodule(name.rpartition(".")[0])
+            found |= {id(p) for n, p in block.named_parameters()
+                      if not n.startswith("experts.") and p.dim() >= 1 and p.shape[0] == module.num_experts}
+    return found
+
+
+def select_trainable(model: nn.Module, train: str, train_routers: bool) -> tuple[int, int]:
+    """Freeze all but what `train` names; return (trainable, total) parameter counts."""
+    compression_of(model)
+    shared = {id(p) for m in model.modules() if isinstance(m, SharedCoreExperts) for p in m.parameters()}
+    routers = router_parameters(model) if train_routers else set()
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if train == "all":
+            wanted = True
+        elif id(p) in shared:
+            wanted = leaf in WRAPPER_PARAMS or (train == "wrappers+cores" and leaf == "core")
+        else:
+            wanted = id(p) in routers
+        p.requires_grad_(wanted)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def check_pair(student: nn.Module, teacher: nn.Module) -> None:
+    """Teacher and student must speak the same vocabulary with the same architecture."""
+    compression_of(student)
+    s, t = student.config, teacher.config
+    if s.model_type != t.model_type:
+        raise ValueError(f"teacher is a {t.model_type} model and student a {s.model_type} one; "
+                         "distill a compressed model from the model it was compressed from")
+    if s.vocab_size != t.vocab_size:
+        raise ValueError(f"teacher vocabulary ({t.vocab_size}) differs from the student's ({s.vocab_size}); "
+                         "use the teacher the student was compressed from")
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss distills `teacher` into the model; logs the KL and CE parts beside the loss."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    def __init__(self, *args: Any, teacher: nn.Module, distillation: DistillationConfig, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        check_pair(self.model, teacher)
+        self.teacher = teacher.eval().requires_grad_(False)
+        if distillation.teacher_quantization is None:
+            self.teacher.to(self.args.device)
+        self.distillation = distillation
+        self._parts: dict[str, list[float]] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**model_inputs)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**model_inputs).logits
+        d = self.distillation
+        loss, kl, ce = distillation_loss(outputs.logits, teacher_logits, labels, d.alpha, d.temperature,
+                                         d.chunk_tokens)
+        prefix = "" if model.training else "eval_"
+        for key, value in ((f"{prefix}kl", kl), (f"{prefix}ce", ce)):
+            self._parts.setdefault(key, []).append(value.item())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        is_eval = any(key.startswith("eval_") for key in logs)
+        for key in [k for k in self._parts if k.startswith("eval_") == is_eval]:
+            values = self._parts.pop(key)
+            logs[key] = sum(values) / len(values)
+        super().log(logs, start_time)
+
+
+def load_teacher(name_or_path: str, quantization: str | None = None, dtype: str = "auto") -> nn.Module:
+    """The teacher, optionally quantized to 8 or 4 bit by bitsandbytes, which needs CUDA: never a silent fallback."""
+    if quantization is None:
+        return load_model(name_or_path, dtype=dtype)
+    if not torch.cuda.is_available():
+        raise ValueError(f"teacher_quantization={quantization} needs a CUDA GPU (bitsandbytes) and none is visible; "
+                         "set distill.teacher_quantization=null or run on a GPU")
+    bits = BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return load_model(name_or_path, dtype=dtype, quantization_config=bits,
+                      device_map={"": torch.cuda.current_device()})
+
+
+END_MARKER = "training_complete.json"
+
+
+def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: DataConfig,
+            distillation: DistillationConfig, args: TrainingArguments, resume: bool = True) -> DistillationTrainer:
+    """Train `student` from `teacher` on `data`; checkpoints are compressed folders (load_compressed reads them).
+
+    Resumes from the last checkpoint in args.output_dir when there is one; writes END_MARKER there when done."""
+    check_pair(student, teacher)
+    train_set, eval_set = build_datasets(data, tokenizer)
+    trainable, total = select_trainable(student, distillation.train, distillation.train_routers)
+    print(f"distill: training {trainable:,} of {total:,} student parameters ({distillation.train}"
+          f"{' + routers' if distillation.train_routers else ''})")
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                  processing_class=tokenizer, teacher=teacher, distillation=distillation)
+    last = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(str(Path(args.output_dir) / "final"))
+    (Path(args.output_dir) / END_MARKER).write_text(json.dumps({"global_step": trainer.state.global_step}))
+    return trainer

@@ -1,0 +1,99 @@
+"""Distillation: the chunked loss against the plain formula, what trains, bad input, and a real Trainer run."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from transformers import TrainingArguments
+
+import moe_compress as mc
+from moe_compress.data import DataConfig, build_datasets
+from moe_compress.distill import (END_MARKER, DistillationConfig, check_pair, distill, distillation_loss,
+                                  load_teacher, select_trainable)
+from moe_compress.testbed import heldout_loss, load_testbed, read_split
+
+
+def plain_loss(student, teacher, labels, alpha, T):
+    """The formula written out on whole tensors: alpha T^2 KL(teacher || student at T) + (1 - alpha) CE."""
+    s, t, y = student[:, :-1].float(), teacher[:, :-1].float(), labels[:, 1:]
+    keep = y != -100
+    kl = F.kl_div(F.log_softmax(s[keep] / T, -1), F.log_softmax(t[keep] / T, -1), log_target=True,
+                  reduction="batchmean")
+    ce = F.cross_entropy(s[keep], y[keep])
+    return alpha * T**2 * kl + (1 - alpha) * ce
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_chunked_loss_and_gradient_equal_the_plain_formula(chunk):
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 9, 50, generator=g, requires_grad=True)
+    teacher = torch.randn(3, 9, 50, generator=g)
+    labels = torch.randint(0, 50, (3, 9), generator=g)
+    labels[0, 4:] = -100
+    loss, kl, ce = distillation_loss(student, teacher, labels, alpha=0.3, temperature=2.0, chunk_tokens=chunk)
+    (grad,) = torch.autograd.grad(loss, student)
+    expected = plain_loss(student, teacher, labels, 0.3, 2.0)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    assert torch.allclose(loss, expected, atol=1e-5) and torch.allclose(grad, expected_grad, atol=1e-6)
+    assert torch.allclose(0.3 * 4 * kl + 0.7 * ce, loss)
+
+
+def compressed_testbed():
+    model, tokenizer = load_testbed()
+    mc.compress(model, mc.CompressionConfig(target_ratio=0.3, polish_steps=20), progress=False)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("train,routers,expected", [
+    ("wrappers", False, {"u_out", "v_out", "u_in", "v_in"}),
+    ("wrappers+cores", False, {"u_out", "v_out", "u_in", "v_in", "core"}),
+    ("wrappers+cores", True, {"u_out", "v_out", "u_in", "v_in", "core", "weight"}),
+])
+def test_what_trains(train, routers, expected):
+    model, _ = compressed_testbed()
+    trainable, total = select_trainable(model, train, routers)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.rsplit(".", 1)[1] for n in names} == expected
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) < total
+    if routers:
+        assert all(n.endswith("mlp.gate.weight") for n in names if n.endswith(".weight"))
+    assert select_trainable(model, "all", False)[0] == total
+
+
+def test_bad_pairs_and_inputs_are_refused():
+    student, _ = compressed_testbed()
+    with pytest.raises(ValueError, match="not compressed by moe-compress"):
+        check_pair(tiny_model(), tiny_model())
+    with pytest.raises(ValueError, match="teacher is a mixtral model and student a qwen3_moe one"):
+        check_pair(student, tiny_model("mixtral"))
+    with pytest.raises(ValueError, match=r"teacher vocabulary \(128\) differs from the student's \(256\)"):
+        check_pair(student, tiny_model("qwen3_moe"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="teacher_quantization=4bit needs a CUDA GPU"):
+            load_teacher("testbed", "4bit")
+    with pytest.raises(ValueError, match="fewer than one sequence of 256"):
+        build_datasets(DataConfig(source=__file__, seq_len=256, eval_fraction=0.999), load_testbed()[1])
+    with pytest.raises(ValueError, match="alpha=1.5 is outside"):
+        DistillationConfig(alpha=1.5)
+
+
+@pytest.mark.slow
+def test_short_distillation_lowers_heldout_loss_and_checkpoints_reload(tmp_path):
+    teacher, tokenizer = load_testbed()
+    student, _ = compressed_testbed()
+    text = read_split("validation")[:20000]
+    before = heldout_loss(student, text, seq_len=128)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=30, per_device_train_batch_size=16,
+                             learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=10, save_steps=15,
+                             report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = distill(student, teacher, tokenizer, DataConfig(seq_len=128), DistillationConfig(alpha=0.9), args)
+    after = heldout_loss(student, text, seq_len=128)
+    assert after < before - 0.002, (before, after)  # measured: 1.4716 -> 1.4639 in 60 steps, teacher 1.4422
+    logged = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert logged and all("ce" in entry for entry in logged)
+    checkpoint = tmp_path / "run" / "checkpoint-30"
+    reloaded = mc.load_compressed(checkpoint, dtype=torch.float32)
+    assert abs(heldout_loss(reloaded, text, seq_len=128) - after) < 1e-6
+    assert json.loads((tmp_path / "run" / END_MARKER).read_text())["global_step"] == 30
