@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import fit_speed, inference, param_count, quality  # noqa: E402
+from benchmarks import distillation, fit_speed, inference, param_count, quality  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 
 
@@ -49,17 +49,20 @@ def main() -> None:
         ("fit_speed", fit_speed, "2. Fit speed at real scale"),
         ("inference", inference, "3. Inference speed of the experts module"),
         ("param_count", param_count, "4. The seed's parameter-count claim"),
+        ("distillation", distillation, "5. Distillation of the compressed testbed"),
     ):
         results[name] = module.run(quick=args.quick)
         sections.append(f"## {title}\n\n{module.markdown(results[name])}\n")
         print(f"{name} done after {time.time() - started:.0f} s", flush=True)
     quality.plot(results["quality"], plots / "quality.png")
     plot_fit_speed(results["fit_speed"], plots / "fit_speed.png")
+    distillation.plot(results["distillation"], plots / "distillation.png")
     (plots / "results.json").write_text(json.dumps(results, indent=1, default=str))
     header = (f"# Benchmarks\n\nMachine: {machine()}.\nCommand: `{command}` ({time.time() - started:.0f} s in all). "
               "Raw figures: `benchmarks/results.json`.\n")
     sections.insert(1, "![held-out loss against kept fraction](benchmarks/quality.png)\n")
     sections.insert(3, "![error against fit time](benchmarks/fit_speed.png)\n")
+    sections.append("![distillation loss curve](benchmarks/distillation.png)\n")
     (args.out / "BENCHMARKS.md").write_text("\n".join([header, *sections]))
 
 

@@ -52,3 +52,25 @@ def test_help_lists_stages_and_cfg_prints_the_resolved_config(tmp_path):
                  "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0 and "rank: 8" in result.stdout and "method: als" in result.stdout
     assert cli("frobnicate").returncode == 1
+
+
+@pytest.mark.slow
+def test_distill_trains_a_compressed_folder_and_writes_checkpoints(tmp_path):
+    student = tmp_path / "student"
+    result = cli("compress", "compression.target_ratio=0.3", "compression.polish_steps=5", f"output_dir={student}",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "run"
+    result = cli("distill", f"student={student}", f"output_dir={run}", "data.seq_len=64", "training.max_steps=4",
+                 "training.per_device_train_batch_size=2", "training.save_steps=2", "training.eval_steps=2",
+                 "training.per_device_eval_batch_size=64", "distill.alpha=0.7", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "training 909,312 of 1,144,192 student parameters" in result.stdout
+    assert (run / "training_complete.json").exists() and (run / "hydra" / ".hydra" / "config.yaml").exists()
+    with torch.no_grad():
+        assert mc.load_compressed(run / "checkpoint-4")(token_ids(1, 8) % 256).logits.shape == (1, 8, 256)
+
+
+def test_distill_refuses_a_student_that_is_not_compressed(tmp_path, model_dir):
+    result = cli("distill", f"student={model_dir}", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1 and "moe-compress did not compress" in result.stderr.strip().splitlines()[-1]
