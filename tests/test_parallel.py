@@ -1,0 +1,92 @@
+"""torchrun's work split, the manifest and the work folder: real gloo processes, real files."""
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file
+
+import moe_compress as mc
+from moe_compress.parallel import Manifest, Ranks, open_work_dir, share, write_atomically
+from moe_compress.streaming import compress_checkpoint
+
+RUN = textwrap.dedent("""
+    import os, sys, torch
+    torch.set_num_threads(1)
+    import moe_compress as mc
+    from moe_compress.streaming import compress_checkpoint
+    report = compress_checkpoint(sys.argv[1], sys.argv[2], mc.CompressionConfig(rank=2, polish_steps=20))
+    print(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: {len(report.rows)} rows")
+""")
+
+
+def test_two_gloo_processes_write_the_folder_one_process_writes(tmp_path):
+    tiny_model("qwen3_moe", num_hidden_layers=3).save_pretrained(tmp_path / "src")
+    script = tmp_path / "run.py"
+    script.write_text(RUN)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+                             str(tmp_path / "src"), str(tmp_path / "two")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 of 2: 9 rows" in result.stdout and "rank 1 of 2: 9 rows" in result.stdout
+    # 9 (layer, projection) units: rank 0 fits the first 4, rank 1 the other 5
+    assert re.search(r"compress \[rank 0/2\]: 100%\|[^|]*\| 4/4 ", result.stderr)
+    assert re.search(r"compress \[rank 1/2\]: 100%\|[^|]*\| 5/5 ", result.stderr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each torchrun process: the fits are bit-identical at equal thread counts
+    try:
+        report = compress_checkpoint(tmp_path / "src", tmp_path / "one", mc.CompressionConfig(rank=2, polish_steps=20),
+                                     progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    rows = json.loads((tmp_path / "two" / "compression_report.json").read_text())["rows"]
+    assert [r["rel_error"] for r in rows] == [r.rel_error for r in report.rows]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "run.py", "src", "two"]
+
+
+def test_share_gives_each_rank_a_contiguous_block_and_every_unit_once():
+    units = list(range(10))
+    shares = [share(units, Ranks(rank, 3)) for rank in range(3)]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert share(units[:1], Ranks(1, 2)) == [0] and share(units[:1], Ranks(0, 2)) == []
+
+
+def test_manifest_trusts_only_files_that_match_a_record(tmp_path):
+    (tmp_path / "units").mkdir()
+    manifest = Manifest(tmp_path, rank=1)
+    manifest.save("a", {"w": torch.ones(3)}, {"rel_error": 0.5})
+    manifest.save("b", {"w": torch.zeros(3)}, {"rel_error": 0.25})
+    assert manifest.done(["a", "b", "c"]) == {"a": {"rel_error": 0.5}, "b": {"rel_error": 0.25}}
+    assert torch.equal(load_file(manifest.path("a"))["w"], torch.ones(3))
+
+    data = bytearray(manifest.path("a").read_bytes())
+    data[-1] ^= 0xFF
+    manifest.path("a").write_bytes(bytes(data))  # corrupted: refitted
+    write_atomically(manifest.path("c"), manifest.path("b").read_bytes())  # a file without its record: refitted
+    with open(manifest.own, "a") as f:
+        f.write('{"unit": "d", "sha2')  # a record torn by a crash
+    assert manifest.done(["a", "b", "c"]) == {"b": {"rel_error": 0.25}}
+
+    Manifest(tmp_path, rank=0).save("a", {"w": torch.ones(3)}, {"rel_error": 0.5})  # another rank refits it
+    manifest.save("d", {"w": torch.ones(2)}, {"rel_error": 0.125})  # the record after a torn one parses
+    assert manifest.done(["a", "b", "d"]).keys() == {"a", "b", "d"}
+    assert not list(tmp_path.glob("units/.*"))  # no temporary file left
+
+
+def test_work_folder_is_reused_only_by_the_same_settings(tmp_path):
+    work = tmp_path / "work"
+    open_work_dir(work, {"rank": 2}, overwrite=False)
+    (work / "units" / "finished.safetensors").write_bytes(b"x")
+    open_work_dir(work, {"rank": 2}, overwrite=False)
+    assert (work / "units" / "finished.safetensors").exists()
+    with pytest.raises(FileExistsError, match=r"other settings \(rank: 2 then, 1 now\); rerun with the same"):
+        open_work_dir(work, {"rank": 1}, overwrite=False)
+    open_work_dir(work, {"rank": 1}, overwrite=True)
+    assert not (work / "units" / "finished.safetensors").exists()
+    assert json.loads((work / "settings.json").read_text()) == {"rank": 1}
