@@ -2,8 +2,8 @@
 
 One (layer, projection) of Qwen3-30B-A3B shape: 128 experts of 768 x 2048, rank 64. Synthetic experts: a shared part,
 a per-expert rank-32 deviation and per-expert noise. Both fits run in the same process; the time of each error
-evaluation along the way is left out of the fit's clock. Peak memory: resident memory high-water mark of a fresh
-process running the fit alone (GPU: max allocated).
+evaluation along the way is left out of the fit's clock. Each fit runs alone in a fresh process, one after the other,
+which also gives its peak memory: the resident high-water mark (GPU: max allocated).
 """
 
 from __future__ import annotations
@@ -11,11 +11,15 @@ from __future__ import annotations
 import multiprocessing
 import time
 
+import matplotlib
 import torch
 
-from benchmarks.common import peak_rss_mib, table
-from moe_compress import fit
-from moe_compress.experts import wrapped_weights
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks.common import peak_rss_mib, table  # noqa: E402
+from moe_compress import fit  # noqa: E402
+from moe_compress.experts import wrapped_weights  # noqa: E402
 
 FULL = dict(experts=128, out=768, inp=2048, rank=64, adam_steps=100, adam_lr=1e-3, als_iters=3, polish_steps=20)
 QUICK = dict(experts=8, out=24, inp=40, rank=2, adam_steps=20, adam_lr=1e-3, als_iters=2, polish_steps=5)
@@ -41,9 +45,6 @@ class Trace:
         self.points.append((self.seconds, fit.relative_error(self.W, wrapped_weights(**factors))))
         self.mark = time.perf_counter()
 
-    def time_to(self, error: float) -> float | None:
-        return next((t for t, e in self.points if e <= error), None)
-
 
 def run_method(method: str, W: torch.Tensor, shape: dict) -> Trace:
     trace = Trace(W)
@@ -56,42 +57,58 @@ def run_method(method: str, W: torch.Tensor, shape: dict) -> Trace:
     return trace
 
 
-def _peak_child(method: str, shape: dict, queue) -> None:
-    W = synthetic_experts(shape)
+def _child(method: str, shape: dict, queue) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    run_method(method, W.to(device), shape)
+    W = synthetic_experts(shape).to(device)
+    trace = run_method(method, W, shape)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mib()
-    queue.put(peak)
+    queue.put((trace.points, peak))
 
 
-def peak_memory(method: str, shape: dict) -> float:
+def run_in_fresh_process(method: str, shape: dict) -> tuple[list, float]:
+    """(error trace, peak memory MiB) of one fit run alone in a fresh process."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_peak_child, args=(method, shape, queue))
+    child = context.Process(target=_child, args=(method, shape, queue))
     child.start()
-    peak = queue.get()
+    result = queue.get()
     child.join()
-    return peak
+    return result
 
 
 def run(quick: bool = False) -> dict:
     shape = QUICK if quick else FULL
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    W = synthetic_experts(shape).to(device)
-    traces = {method: run_method(method, W, shape) for method in ("adam", "als")}
-    target = traces["adam"].points[-1][1]
-    reach = traces["als"].time_to(target)
+    runs = {method: run_in_fresh_process(method, shape) for method in ("adam", "als")}
+    traces = {method: points for method, (points, _) in runs.items()}
+    target = traces["adam"][-1][1]
+    reach = next((t for t, e in traces["als"] if e <= target), None)
     return {
         "shape": shape,
         "target_error": target,
-        "adam_seconds": traces["adam"].seconds,
+        "adam_seconds": traces["adam"][-1][0],
         "als_seconds_to_target": reach,
-        "speedup": traces["adam"].seconds / reach if reach else None,
-        "als_final_error": traces["als"].points[-1][1],
-        "als_seconds": traces["als"].seconds,
-        "traces": {m: t.points for m, t in traces.items()},
-        "peak_mib": {m: peak_memory(m, shape) for m in ("adam", "als")},
+        "speedup": traces["adam"][-1][0] / reach if reach else None,
+        "als_final_error": traces["als"][-1][1],
+        "als_seconds": traces["als"][-1][0],
+        "traces": traces,
+        "peak_mib": {method: peak for method, (_, peak) in runs.items()},
     }
+
+
+def plot(result: dict, path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, label in (("adam", "seed adam"), ("als", "default (als + polish)")):
+        seconds, errors = zip(*result["traces"][method])
+        ax.plot(seconds, errors, marker="." if method == "als" else None, label=label)
+    ax.axhline(result["target_error"], color="gray", linestyle="--", label="seed adam's final error")
+    ax.set_xscale("log")
+    ax.set_xlabel("fit time (s, log scale)")
+    ax.set_ylabel("relative reconstruction error")
+    ax.set_title("Fit speed, one Qwen3-30B-A3B-shaped projection")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def markdown(result: dict) -> str:

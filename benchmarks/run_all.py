@@ -8,62 +8,57 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from benchmarks import distillation, fit_speed, inference, param_count, quality  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
+from benchmarks import distillation, fit_speed, inference, param_count, quality
+from benchmarks.common import machine
 
 
-def plot_fit_speed(result: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method, label in (("adam", "seed adam"), ("als", "default (als + polish)")):
-        seconds, errors = zip(*result["traces"][method])
-        ax.plot(seconds, errors, marker="." if method == "als" else None, label=label)
-    ax.axhline(result["target_error"], color="gray", linestyle="--", label="seed adam's final error")
-    ax.set_xscale("log")
-    ax.set_xlabel("fit time (s, log scale)")
-    ax.set_ylabel("relative reconstruction error")
-    ax.set_title("Fit speed, one Qwen3-30B-A3B-shaped projection")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+SECTIONS = {
+    "quality": (quality, "1. Quality at equal storage (trained testbed)"),
+    "fit_speed": (fit_speed, "2. Fit speed at real scale"),
+    "inference": (inference, "3. Inference speed of the experts module"),
+    "param_count": (param_count, "4. The seed's parameter-count claim"),
+    "distillation": (distillation, "5. Distillation of the compressed testbed"),
+}
+FIGURES = {"quality": "![held-out loss against kept fraction](benchmarks/quality.png)",
+           "fit_speed": "![error against fit time](benchmarks/fit_speed.png)",
+           "distillation": "![distillation loss curve](benchmarks/distillation.png)"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
-    parser.add_argument("--out", type=Path, default=Path("."), help="folder for BENCHMARKS.md and benchmarks/*.png")
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder for BENCHMARKS.md and benchmarks/*")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to (re)run; the others "
+                        "are taken from their last saved results")
     args = parser.parse_args()
-    command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "")
-    plots = args.out / "benchmarks"
-    plots.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    results = {}
-    sections = []
-    for name, module, title in (
-        ("quality", quality, "1. Quality at equal storage (trained testbed)"),
-        ("fit_speed", fit_speed, "2. Fit speed at real scale"),
-        ("inference", inference, "3. Inference speed of the experts module"),
-        ("param_count", param_count, "4. The seed's parameter-count claim"),
-        ("distillation", distillation, "5. Distillation of the compressed testbed"),
-    ):
-        results[name] = module.run(quick=args.quick)
-        sections.append(f"## {title}\n\n{module.markdown(results[name])}\n")
-        print(f"{name} done after {time.time() - started:.0f} s", flush=True)
-    quality.plot(results["quality"], plots / "quality.png")
-    plot_fit_speed(results["fit_speed"], plots / "fit_speed.png")
-    distillation.plot(results["distillation"], plots / "distillation.png")
-    (plots / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    header = (f"# Benchmarks\n\nMachine: {machine()}.\nCommand: `{command}` ({time.time() - started:.0f} s in all). "
-              "Raw figures: `benchmarks/results.json`.\n")
-    sections.insert(1, "![held-out loss against kept fraction](benchmarks/quality.png)\n")
-    sections.insert(3, "![error against fit time](benchmarks/fit_speed.png)\n")
-    sections.append("![distillation loss curve](benchmarks/distillation.png)\n")
-    (args.out / "BENCHMARKS.md").write_text("\n".join([header, *sections]))
+    folder = args.out / "benchmarks" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in args.only.split(","):
+        started = time.time()
+        result = SECTIONS[name][0].run(quick=args.quick)
+        result["meta"] = {"machine": machine(), "seconds": time.time() - started, "date": time.strftime("%Y-%m-%d"),
+                          "command": f"python -m benchmarks.run_all --only {name}" + (" --quick" if args.quick else "")}
+        (folder / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+        print(f"{name} done in {result['meta']['seconds']:.0f} s", flush=True)
+    write_report(args.out)
+
+
+def write_report(out: Path) -> None:
+    """BENCHMARKS.md and the plots, from every section's saved results."""
+    sections = ["# Benchmarks\n\nEvery section says the machine and the command that produced it; "
+                "`python -m benchmarks.run_all` reruns them all. Raw figures: `benchmarks/results/`.\n"]
+    for name, (module, title) in SECTIONS.items():
+        path = out / "benchmarks" / "results" / f"{name}.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        meta = result["meta"]
+        sections.append(f"## {title}\n\nMachine: {meta['machine']}. Command: `{meta['command']}` "
+                        f"({meta['seconds']:.0f} s, {meta['date']}).\n\n{module.markdown(result)}\n")
+        if name in FIGURES:
+            module.plot(result, out / "benchmarks" / f"{name}.png")
+            sections.append(FIGURES[name] + "\n")
+    (out / "BENCHMARKS.md").write_text("\n".join(sections))
 
 
 if __name__ == "__main__":
