@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import resource
@@ -49,3 +50,18 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _call(fn: Callable, args: tuple, queue) -> None:
+    queue.put(fn(*args))
+
+
+def in_fresh_process(fn: Callable, *args):
+    """fn(*args) run in a new Python process (spawned, so nothing is inherited, memory high-water mark included)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_call, args=(fn, args, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result

@@ -8,7 +8,6 @@ which also gives its peak memory: the resident high-water mark (GPU: max allocat
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 
 import matplotlib
@@ -17,7 +16,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.common import peak_rss_mib, table  # noqa: E402
+from benchmarks.common import in_fresh_process, peak_rss_mib, table  # noqa: E402
 from moe_compress import fit  # noqa: E402
 from moe_compress.experts import wrapped_weights  # noqa: E402
 
@@ -57,28 +56,17 @@ def run_method(method: str, W: torch.Tensor, shape: dict) -> Trace:
     return trace
 
 
-def _child(method: str, shape: dict, queue) -> None:
+def fit_alone(method: str, shape: dict) -> tuple[list, float]:
+    """(error trace, peak memory MiB) of one fit; meant to run alone in a fresh process."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    W = synthetic_experts(shape).to(device)
-    trace = run_method(method, W, shape)
+    trace = run_method(method, synthetic_experts(shape).to(device), shape)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mib()
-    queue.put((trace.points, peak))
-
-
-def run_in_fresh_process(method: str, shape: dict) -> tuple[list, float]:
-    """(error trace, peak memory MiB) of one fit run alone in a fresh process."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_child, args=(method, shape, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
+    return trace.points, peak
 
 
 def run(quick: bool = False) -> dict:
     shape = QUICK if quick else FULL
-    runs = {method: run_in_fresh_process(method, shape) for method in ("adam", "als")}
+    runs = {method: in_fresh_process(fit_alone, method, shape) for method in ("adam", "als")}
     traces = {method: points for method, (points, _) in runs.items()}
     target = traces["adam"][-1][1]
     reach = next((t for t, e in traces["als"] if e <= target), None)

@@ -8,13 +8,11 @@ process. Memory: peak resident memory of a fresh process that builds one module 
 
 from __future__ import annotations
 
-import multiprocessing
-
 import torch
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from benchmarks.common import interleaved_medians, peak_rss_mib, table
+from benchmarks.common import in_fresh_process, interleaved_medians, peak_rss_mib, table
 from moe_compress import SharedCoreExperts
 
 FULL = dict(num_experts=128, top_k=8, hidden=2048, width=768, tokens=(1, 64, 512), ranks=(16, 64), repeats=7)
@@ -44,22 +42,12 @@ def routing(tokens: int, shape: dict, seed: int = 0):
     return x, index, torch.softmax(torch.randn(tokens, shape["top_k"], generator=g), -1)
 
 
-def _peak_child(kind: str, tokens: int, shape: dict, queue) -> None:
+def peak_memory(kind: str, tokens: int, shape: dict) -> tuple[float, float]:
+    """(weights MiB, peak resident MiB) of building one module and running one forward; run it in a fresh process."""
     module = build(kind, shape)
     with torch.no_grad():
         module(*routing(tokens, shape))
-    weights = sum(p.numel() * p.element_size() for p in module.parameters())
-    queue.put((weights / 2**20, peak_rss_mib()))
-
-
-def peak_memory(kind: str, tokens: int, shape: dict) -> tuple[float, float]:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_peak_child, args=(kind, tokens, shape, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20, peak_rss_mib()
 
 
 def run(quick: bool = False) -> dict:
@@ -72,7 +60,7 @@ def run(quick: bool = False) -> dict:
         with torch.no_grad():
             seconds = interleaved_medians({k: (lambda m=m: m(*inputs)) for k, m in modules.items()}, shape["repeats"])
         for kind in kinds:
-            weights, peak = peak_memory(kind, tokens, shape)
+            weights, peak = in_fresh_process(peak_memory, kind, tokens, shape)
             rows.append({"tokens": tokens, "module": kind, "tokens_per_s": tokens / seconds[kind],
                          "ms": 1e3 * seconds[kind], "speedup": seconds["original"] / seconds[kind],
                          "weights_mib": weights, "peak_rss_mib": peak})

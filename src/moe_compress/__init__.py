@@ -8,17 +8,23 @@
 
 from moe_compress.checkpoint import SharedCoreConfig, load_compressed, save_compressed
 from moe_compress.compress import CompressionConfig, CompressionReport, RankTooLargeError, compress
+from moe_compress.data import DataConfig
+from moe_compress.distill import DistillationConfig, DistillationTrainer, distill
 from moe_compress.discovery import NoExpertsError, find_experts
 from moe_compress.experts import SharedCoreExperts
 
 __all__ = [
     "CompressionConfig",
     "CompressionReport",
+    "DataConfig",
+    "DistillationConfig",
+    "DistillationTrainer",
     "NoExpertsError",
     "RankTooLargeError",
     "SharedCoreConfig",
     "SharedCoreExperts",
     "compress",
+    "distill",
     "find_experts",
     "load_compressed",
     "save_compressed",
