@@ -74,3 +74,12 @@ def test_distill_trains_a_compressed_folder_and_writes_checkpoints(tmp_path):
 def test_distill_refuses_a_student_that_is_not_compressed(tmp_path, model_dir):
     result = cli("distill", f"student={model_dir}", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 1 and "moe-compress did not compress" in result.stderr.strip().splitlines()[-1]
+
+
+def test_eval_scores_a_model_and_names_close_matches_for_unknown_tasks(tmp_path):
+    result = cli("eval", "model=testbed", "limit=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bits_per_byte" in result.stdout and "acc_norm" in result.stdout
+    result = cli("eval", "model=testbed", "tasks=[tinyshakespear]", cwd=tmp_path)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "unknown lm-eval task 'tinyshakespear'" in last and "tinyshakespeare" in last

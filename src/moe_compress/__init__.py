@@ -11,6 +11,7 @@ from moe_compress.compress import CompressionConfig, CompressionReport, RankTooL
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, DistillationTrainer, distill
 from moe_compress.discovery import NoExpertsError, find_experts
+from moe_compress.evaluate import EvalConfig, evaluate_model, read_results, watch
 from moe_compress.experts import SharedCoreExperts
 
 __all__ = [
@@ -19,14 +20,18 @@ __all__ = [
     "DataConfig",
     "DistillationConfig",
     "DistillationTrainer",
+    "EvalConfig",
     "NoExpertsError",
     "RankTooLargeError",
     "SharedCoreConfig",
     "SharedCoreExperts",
     "compress",
     "distill",
+    "evaluate_model",
     "find_experts",
     "load_compressed",
+    "read_results",
     "save_compressed",
+    "watch",
 ]
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@ library; all logic lives in the library."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from moe_compress.checkpoint import check_output_dir, load_compressed, load_mode
 from moe_compress.compress import CompressionConfig, compress
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, load_teacher
+from moe_compress.evaluate import EvalConfig, evaluate_model, format_scores, watch
 
 
 def _schema(dataclass_type: type) -> DictConfig:
@@ -77,9 +79,25 @@ def run_distill(cfg: DictConfig) -> None:
         print(f"distilled {trainer.state.global_step} steps; checkpoints and final/ in {cfg.output_dir}")
 
 
+def run_eval(cfg: DictConfig) -> None:
+    with user_errors():
+        if (cfg.model is None) == (cfg.watch is None):
+            raise ValueError("give model=<folder> to score one model, or watch=<training output_dir> to score each "
+                             "of its checkpoints as training writes it")
+        values = settings(cfg)
+        config = EvalConfig(**{field.name: values[field.name] for field in dataclasses.fields(EvalConfig)})
+        if cfg.model is not None:
+            print(format_scores(evaluate_model(cfg.model, config, tokenizer=cfg.tokenizer)))
+            return
+        watch(cfg.watch, config, teacher=cfg.teacher, results_dir=cfg.results_dir, poll_seconds=cfg.poll_seconds,
+              max_retries=cfg.max_retries, wait_for_dir=cfg.wait_for_dir, report_to=cfg.report_to,
+              tokenizer=cfg.tokenizer)
+
+
 STAGES: dict[str, tuple[Callable[[DictConfig], None], str]] = {
     "compress": (run_compress, "fit shared cores and wrappers to a model's experts; save the compressed model"),
     "distill": (run_distill, "train a compressed model from the original with alpha*KL + (1-alpha)*CE"),
+    "eval": (run_eval, "score a model with lm-eval, or each checkpoint of a training run as it is written"),
 }
 
 
