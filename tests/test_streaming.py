@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +15,12 @@ import torch
 from conftest import tiny_config, tiny_model, token_ids
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_checkpoint import word_tokenizer
 from transformers import AutoModelForCausalLM
 
 import moe_compress as mc
 from moe_compress.parallel import Manifest
-from moe_compress.streaming import compress_checkpoint, work_dir
+from moe_compress.streaming import can_stream, compress_checkpoint, work_dir
+from moe_compress.testbed import TESTBED_DIR
 
 CONFIG = mc.CompressionConfig(rank=2, polish_steps=5)
 
@@ -33,10 +34,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def source(tmp_path: Path, model_type: str = "qwen3_moe", layout: str = "per-expert", **overrides) -> Path:
+def source(tmp_path: Path, model_type: str = "qwen3_moe", layout: str = "per-expert", dtype=torch.float32,
+           **overrides) -> Path:
     """A tiny model's checkpoint folder: as save_pretrained writes it (per-expert 2-D tensors for Qwen3-MoE and
     Mixtral, the hub layout; sharded), or with the fused 3-D tensors the model holds."""
-    model = tiny_model(model_type, **overrides)
+    model = tiny_model(model_type, **overrides).to(dtype)
     folder = tmp_path / f"{model_type}-{layout}"
     if layout == "per-expert":
         model.save_pretrained(folder, max_shard_size="20KB")
@@ -45,7 +47,8 @@ def source(tmp_path: Path, model_type: str = "qwen3_moe", layout: str = "per-exp
         model.generation_config.save_pretrained(folder)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
                   metadata={"format": "pt"})
-    word_tokenizer().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer: the run copies it through as is
+        shutil.copy(TESTBED_DIR / name, folder / name)
     return folder
 
 
@@ -64,20 +67,20 @@ def disk_keys(folder: Path) -> list[str]:
     return keys
 
 
-@pytest.mark.parametrize("model_type,layout,expert_key", [
-    ("qwen3_moe", "per-expert", "model.layers.0.mlp.experts.3.gate_proj.weight"),
-    ("qwen3_moe", "fused", "model.layers.0.mlp.experts.gate_up_proj"),
-    ("mixtral", "per-expert", "model.layers.0.block_sparse_moe.experts.3.w1.weight"),
-    ("gpt_oss", "fused", "model.layers.0.mlp.experts.gate_up_proj_bias"),  # transposed, interleaved, biases
+@pytest.mark.parametrize("model_type,layout,dtype,expert_key", [
+    ("qwen3_moe", "per-expert", torch.float32, "model.layers.0.mlp.experts.3.gate_proj.weight"),
+    ("qwen3_moe", "fused", torch.bfloat16, "model.layers.0.mlp.experts.gate_up_proj"),
+    ("mixtral", "per-expert", torch.float32, "model.layers.0.block_sparse_moe.experts.3.w1.weight"),
+    ("gpt_oss", "fused", torch.float32, "model.layers.0.mlp.experts.gate_up_proj_bias"),  # transposed, interleaved
 ])
-def test_streamed_folder_equals_the_in_memory_compression(tmp_path, model_type, layout, expert_key):
-    src = source(tmp_path, model_type, layout)
+def test_streamed_folder_equals_the_in_memory_compression(tmp_path, model_type, layout, dtype, expert_key):
+    src = source(tmp_path, model_type, layout, dtype)
     assert expert_key in disk_keys(src)
     report = compress_checkpoint(src, tmp_path / "streamed", CONFIG, progress=False, max_shard_size="20KB")
 
-    model = tiny_model(model_type)
+    model = tiny_model(model_type).to(dtype)
     reference = mc.compress(model, CONFIG, progress=False)
-    mc.save_compressed(model, tmp_path / "in-memory", tokenizer=word_tokenizer())
+    mc.save_compressed(model, tmp_path / "in-memory")
     streamed, expected = tensors(tmp_path / "streamed"), tensors(tmp_path / "in-memory")
     assert streamed.keys() == expected.keys()
     for key in expected:
@@ -85,11 +88,14 @@ def test_streamed_folder_equals_the_in_memory_compression(tmp_path, model_type, 
     assert [(r.module, r.projection, r.rank, r.rel_error) for r in report.rows] == \
            [(r.module, r.projection, r.rank, r.rel_error) for r in reference.rows]
     assert len(list((tmp_path / "streamed").glob("model-*.safetensors"))) > 1
-    for name in ("tokenizer.json", "generation_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "streamed" / name).read_bytes() == (src / name).read_bytes()
     with torch.no_grad():
-        logits = mc.load_compressed(tmp_path / "streamed")(token_ids()).logits
-        assert torch.equal(logits, model(token_ids()).logits)
+        logits = mc.load_compressed(tmp_path / "streamed", dtype=dtype)(token_ids()).logits
+        assert torch.equal(logits, mc.load_compressed(tmp_path / "in-memory", dtype=dtype)(token_ids()).logits)
+        # the live model differs from any reloaded one in bf16 (its rotary buffers were cast with it)
+        tolerance = 0 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(logits.float(), model(token_ids()).logits.float(), rtol=0, atol=tolerance)
 
 
 def test_report_table_and_heat_map_in_the_folder(tmp_path):
@@ -124,7 +130,7 @@ def test_a_killed_run_resumes_verifies_and_ends_as_a_clean_run(tmp_path, capsys)
     manifest = Manifest(work_dir(out))
     child = subprocess.Popen([sys.executable, "-c", RUN, str(src), str(out), json.dumps(settings)])
     while len(manifest.records()) < 2:
-        assert child.poll() is None, "the run ended before it could be killed; make its units slower"
+        assert child.poll() is None, f"the run ended (exit {child.returncode}) before it could be killed"
         time.sleep(0.005)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
@@ -180,8 +186,11 @@ def test_bad_sources_are_refused_before_any_write(tmp_path):
     (tmp_path / "bin" / "model.safetensors").rename(tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="holds no safetensors weights"):
         compress_checkpoint(tmp_path / "bin", tmp_path / "out", CONFIG)
+    assert not can_stream(tmp_path / "bin") and not can_stream(tmp_path / "nowhere") and can_stream(TESTBED_DIR)
     with pytest.raises(mc.RankTooLargeError, match="rank 6 stores more than the original"):
         compress_checkpoint(source(tmp_path), tmp_path / "out", mc.CompressionConfig(rank=6))
+    with pytest.raises(ValueError, match="is the source folder; choose another output_dir"):
+        compress_checkpoint(source(tmp_path, layout="fused"), tmp_path / "qwen3_moe-fused", CONFIG, overwrite=True)
     mc.compress(model, CONFIG, progress=False)
     mc.save_compressed(model, tmp_path / "compressed")
     with pytest.raises(ValueError, match="already compressed by moe-compress"):

@@ -3,7 +3,8 @@
 A unit is one (experts module, projection) pair. Launched by torchrun (`torchrun --nproc-per-node N ...`, several
 nodes the way torchrun always does it), every process takes a contiguous share of the units left to do, fits them on
 the GPU of its LOCAL_RANK (on the CPU, with the gloo backend, when there is none) and writes each one as it finishes;
-rank 0 assembles after a barrier. Outside torchrun the same code runs as a single rank.
+rank 0 assembles after a barrier. Outside torchrun the same code runs as a single rank. On several nodes the output
+folder must be on a file system they all share: rank 0 assembles what every rank wrote.
 
 Every finished unit is a small safetensors file written atomically (temporary file, fsync, rename), then a line in its
 rank's manifest with the file's sha256. A rerun keeps the units whose file matches a recorded checksum and refits the

@@ -22,12 +22,11 @@ from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 from matplotlib.figure import Figure
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -43,6 +42,10 @@ from moe_compress.discovery import find_experts, projection_names, split_weights
 from moe_compress.experts import PROJECTION_FORMS
 from moe_compress.parallel import Manifest, barrier, distributed, fit_device, from_main, open_work_dir, share
 
+# Bytes per element of safetensors dtypes: a file lists its tensors widest first, so that each starts at a multiple of
+# its element size (safetensors' own writer does the same); the rest are 1 byte wide or narrower.
+ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+COPY_BUFFER = 64 << 20
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.gguf")
 
 
@@ -98,6 +101,13 @@ def reading() -> Iterator[Callable[[Path, str], torch.Tensor]]:
             return handles[path].get_tensor(key)
 
         yield read
+
+
+def can_stream(path: str | Path) -> bool:
+    """Whether compress_checkpoint reads `path`: a local model folder with safetensors weights."""
+    folder = Path(path)
+    weights = (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+    return (folder / "config.json").exists() and weights
 
 
 def _weight_files(folder: Path) -> dict[str, str]:
@@ -283,6 +293,8 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
     checkpoint = open_checkpoint(source, trust_remote_code)
     specs = plan(checkpoint, config)
     output_dir = Path(output_dir)
+    if output_dir.resolve() == checkpoint.folder.resolve():
+        raise ValueError(f"output_dir {output_dir} is the source folder; choose another output_dir")
     check_output_dir(output_dir, checkpoint.config, config.to_dict(), overwrite)
     units = [(name, p) for name, spec in specs.items() for p in spec["ranks"]]
     device = fit_device(config.device)
@@ -299,7 +311,7 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
         pending = from_main(pending)
         mine = share(pending, ranks)
         label = "compress" if ranks.world_size == 1 else f"compress [rank {ranks.rank}/{ranks.world_size}]"
-        with tqdm(total=len(mine), desc=label, disable=not progress) as bar:
+        with tqdm(total=len(mine), desc=label, disable=not progress, position=ranks.local_rank) as bar:
             fit_share(checkpoint, specs, mine, config, device, manifest, bar)
         barrier()
         report = None
@@ -315,17 +327,65 @@ def _verified_report(config: CompressionConfig, specs: dict[str, dict], manifest
     missing = [u for u in units if u not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} units, first {missing[0]}, are missing from {manifest.folder} or do not "
-                           "match their checksum; rerun the same command to refit them")
+                           "match their checksum; on several nodes, put output_dir on a file system they all share; "
+                           "then rerun the same command to refit what is missing")
     report = CompressionReport(config)
     report.rows = [ProjectionStats(**{**done[u], "shape": tuple(done[u]["shape"])}) for u in units]
     return report
 
 
-def _tensor_bytes(path: Path) -> dict[str, int]:
-    """{tensor name: bytes} from a safetensors file's header (8-byte length, then JSON), reading no data."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor's bytes lie in a safetensors file, and what they hold."""
+
+    path: Path
+    start: int  # offset of its first byte in the file
+    size: int
+    dtype: str
+    shape: list[int]
+
+
+def stored_tensors(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of a safetensors file, from its header (8-byte little-endian length, then JSON); no data read."""
     with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    found = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        found[name] = StoredTensor(path, 8 + length + begin, end - begin, info["dtype"], info["shape"])
+    return found
+
+
+def _copy_bytes(tensor: StoredTensor, out: BinaryIO) -> None:
+    with open(tensor.path, "rb") as src:
+        src.seek(tensor.start)
+        left = tensor.size
+        while left:
+            chunk = src.read(min(left, COPY_BUFFER))
+            if not chunk:
+                raise OSError(f"{tensor.path} ends inside one of its tensors; the file is truncated")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def write_safetensors(tensors: dict[str, StoredTensor], path: Path) -> None:
+    """A safetensors file of `tensors`, their bytes copied from where they lie: nothing is decoded, and memory holds
+    one copy buffer whatever the sizes (safetensors' own writers take every tensor in memory at once)."""
+    order = sorted(tensors, key=lambda name: (-ITEMSIZE.get(tensors[name].dtype, 1), name))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        header[name] = {"dtype": tensors[name].dtype, "shape": tensors[name].shape,
+                        "data_offsets": [offset, offset + tensors[name].size]}
+        offset += tensors[name].size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little") + encoded)
+        for name in order:
+            _copy_bytes(tensors[name], out)
 
 
 def _shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
@@ -341,19 +401,15 @@ def _shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
     return shards
 
 
-def write_weights(where: dict[str, tuple[Path, str]], folder: Path, max_shard_size: int) -> None:
-    """Write the tensors `where` names ({output name: (safetensors file, name in it)}) as Hugging Face shards, one
-    shard in memory at a time."""
-    by_file = {path: _tensor_bytes(path) for path in {path for path, _ in where.values()}}
-    sizes = {out: by_file[path][key] for out, (path, key) in where.items()}
-    shards = _shards(sizes, max_shard_size)
+def write_weights(tensors: dict[str, StoredTensor], folder: Path, max_shard_size: int) -> None:
+    """`tensors` as Hugging Face shards in `folder`: model.safetensors, or numbered shards and their index."""
+    shards = _shards({name: t.size for name, t in tensors.items()}, max_shard_size)
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, keys in zip(names, shards):
-        with reading() as read:
-            save_file({out: read(*where[out]) for out in keys}, folder / name, metadata={"format": "pt"})
+        write_safetensors({key: tensors[key] for key in keys}, folder / name)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())},
+        index = {"metadata": {"total_size": sum(t.size for t in tensors.values())},
                  "weight_map": {key: name for name, keys in zip(names, shards) for key in keys}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
@@ -367,12 +423,12 @@ def assemble(checkpoint: Checkpoint, specs: dict[str, dict], config: Compression
     staging = manifest.folder / "assembled"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    where = {key: (checkpoint.path(key), key) for key in checkpoint.other_keys}
+    source = {path: stored_tensors(path) for path in {checkpoint.path(key) for key in checkpoint.other_keys}}
+    tensors = {key: source[checkpoint.path(key)][key] for key in checkpoint.other_keys}
     for name, spec in specs.items():
         for projection in spec["ranks"]:
-            path = manifest.path(_unit(name, projection))
-            where.update({key: (path, key) for key in _tensor_bytes(path)})
-    write_weights(where, staging, convert_file_size_to_int(max_shard_size))
+            tensors.update(stored_tensors(manifest.path(_unit(name, projection))))
+    write_weights(tensors, staging, convert_file_size_to_int(max_shard_size))
     attach_quantization_config(checkpoint.model, specs, config, report)
     source_config = json.loads((checkpoint.folder / "config.json").read_text())
     source_config["quantization_config"] = checkpoint.model.config.quantization_config.to_dict()
