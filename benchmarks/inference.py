@@ -16,7 +16,7 @@ from benchmarks.common import in_fresh_process, interleaved_medians, peak_rss_mi
 from moe_compress import SharedCoreExperts
 
 FULL = dict(num_experts=128, top_k=8, hidden=2048, width=768, tokens=(1, 64, 512), ranks=(16, 64), repeats=7)
-QUICK = dict(num_experts=8, top_k=2, hidden=64, width=32, tokens=(1, 16), ranks=(4,), repeats=2)
+QUICK = dict(num_experts=8, top_k=2, hidden=64, width=32, tokens=(16,), ranks=(4,), repeats=2)
 
 
 def build(kind: str, shape: dict) -> torch.nn.Module:

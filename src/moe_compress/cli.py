@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +23,7 @@ from moe_compress.compress import CompressionConfig, compress
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, load_teacher
 from moe_compress.evaluate import EvalConfig, evaluate_model, format_scores, watch
+from moe_compress.pipeline import run_pipeline
 
 
 def _schema(dataclass_type: type) -> DictConfig:
@@ -48,13 +50,13 @@ def settings(node: DictConfig) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def training_arguments(cfg: DictConfig) -> TrainingArguments:
+def training_settings(cfg: DictConfig) -> dict:
     training = settings(cfg.training)
     if "wandb" in str(training.get("report_to")):
         os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` uploads later
     if training.get("bf16") == "auto":
         training["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return TrainingArguments(output_dir=cfg.output_dir, use_cpu=not torch.cuda.is_available(), **training)
+    return {"use_cpu": not torch.cuda.is_available(), **training}
 
 
 def run_compress(cfg: DictConfig) -> None:
@@ -71,7 +73,7 @@ def run_compress(cfg: DictConfig) -> None:
 def run_distill(cfg: DictConfig) -> None:
     with user_errors():
         distillation, data = DistillationConfig(**settings(cfg.distill)), DataConfig(**settings(cfg.data))
-        args = training_arguments(cfg)
+        args = TrainingArguments(output_dir=cfg.output_dir, **training_settings(cfg))
         student = load_compressed(cfg.student, dtype=cfg.dtype)
         teacher = load_teacher(cfg.teacher, distillation.teacher_quantization, cfg.dtype)
         tokenizer = AutoTokenizer.from_pretrained(cfg.student)
@@ -79,13 +81,28 @@ def run_distill(cfg: DictConfig) -> None:
         print(f"distilled {trainer.state.global_step} steps; checkpoints and final/ in {cfg.output_dir}")
 
 
+def eval_config(node: DictConfig) -> EvalConfig:
+    values = settings(node)
+    return EvalConfig(**{field.name: values[field.name] for field in dataclasses.fields(EvalConfig)})
+
+
+def run_pipeline_stage(cfg: DictConfig) -> None:
+    with user_errors():
+        run = run_pipeline(
+            HydraConfig.get().runtime.output_dir, cfg.model, cfg.teacher,
+            CompressionConfig(**settings(cfg.compression)), DistillationConfig(**settings(cfg.distill)),
+            DataConfig(**settings(cfg.data)), eval_config(cfg.eval), training_settings(cfg), cfg.dtype,
+            cfg.devices.eval,
+        )
+        print(f"report written to {run.folder / 'report.md'}")
+
+
 def run_eval(cfg: DictConfig) -> None:
     with user_errors():
         if (cfg.model is None) == (cfg.watch is None):
             raise ValueError("give model=<folder> to score one model, or watch=<training output_dir> to score each "
                              "of its checkpoints as training writes it")
-        values = settings(cfg)
-        config = EvalConfig(**{field.name: values[field.name] for field in dataclasses.fields(EvalConfig)})
+        config = eval_config(cfg)
         if cfg.model is not None:
             print(format_scores(evaluate_model(cfg.model, config, tokenizer=cfg.tokenizer)))
             return
@@ -98,6 +115,7 @@ STAGES: dict[str, tuple[Callable[[DictConfig], None], str]] = {
     "compress": (run_compress, "fit shared cores and wrappers to a model's experts; save the compressed model"),
     "distill": (run_distill, "train a compressed model from the original with alpha*KL + (1-alpha)*CE"),
     "eval": (run_eval, "score a model with lm-eval, or each checkpoint of a training run as it is written"),
+    "pipeline": (run_pipeline_stage, "compress, evaluate, distill with a checkpoint watcher beside it, report"),
 }
 
 
@@ -117,5 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if stage not in STAGES:
         sys.exit(f"moe-compress: error: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     sys.argv = [f"moe-compress {stage}", *overrides]
-    run = hydra.main(config_path=str(Path(__file__).parent / "conf"), config_name=stage, version_base=None)
+    # the pipeline's model presets live apart, so that `model=<path or hub id>` stays a plain value elsewhere
+    conf = Path(__file__).parent / "conf" / ("pipeline" if stage == "pipeline" else "")
+    run = hydra.main(config_path=str(conf), config_name=stage, version_base=None)
     run(STAGES[stage][0])()

@@ -80,7 +80,9 @@ def wrapped_weights(core, u_out, v_out, u_in, v_in) -> torch.Tensor:
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    return all(s == 1 or (s * t.element_size()) % 16 == 0 for s in t.stride()) and t.data_ptr() % 16 == 0
+    """torch's grouped_mm wants 16-byte aligned rows and columns, in the forward and in the backward's layouts."""
+    sizes_ok = all((n * t.element_size()) % 16 == 0 for n in t.shape[1:])
+    return sizes_ok and all(s == 1 or (s * t.element_size()) % 16 == 0 for s in t.stride()) and t.data_ptr() % 16 == 0
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:

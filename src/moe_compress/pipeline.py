@@ -1,0 +1,109 @@
+"""The whole experiment in one call: compress, score teacher and zero-shot student, distill while a watcher scores each
+checkpoint in its own process (on its own device), then write the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer, TrainingArguments
+
+from moe_compress.checkpoint import TESTBED_DIR, load_compressed
+from moe_compress.compress import CompressionConfig, CompressionReport
+from moe_compress.data import DataConfig
+from moe_compress.distill import DistillationConfig, distill, load_teacher
+from moe_compress.evaluate import EvalConfig, evaluate_model, teacher_scores
+from moe_compress.report import write_report
+from moe_compress.streaming import compress_checkpoint
+
+
+@dataclass
+class PipelineRun:
+    """Where the run lives and what each stage produced."""
+
+    folder: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    report: CompressionReport | None = None
+
+    @property
+    def compressed(self) -> Path:
+        return self.folder / "compressed"
+
+    @property
+    def distill_dir(self) -> Path:
+        return self.folder / "distill"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.folder / "eval"
+
+
+def _local_source(model: str) -> str:
+    """A local folder for the model: the testbed's, the given folder, or the hub snapshot (weights and configs)."""
+    if model == "testbed":
+        return str(TESTBED_DIR)
+    if Path(model).is_dir():
+        return model
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+
+
+def compress_stage(run: PipelineRun, model: str, config: CompressionConfig) -> None:
+    """Streamed from the checkpoint's safetensors: memory bounded by a few layers, resumable after a crash."""
+    run.report = compress_checkpoint(_local_source(model), run.compressed, config, overwrite=False, progress=True)
+
+
+def start_watcher(run: PipelineRun, teacher: str, config: EvalConfig, devices: str | None) -> subprocess.Popen:
+    """`moe-compress eval watch=...` in a process of its own, on the evaluation devices."""
+    env = dict(os.environ)
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    overrides = [f"watch={run.distill_dir}", "wait_for_dir=true", f"teacher={teacher}", f"results_dir={run.eval_dir}",
+                 f"tasks=[{','.join(config.tasks)}]", f"limit={'null' if config.limit is None else config.limit}",
+                 f"batch_size={config.batch_size}", f"device={config.device}", f"hydra.run.dir={run.eval_dir}/hydra"]
+    log = open(run.folder / "watcher.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "moe_compress", "eval", *overrides], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def _timed(run: PipelineRun, stage: str, started: float) -> None:
+    run.seconds[stage] = time.perf_counter() - started
+
+
+def run_pipeline(folder: str | Path, model: str, teacher: str, compression: CompressionConfig,
+                 distillation: DistillationConfig, data: DataConfig, evaluation: EvalConfig, training: dict,
+                 dtype: str = "auto", eval_devices: str | None = None) -> PipelineRun:
+    """Compress `model`, score it and its teacher, distill it with a watcher beside, write report.md in `folder`."""
+    run = PipelineRun(Path(folder))
+    run.folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    compress_stage(run, model, compression)
+    _timed(run, "compress", started)
+
+    started = time.perf_counter()
+    run.eval_dir.mkdir(exist_ok=True)
+    baseline = teacher_scores(teacher, evaluation, cache=run.eval_dir / "teacher_scores.json")
+    zero_shot = evaluate_model(run.compressed, evaluation)
+    (run.eval_dir / "zero_shot.json").write_text(json.dumps(zero_shot, indent=2))
+    _timed(run, "evaluate teacher and zero-shot", started)
+
+    started = time.perf_counter()
+    watcher = start_watcher(run, teacher, evaluation, eval_devices)
+    student = load_compressed(run.compressed, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(run.compressed)
+    args = TrainingArguments(output_dir=str(run.distill_dir), **training)
+    distill(student, load_teacher(teacher, distillation.teacher_quantization, dtype), tokenizer, data, distillation,
+            args)
+    _timed(run, "distill", started)
+    started = time.perf_counter()
+    if watcher.wait() != 0:
+        raise RuntimeError(f"the checkpoint watcher failed; see {run.folder / 'watcher.log'}")
+    _timed(run, "finish scoring checkpoints", started)
+    write_report(run, model, baseline, zero_shot)
+    return run

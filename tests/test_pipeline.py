@@ -1,0 +1,53 @@
+"""The whole pipeline as one command, on the testbed, tiny: compress, evaluate, distill with the watcher, report; and a
+rank sweep ending in the trade-off plot."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["eval.limit=4", "training.max_steps=4", "training.save_steps=2", "training.per_device_train_batch_size=2",
+        "data.seq_len=64", "compression.polish_steps=5"]
+
+
+def pipeline(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "moe_compress", "pipeline", *args], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+@pytest.mark.slow
+def test_pipeline_writes_a_report_with_every_stage(tmp_path):
+    run = tmp_path / "run"
+    result = pipeline(*TINY, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (run / "report.md").read_text()
+    for text in ("3,145,728", "kept fraction", "compressed, zero-shot", "distilled, step 2", "distilled, step 4",
+                 "bits_per_byte", "acc_norm", "| distill |", "| compress |"):
+        assert text in report, text
+    for figure in ("compressed/compression_error.png", "eval/scores.png"):
+        assert (run / figure).stat().st_size > 5000
+    assert (run / ".hydra" / "config.yaml").exists() and (run / "distill" / "training_complete.json").exists()
+    scored = [(row["step"], row["task"], row["metric"]) for row in map(json.loads, (run / "eval" / "results.jsonl").open())]
+    assert sorted(set(scored)) == sorted(scored) and {s for s, _, _ in scored} == {2, 4}
+
+
+@pytest.mark.slow
+def test_rank_sweep_ends_with_the_tradeoff_plot(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = pipeline("-m", "compression.rank=1,4", "compression.target_ratio=null", *TINY,
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert summaries[0]["kept_fraction"] < summaries[1]["kept_fraction"]
+    assert (sweep / "tradeoff.png").stat().st_size > 5000
+    table = (sweep / "tradeoff.md").read_text()
+    assert "| 1 |" in table and "| 4 |" in table
+
+
+def test_print_resolved_config_of_a_preset(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "moe_compress", "pipeline", "model=qwen3_30b_a3b", "--cfg", "job"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model: Qwen/Qwen3-30B-A3B" in result.stdout and "rank: 64" in result.stdout
+    assert "source: HuggingFaceFW/fineweb-edu" in result.stdout and "eval: 6,7" in result.stdout and "max_steps: 2000" in result.stdout
