@@ -95,11 +95,15 @@ def run_pipeline(folder: str | Path, model: str, teacher: str, compression: Comp
 
     started = time.perf_counter()
     watcher = start_watcher(run, teacher, evaluation, eval_devices)
-    student = load_compressed(run.compressed, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(run.compressed)
-    args = TrainingArguments(output_dir=str(run.distill_dir), **training)
-    distill(student, load_teacher(teacher, distillation.teacher_quantization, dtype), tokenizer, data, distillation,
-            args)
+    try:
+        student = load_compressed(run.compressed, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(run.compressed)
+        args = TrainingArguments(output_dir=str(run.distill_dir), **training)
+        distill(student, load_teacher(teacher, distillation.teacher_quantization, dtype), tokenizer, data,
+                distillation, args)
+    except BaseException:
+        watcher.terminate()  # it would wait for an end marker that never comes
+        raise
     _timed(run, "distill", started)
     started = time.perf_counter()
     if watcher.wait() != 0:
