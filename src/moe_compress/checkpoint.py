@@ -220,3 +220,22 @@ def load_compressed(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
                 "AutoModelForCausalLM.from_pretrained, or compress it first"
             )
     return load_model(str(path), **kwargs)
+
+
+def local_model_folder(name_or_path: str) -> str:
+    """A local folder holding the model: the testbed's, the given folder, or the Hub snapshot of its weights and
+    configs (downloaded once into the Hugging Face cache)."""
+    if name_or_path == "testbed":
+        return str(TESTBED_DIR)
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    if name_or_path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"no model folder at {name_or_path}; check the path, or pass a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                               "*.tiktoken"])
+    except Exception as error:  # the hub client raises many kinds; the user needs the one line
+        raise FileNotFoundError(f"cannot fetch model {name_or_path!r} from the Hugging Face Hub "
+                                f"({str(error).splitlines()[0]}); pass a local folder or a valid hub id") from error

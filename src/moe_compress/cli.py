@@ -18,12 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 import torch
 from transformers import AutoTokenizer, TrainingArguments
 
-from moe_compress.checkpoint import check_output_dir, load_compressed, load_model, save_compressed
-from moe_compress.compress import CompressionConfig, compress
+from moe_compress.checkpoint import load_compressed, local_model_folder
+from moe_compress.compress import CompressionConfig
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, load_teacher
 from moe_compress.evaluate import EvalConfig, evaluate_model, format_scores, watch
 from moe_compress.pipeline import run_pipeline
+from moe_compress.streaming import compress_checkpoint
 
 
 def _schema(dataclass_type: type) -> DictConfig:
@@ -62,12 +63,11 @@ def training_settings(cfg: DictConfig) -> dict:
 def run_compress(cfg: DictConfig) -> None:
     with user_errors():
         config = CompressionConfig(**settings(cfg.compression))
-        model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-        check_output_dir(cfg.output_dir, model.config, config.to_dict(), cfg.overwrite)
-        report = compress(model, config)
-        print(report)
-        folder = save_compressed(model, cfg.output_dir, overwrite=cfg.overwrite, report=report)
-        print(f"compressed model written to {folder}")
+        report = compress_checkpoint(local_model_folder(cfg.model), cfg.output_dir, config, overwrite=cfg.overwrite,
+                                     trust_remote_code=cfg.trust_remote_code)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(report)
+            print(f"compressed model written to {cfg.output_dir}")
 
 
 def run_distill(cfg: DictConfig) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, TrainingArguments
 
-from moe_compress.checkpoint import TESTBED_DIR, load_compressed
+from moe_compress.checkpoint import load_compressed, local_model_folder
 from moe_compress.compress import CompressionConfig, CompressionReport
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, load_teacher
@@ -43,20 +43,9 @@ class PipelineRun:
         return self.folder / "eval"
 
 
-def _local_source(model: str) -> str:
-    """A local folder for the model: the testbed's, the given folder, or the hub snapshot (weights and configs)."""
-    if model == "testbed":
-        return str(TESTBED_DIR)
-    if Path(model).is_dir():
-        return model
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
-
-
 def compress_stage(run: PipelineRun, model: str, config: CompressionConfig) -> None:
     """Streamed from the checkpoint's safetensors: memory bounded by a few layers, resumable after a crash."""
-    run.report = compress_checkpoint(_local_source(model), run.compressed, config, overwrite=False, progress=True)
+    run.report = compress_checkpoint(local_model_folder(model), run.compressed, config, overwrite=False, progress=True)
 
 
 def start_watcher(run: PipelineRun, teacher: str, config: EvalConfig, devices: str | None) -> subprocess.Popen:
