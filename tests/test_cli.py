@@ -1,10 +1,12 @@
 """The `moe-compress` command, run as a real process."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import token_ids, tiny_model
 
 import moe_compress as mc
@@ -83,3 +85,18 @@ def test_eval_scores_a_model_and_names_close_matches_for_unknown_tasks(tmp_path)
     result = cli("eval", "model=testbed", "tasks=[tinyshakespear]", cwd=tmp_path)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "unknown lm-eval task 'tinyshakespear'" in last and "tinyshakespeare" in last
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_the_same_folder_as_one(tmp_path, model_dir):
+    args = ["compress", f"model={model_dir}", "compression.rank=2", "compression.target_ratio=null"]
+    single = cli(*args, f"output_dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "moe_compress",
+                          *args, f"output_dir={tmp_path / 'two'}"], cwd=tmp_path, capture_output=True, text=True,
+                         env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("compressed model written to") == 1
+    one, other = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
