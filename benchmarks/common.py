@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import os
 import platform
 import resource
@@ -52,16 +53,8 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _call(fn: Callable, args: tuple, queue) -> None:
-    queue.put(fn(*args))
-
-
 def in_fresh_process(fn: Callable, *args):
-    """fn(*args) run in a new Python process (spawned, so nothing is inherited, memory high-water mark included)."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_call, args=(fn, args, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
+    """fn(*args) run in a new Python process (spawned: nothing inherited, memory high-water mark included); a crash
+    there raises here instead of leaving this process waiting."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()

@@ -19,7 +19,7 @@ SECTIONS = {
     "param_count": (param_count, "4. The seed's parameter-count claim"),
     "distillation": (distillation, "5. Distillation of the compressed testbed"),
 }
-FIGURES = {"quality": "![held-out loss against kept fraction](benchmarks/quality.png)",
+FIGURES = {"quality": "![held-out loss increase against kept fraction](benchmarks/quality.png)",
            "fit_speed": "![error against fit time](benchmarks/fit_speed.png)",
            "distillation": "![distillation loss curve](benchmarks/distillation.png)"}
 
