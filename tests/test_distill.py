@@ -9,7 +9,7 @@ from conftest import tiny_model
 from transformers import TrainingArguments
 
 import moe_compress as mc
-from moe_compress.data import DataConfig, build_datasets
+from moe_compress.data import DataConfig, PackedStream, build_datasets
 from moe_compress.distill import (END_MARKER, DistillationConfig, check_pair, distill, distillation_loss,
                                   load_teacher, select_trainable)
 from moe_compress.testbed import heldout_loss, load_testbed, read_split
@@ -97,3 +97,26 @@ def test_short_distillation_lowers_heldout_loss_and_checkpoints_reload(tmp_path)
     reloaded = mc.load_compressed(checkpoint, dtype=torch.float32)
     assert abs(heldout_loss(reloaded, text, seq_len=128) - after) < 1e-6
     assert json.loads((tmp_path / "run" / END_MARKER).read_text())["global_step"] == 30
+
+
+def test_streamed_documents_are_packed_into_full_blocks():
+    _, tokenizer = load_testbed()
+    documents = ["To be, or not to be", "that is the question:", "Whether 'tis nobler in the mind"]
+    blocks = list(PackedStream(documents, tokenizer, seq_len=16))
+    joined = [i for d in documents for i in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]]
+    assert [b["input_ids"].tolist() for b in blocks] == [joined[i:i + 16] for i in range(0, len(joined) - 15, 16)]
+    assert all(torch.equal(b["input_ids"], b["labels"]) for b in blocks)
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_from_the_last_checkpoint(tmp_path):
+    teacher, tokenizer = load_testbed()
+    run = tmp_path / "run"
+    args = lambda steps: TrainingArguments(output_dir=str(run), max_steps=steps, per_device_train_batch_size=2,
+                                           save_steps=2, report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    data, config = DataConfig(seq_len=32), DistillationConfig()
+    distill(compressed_testbed()[0], teacher, tokenizer, data, config, args(2))
+    resumed = distill(compressed_testbed()[0], teacher, tokenizer, data, config, args(4))
+    assert resumed.state.global_step == 4
+    assert [h["step"] for h in resumed.state.log_history if "train_runtime" in h] == [4]
+    assert (run / "checkpoint-2").is_dir() and (run / "checkpoint-4").is_dir()
