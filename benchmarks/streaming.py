@@ -6,9 +6,10 @@ shard per layer), written layer by layer so that the writer never holds the mode
 fresh process with 1 torch thread per process, on a page cache warm from writing (a cold disk slows reading and
 compressing alike).
 
-- speed: the testbed's expert shape (hidden 128, width 256) with 16 experts and 48 layers, default settings
+- speed: the testbed's expert shape (hidden 128, width 256) with 16 experts and 32 layers, default settings
   (target_ratio 0.3, als): the wall time of compress_checkpoint against the time to read every tensor plus the fits'
-  own time (sum over (layer, projection) of the report's seconds), and 1 process against 2 (torchrun, gloo).
+  own time (sum over (layer, projection) of the report's seconds), and 1 process against 2 (torchrun, gloo), the
+  median of 3 runs taken in turns. Each process's CPU share (CPU time over wall time) says how busy the machine was.
 - memory: a cheap fit (delta, rank 1) on checkpoints of growing size: peak resident memory (VmHWM) against checkpoint
   size.
 """
@@ -35,10 +36,10 @@ from moe_compress import CompressionConfig
 from moe_compress.streaming import compress_checkpoint
 
 ROOT = Path(__file__).parent.parent
-SPEED = dict(layers=48, experts=16, hidden=128, width=256, settings={"target_ratio": 0.3})
+SPEED = dict(layers=32, experts=16, hidden=128, width=256, settings={"target_ratio": 0.3}, repeats=3)
 MEMORY = dict(layers=(20, 80, 160), experts=128, hidden=1024, width=32,
               settings={"rank": 1, "method": "delta", "als_iters": 1})
-QUICK_SPEED = dict(layers=4, experts=4, hidden=64, width=32, settings={"rank": 2, "polish_steps": 5})
+QUICK_SPEED = dict(layers=4, experts=4, hidden=64, width=32, settings={"rank": 2, "polish_steps": 5}, repeats=1)
 QUICK_MEMORY = dict(layers=(2, 4), experts=4, hidden=64, width=32, settings=MEMORY["settings"])
 
 
@@ -107,19 +108,28 @@ def compress(source: Path, output: Path, settings: dict) -> dict:
             "cpu_share": (time.process_time() - cpu) / seconds}  # below 1: other work on the machine took the rest
 
 
-def measure(folder: Path, shape: dict, layers: int, processes: tuple[int, ...]) -> dict:
-    """Write a checkpoint of `layers` layers into `folder`, read it, compress it on each number of `processes`."""
+def _compress_run(source: Path, folder: Path, settings: dict, processes: int) -> dict:
+    start = time.perf_counter()
+    ranks = _fresh("compress", str(source), str(folder / f"out-{processes}"), json.dumps(settings),
+                   processes=processes if processes > 1 else 0)
+    main = next(r for r in ranks if r["rank"] == 0)
+    return {"wall_s": time.perf_counter() - start, "call_s": main["seconds"], "fit_s": main["fit_seconds"],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks), "imports_rss_mib": main["imports_rss_mib"],
+            "cpu_share": min(r["cpu_share"] for r in ranks)}
+
+
+def measure(folder: Path, shape: dict, layers: int, processes: tuple[int, ...], repeats: int = 1) -> dict:
+    """Write a checkpoint of `layers` layers into `folder`, read it, and compress it on each number of `processes`,
+    `repeats` times in turns (so that a busy machine slows each alike); the run of median time is kept."""
     source = folder / "checkpoint"
     sizes = write_checkpoint(source, model_config(layers, shape["experts"], shape["hidden"], shape["width"]))
     row = {"layers": layers, **sizes, "read_s": _fresh("read", str(source))[0]["seconds"]}
-    for n in processes:
-        start = time.perf_counter()
-        ranks = _fresh("compress", str(source), str(folder / f"out-{n}"), json.dumps(shape["settings"]),
-                       processes=n if n > 1 else 0)
-        main = next(r for r in ranks if r["rank"] == 0)
-        row[str(n)] = {"wall_s": time.perf_counter() - start, "call_s": main["seconds"], "fit_s": main["fit_seconds"],
-                       "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks), "imports_rss_mib": main["imports_rss_mib"],
-                       "cpu_share": min(r["cpu_share"] for r in ranks)}
+    runs: dict[int, list[dict]] = {n: [] for n in processes}
+    for _ in range(repeats):
+        for n in processes:
+            runs[n].append(_compress_run(source, folder, shape["settings"], n))
+    for n, done in runs.items():
+        row[str(n)] = sorted(done, key=lambda run: run["call_s"])[len(done) // 2]
     shutil.rmtree(folder)  # the next checkpoint may be larger: free the disk
     row["fit_s"] = row["1"]["fit_s"]
     row["over_read_and_fit"] = row["1"]["call_s"] / (row["read_s"] + row["fit_s"])
@@ -129,7 +139,7 @@ def measure(folder: Path, shape: dict, layers: int, processes: tuple[int, ...]) 
 def run(quick: bool = False) -> dict:
     speed, memory = (QUICK_SPEED, QUICK_MEMORY) if quick else (SPEED, MEMORY)
     with tempfile.TemporaryDirectory(prefix="streaming-bench-") as folder:
-        speed_row = measure(Path(folder) / "speed", speed, speed["layers"], (1, 2))
+        speed_row = measure(Path(folder) / "speed", speed, speed["layers"], (1, 2), speed["repeats"])
         speed_row["speedup"] = speed_row["1"]["call_s"] / speed_row["2"]["call_s"]
         memory_rows = [measure(Path(folder) / f"memory-{layers}", memory, layers, (1,)) for layers in memory["layers"]]
     return {"speed": {**speed, **speed_row}, "memory": {**memory, "rows": memory_rows}}

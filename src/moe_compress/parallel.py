@@ -77,6 +77,7 @@ def distributed(device: torch.device) -> Iterator[Ranks]:
         yield _ranks()
         return
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl's object broadcasts stage through the current device
         dist.init_process_group("nccl", timeout=BARRIER_TIMEOUT, device_id=device)
     else:
         dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
