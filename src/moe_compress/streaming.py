@@ -3,8 +3,8 @@
 The model is built on the meta device only to find its experts modules. Their tensors are read one experts module
 at a time straight from the shards, through transformers' own checkpoint conversion (so that both on-disk layouts
 work: per-expert 2-D tensors such as `experts.7.gate_proj.weight` or `experts.7.w1.weight`, and fused 3-D tensors),
-fitted, written, and freed. Everything else is copied through unchanged under its on-disk name. Peak memory is one
-experts module, the fit's working set, and one output shard, whatever the model's size.
+fitted, written, and freed. Everything else is copied through byte for byte under its on-disk name. Peak memory is
+one experts module and the fit's working set, whatever the model's size.
 
 Under torchrun the (layer, projection) units are split across processes; see moe_compress.parallel for the split,
 the manifest and resuming. Shapes: E experts, out x in a projection's matrices, r rank.
@@ -414,6 +414,15 @@ def write_weights(tensors: dict[str, StoredTensor], folder: Path, max_shard_size
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def _copy_side_files(source: Path, staging: Path) -> None:
+    """Tokenizer, generation config, chat template, licence...: every file of the source but weights, config.json and
+    the model card, which the compressed folder has its own of."""
+    for path in source.iterdir():
+        side = not any(path.match(p) for p in WEIGHT_FILES) and path.name not in ("config.json", "README.md")
+        if path.is_file() and side and not path.name.startswith("."):
+            shutil.copy2(path, staging / path.name)
+
+
 def assemble(checkpoint: Checkpoint, specs: dict[str, dict], config: CompressionConfig, manifest: Manifest,
              output_dir: Path, max_shard_size: str | int) -> CompressionReport:
     """Write the compressed folder from the verified units and the source's other tensors and files: sharded
@@ -433,10 +442,7 @@ def assemble(checkpoint: Checkpoint, specs: dict[str, dict], config: Compression
     source_config = json.loads((checkpoint.folder / "config.json").read_text())
     source_config["quantization_config"] = checkpoint.model.config.quantization_config.to_dict()
     (staging / "config.json").write_text(json.dumps(source_config, indent=2, sort_keys=True) + "\n")
-    for path in checkpoint.folder.iterdir():
-        copied = not any(path.match(p) for p in WEIGHT_FILES) and path.name not in ("config.json", "README.md")
-        if path.is_file() and copied and not path.name.startswith("."):
-            shutil.copy2(path, staging / path.name)
+    _copy_side_files(checkpoint.folder, staging)
     (staging / "README.md").write_text(model_card(checkpoint.model))
     save_report(report, staging)
     _replace(staging, output_dir)
