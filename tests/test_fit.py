@@ -69,6 +69,23 @@ def test_als_reaches_lower_error_than_the_seed_recipe():
     assert error(fit.fit_adam(W, steps=50, lr=1e-3, init=als)) < error(als)  # the polish helps
 
 
+def test_als_first_side_is_the_best_one_sided_wrapper_around_the_mean():
+    W = experts_like(E=4, out_f=12, in_f=20, rank=2).double()
+    seen = []
+    fit.fit_als(W, 2, iters=1, callback=seen.append)
+    first = seen[0]
+    assert first["u_out"] is None and first["v_out"] is None  # the input side goes first when out <= in
+    # Plain reference: W_e - C = C (P Q^T) is best fitted by the rank-2 truncation of D_e projected on range(C)
+    C, D = W.mean(0), W - W.mean(0)
+    U_c, _, _ = torch.linalg.svd(C, full_matrices=False)
+    U, S, Vh = torch.linalg.svd(U_c @ U_c.T @ D, full_matrices=False)
+    best = C + (U[..., :2] * S[..., None, :2]) @ Vh[..., :2, :]
+    fitted = wrapped_weights(**first)
+    assert torch.allclose(fitted, best, atol=1e-4)  # the ridge (fit.RIDGE) moves it slightly, the objective less
+    assert (W - best).norm() <= (W - fitted).norm() <= (W - best).norm() * (1 + 1e-6)
+    assert len(seen) == 3  # input side, output side, core refit
+
+
 def test_als_error_falls_with_rank_and_reaches_zero_at_full_rank():
     W = experts_like(noise=0.0)
     errors = [fit.relative_error(W, wrapped_weights(**fit.fit_als(W, r, iters=3))) for r in (1, 2, 3)]

@@ -16,7 +16,8 @@ import torch
 
 from moe_compress.experts import wrapped_weights
 
-Callback = Optional[Callable[[dict[str, torch.Tensor]], None]]  # sees the factors after each round or step
+# sees the factors after each side fit, core refit or Adam step; a side not fitted yet is None (the identity)
+Callback = Optional[Callable[[dict[str, Optional[torch.Tensor]]], None]]
 RIDGE = 1e-5  # relative to the largest squared singular value: keeps factors bounded where M is nearly singular
 
 
@@ -67,8 +68,9 @@ def _in_side(W, C, A, B, rank):
     return P, Q
 
 
-def refit_core(W, C, A, B, P, Q, iters: int) -> torch.Tensor:
+def refit_core(W, core, u_out, v_out, u_in, v_in, iters: int) -> torch.Tensor:
     """Conjugate gradient on the normal equations of C: sum_e L_e^T L_e C R_e R_e^T = sum_e L_e^T W_e R_e^T."""
+    C, A, B, P, Q = core, u_out, v_out, u_in, v_in
     left = lambda X: X + A @ (B.mT @ X)
     left_t = lambda X: X + B @ (A.mT @ X)
     right = lambda X: X + (X @ P) @ Q.mT
@@ -89,21 +91,24 @@ def refit_core(W, C, A, B, P, Q, iters: int) -> torch.Tensor:
 def fit_als(W: torch.Tensor, rank: int, iters: int = 3, core_iters: int = 5,
             callback: Callback = None) -> dict[str, torch.Tensor]:
     E, out_f, in_f = W.shape
-    C = W.mean(0, keepdim=True)
-    A = B = W.new_zeros(E, out_f, rank)
-    P = Q = W.new_zeros(E, in_f, rank)
+    # A side not fitted yet is the identity (None), so the first side's problem has one M = C for all experts: one
+    # Gram eigendecomposition instead of E
+    f = {"core": W.mean(0, keepdim=True), "u_out": None, "v_out": None, "u_in": None, "v_in": None}
     input_first = out_f <= in_f  # that side alone can represent any rank-r delta W_e - C
     for _ in range(iters):
-        if input_first:
-            P, Q = _in_side(W, C, A, B, rank)
-            A, B = _out_side(W, C, P, Q, rank)
-        else:
-            A, B = _out_side(W, C, P, Q, rank)
-            P, Q = _in_side(W, C, A, B, rank)
-        C = refit_core(W, C, A, B, P, Q, core_iters)
+        for side in ("in", "out") if input_first else ("out", "in"):
+            if side == "in":
+                f["u_in"], f["v_in"] = _in_side(W, f["core"], f["u_out"], f["v_out"], rank)
+            else:
+                f["u_out"], f["v_out"] = _out_side(W, f["core"], f["u_in"], f["v_in"], rank)
+            if callback is not None:
+                callback(dict(f))
+        f["core"] = refit_core(W, **f, iters=core_iters)
         if callback is not None:
-            callback({"core": C, "u_out": A, "v_out": B, "u_in": P, "v_in": Q})
-    return {"core": C, "u_out": A, "v_out": B, "u_in": P, "v_in": Q}
+            callback(dict(f))
+    zeros = {"u_out": W.new_zeros(E, out_f, rank), "v_out": W.new_zeros(E, out_f, rank),
+             "u_in": W.new_zeros(E, in_f, rank), "v_in": W.new_zeros(E, in_f, rank)}
+    return {name: zeros[name] if t is None else t for name, t in f.items()}
 
 
 def seed_init(W: torch.Tensor, rank: int, seed: int) -> dict[str, torch.Tensor]:

@@ -462,19 +462,24 @@ def layer_table(report: CompressionReport) -> list[dict]:
 
 
 def plot_errors(report: CompressionReport, path: Path) -> None:
-    """A heat map of relative error by layer (rows) and projection (columns)."""
+    """A heat map of relative error by projection (rows) and layer (columns); values written in the cells of models
+    shallow enough to read them. The figure's size is capped: a 160-layer model's map stays small in memory too."""
     layers = layer_table(report)
     projections = [p for p in ("gate", "up", "down") if any(p in layer["rel_error"] for layer in layers)]
-    errors = [[layer["rel_error"].get(p, float("nan")) for p in projections] for layer in layers]
-    fig = Figure(figsize=(2.2 + 1.2 * len(projections), 1.2 + 0.28 * len(layers)))  # no pyplot: no global state
+    errors = [[layer["rel_error"].get(p, float("nan")) for layer in layers] for p in projections]
+    labels = [layer["module"].removesuffix(".mlp.experts").removesuffix(".experts").removeprefix("model.")
+              for layer in layers]
+    fig = Figure(figsize=(min(16.0, 2.5 + 0.55 * len(layers)), 1.6 + 0.45 * len(projections)))  # no pyplot state
     ax = fig.subplots()
-    image = ax.imshow(errors, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(projections)), projections)
-    ax.set_yticks(range(len(layers)), [layer["module"].removesuffix(".experts") for layer in layers], fontsize=7)
-    for i, row in enumerate(errors):
-        for j, value in enumerate(row):
-            dark = image.norm(value) < 0.6  # viridis runs from dark blue to bright yellow
-            ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    image = ax.imshow(errors, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(projections)), projections)
+    ticks = range(0, len(layers), max(1, len(layers) // 24))
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=7)
+    if len(layers) <= 24:
+        for i, row in enumerate(errors):
+            for j, value in enumerate(row):
+                dark = image.norm(value) < 0.6  # viridis runs from dark blue to bright yellow
+                ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
     fig.colorbar(image, ax=ax, label="relative error")
     ax.set_title(f"{report.config.method}: error by layer and projection", fontsize=9)
     fig.tight_layout()
