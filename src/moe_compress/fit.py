@@ -68,15 +68,30 @@ def _in_side(W, C, A, B, rank):
     return P, Q
 
 
+def _gram_factors(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """G, H [E, n, 2r] with (I + U V^T)^T (I + U V^T) = I + G H^T, from U, V [E, n, r]."""
+    return torch.cat([V, U + V @ (U.mT @ U)], -1), torch.cat([U, V], -1)
+
+
 def refit_core(W, core, u_out, v_out, u_in, v_in, iters: int) -> torch.Tensor:
-    """Conjugate gradient on the normal equations of C: sum_e L_e^T L_e C R_e R_e^T = sum_e L_e^T W_e R_e^T."""
+    """Conjugate gradient on the normal equations of C: sum_e L_e^T L_e C R_e R_e^T = sum_e L_e^T W_e R_e^T.
+
+    L_e^T L_e = I + G_e H_e^T and R_e R_e^T = I + J_e K_e^T have rank-2r parts, so the operator is
+    E C + sum_e (C J_e) K_e^T + sum_e G_e (H_e^T C (I + J_e K_e^T)): contractions over (e, 2r) that never form an
+    [E, out, in] tensor, where multiplying out L_e C R_e would form several per CG step.
+    """
     C, A, B, P, Q = core, u_out, v_out, u_in, v_in
-    left = lambda X: X + A @ (B.mT @ X)
-    left_t = lambda X: X + B @ (A.mT @ X)
-    right = lambda X: X + (X @ P) @ Q.mT
-    right_t = lambda X: X + (X @ Q) @ P.mT
-    normal = lambda X: left_t(right_t(left(right(X)))).sum(0, keepdim=True)
-    residual = left_t(right_t(W)).sum(0, keepdim=True) - normal(C)
+    E = W.shape[0]
+    G, H = _gram_factors(A, B)  # [E, out, 2r]
+    J, K = _gram_factors(Q, P)  # R_e R_e^T = (I + Q_e P_e^T)^T (I + Q_e P_e^T): [E, in, 2r]
+
+    def normal(X: torch.Tensor) -> torch.Tensor:  # [1, out, in]
+        HX = H.mT @ X  # [E, 2r, in]
+        inner = HX + (HX @ J) @ K.mT
+        return E * X + torch.einsum("eoq,eiq->oi", X @ J, K) + torch.einsum("eoq,eqi->oi", G, inner)
+
+    WR = W + (W @ Q) @ P.mT  # W_e R_e^T
+    residual = (WR + B @ (A.mT @ WR)).sum(0, keepdim=True) - normal(C)
     direction, rr = residual, (residual * residual).sum()
     for _ in range(iters):
         H_d = normal(direction)
