@@ -145,7 +145,7 @@ def markdown(result: dict) -> str:
         + table(["fit", "final rel. error", f"total {clock_name}", "to reach seed adam's final error",
                  "peak MiB"], rows)
         + f"\n\nThe default reaches the seed recipe's final error {speed}"
-        + (f" (its first side fit, {first[0]:.2f} s, already ends at {first[1]:.4f}; the ratio is a lower bound)."
+        + (f" (its first measured point, {first[0]:.2f} s, already ends at {first[1]:.4f}; the ratio is a lower bound)."
            if reach is not None and reach == first[0] else ".") + short
     )
 

@@ -115,7 +115,21 @@ def markdown(result: dict) -> str:
     rows = [[LABELS.get(r["method"], r["method"]), f"{r['ratio']:.3f}", f"{r['rel_error']:.4f}", f"{r['loss']:.4f}",
              f"{r['increase']:+.4f}", f"{r['seconds']:.2f}" if r["seconds"] else "-"] for r in result["rows"]]
     return (f"Original held-out loss: **{result['original_loss']:.4f}** nats per byte (validation split).\n\n"
-            + table(["method", "kept fraction", "rel. error", "held-out loss", "increase", "fit s (median)"], rows))
+            + table(["method", "kept fraction", "rel. error", "held-out loss", "increase", "fit s (median)"], rows)
+            + delta_note(result["rows"]))
+
+
+def delta_note(rows: list[dict]) -> str:
+    """What the additive baseline against the wrapper means, with this run's outcome."""
+    by = {(r["method"], round(r["ratio"], 3)): r for r in rows}
+    pairs = [(by[("als", k[1])], r) for k, r in by.items() if k[0] == "delta" and ("als", k[1]) in by]
+    if not pairs:
+        return ""
+    wins = sum(delta["rel_error"] <= als["rel_error"] for als, delta in pairs)
+    return ("\n\nThe additive `delta` form stores exactly what the wrapper stores (2r(out + in) per expert and the "
+            "core) and can represent every wrapper, since (I + A B^T) C (I + P Q^T) - C has rank at most 2r: at equal "
+            "storage its best fit can only match or beat the wrapper's in reconstruction error. In this run it has the "
+            f"lower error at {wins} of {len(pairs)} kept fractions.")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     report = mc.compress(model, mc.CompressionConfig(rank=64))
     mc.save_compressed(model, "out/model-sc64")
     model = mc.load_compressed("out/model-sc64")
+    mc.compress_checkpoint("path/to/model", "out/model-sc64", mc.CompressionConfig(rank=64))  # bounded memory
 """
 
 from moe_compress.checkpoint import SharedCoreConfig, load_compressed, save_compressed
@@ -13,6 +14,7 @@ from moe_compress.distill import DistillationConfig, DistillationTrainer, distil
 from moe_compress.discovery import NoExpertsError, find_experts
 from moe_compress.evaluate import EvalConfig, evaluate_model, read_results, watch
 from moe_compress.experts import SharedCoreExperts
+from moe_compress.streaming import compress_checkpoint
 
 __all__ = [
     "CompressionConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "SharedCoreConfig",
     "SharedCoreExperts",
     "compress",
+    "compress_checkpoint",
     "distill",
     "evaluate_model",
     "find_experts",
