@@ -65,9 +65,13 @@ def test_distill_trains_a_compressed_folder_and_writes_checkpoints(tmp_path):
     run = tmp_path / "run"
     result = cli("distill", f"student={student}", f"output_dir={run}", "data.seq_len=64", "training.max_steps=4",
                  "training.per_device_train_batch_size=2", "training.save_steps=2", "training.eval_steps=2",
-                 "training.per_device_eval_batch_size=64", "distill.alpha=0.7", cwd=tmp_path)
+                 "training.per_device_eval_batch_size=64", "distill.alpha=0.7", "training.report_to=wandb",
+                 "training.logging_steps=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "training 909,312 of 1,144,192 student parameters" in result.stdout
+    # wandb ran offline (no account, no network); its run log holds the separately logged loss terms
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert all(key in log.read_bytes() for key in (b"train/kl", b"train/ce", b"train/loss"))
     assert (run / "training_complete.json").exists() and (run / "hydra" / ".hydra" / "config.yaml").exists()
     with torch.no_grad():
         assert mc.load_compressed(run / "checkpoint-4")(token_ids(1, 8) % 256).logits.shape == (1, 8, 256)

@@ -146,13 +146,15 @@ teacher, tokenizer = load_testbed()
 student, _ = load_testbed()
 mc.compress(student, mc.CompressionConfig(target_ratio=0.3, polish_steps=5), progress=False)
 args = TrainingArguments(output_dir=sys.argv[1], max_steps=90, save_steps=30, per_device_train_batch_size=4,
-                         learning_rate=1e-4, report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+                         learning_rate=1e-4, report_to="tensorboard", use_cpu=True, seed=0, disable_tqdm=True,
+                         logging_steps=10)
 distill(student, teacher, tokenizer, DataConfig(seq_len=64), DistillationConfig(alpha=0.9), args)
 """
 WATCH = """
 import sys
 from moe_compress.evaluate import EvalConfig, watch
-watch(sys.argv[1], EvalConfig(limit=2, device="cpu"), teacher="testbed", poll_seconds=0.2, wait_for_dir=True)
+watch(sys.argv[1], EvalConfig(limit=2, device="cpu"), teacher="testbed", poll_seconds=0.2, wait_for_dir=True,
+      report_to="tensorboard")
 """
 STEPS = [30, 60, 90]
 
@@ -207,6 +209,37 @@ def test_watcher_scores_each_checkpoint_of_a_live_training_once_in_step_order(wa
     assert (run / "eval" / PLOT_FILE).read_bytes().startswith(PNG)
     assert "checkpoint-90: tinyshakespeare" in out and "(teacher " in out
     assert "training has ended and every checkpoint is scored" in out
+
+
+def tensorboard_scalars(folder: Path, skip: Path | None = None) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} from every event file under `folder` but `skip`, read by tensorboard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(folder.rglob("events.out.tfevents.*")):
+        if skip is not None and events.is_relative_to(skip):
+            continue
+        reader = EventAccumulator(str(events))
+        reader.Reload()
+        for tag in reader.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((event.step, event.value) for event in reader.Scalars(tag))
+    return found
+
+
+@pytest.mark.slow
+def test_training_logs_and_checkpoint_scores_reach_tensorboard(watched_run):
+    run, _ = watched_run
+    scores = tensorboard_scalars(run / "eval" / "tensorboard")
+    rows = read_results(run / "eval" / RESULTS_FILE)
+    for task, metric in (("tinyshakespeare", "bits_per_byte"), ("tinyshakespeare_completion", "acc")):
+        expected = [(row["step"], row["value"]) for row in rows if (row["task"], row["metric"]) == (task, metric)]
+        logged = scores[f"eval/{task}/{metric}"]
+        assert [step for step, _ in logged] == STEPS and [step for step, _ in expected] == STEPS
+        assert all(math.isclose(a, b, rel_tol=1e-6) for (_, a), (_, b) in zip(logged, expected))
+        assert len(scores[f"eval_teacher/{task}/{metric}"]) == len(STEPS)
+    training = tensorboard_scalars(run, skip=run / "eval")
+    assert [step for step, _ in training["train/kl"]] == [10 * i for i in range(1, 10)]
+    assert all(value > 0 for _, value in training["train/ce"])
 
 
 @pytest.mark.slow
