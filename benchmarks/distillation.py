@@ -9,17 +9,13 @@ from __future__ import annotations
 import tempfile
 import time
 
-import matplotlib
+from transformers import TrainingArguments
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
-
-from benchmarks.common import table  # noqa: E402
-from moe_compress import CompressionConfig, compress  # noqa: E402
-from moe_compress.data import DataConfig  # noqa: E402
-from moe_compress.distill import DistillationConfig, distill  # noqa: E402
-from moe_compress.testbed import heldout_loss, load_testbed, read_split  # noqa: E402
+from benchmarks.common import plot_to, table
+from moe_compress import CompressionConfig, compress
+from moe_compress.data import DataConfig
+from moe_compress.distill import DistillationConfig, distill
+from moe_compress.testbed import heldout_loss, load_testbed, read_split
 
 FULL = dict(ratio=0.3, steps=300, batch=16, seq_len=256, lr=1e-4, alpha=0.9, eval_steps=50, max_tokens=None)
 QUICK = dict(ratio=0.3, steps=4, batch=2, seq_len=64, lr=1e-4, alpha=0.9, eval_steps=2, max_tokens=4096)
@@ -51,20 +47,14 @@ def run(quick: bool = False) -> dict:
 
 def plot(result: dict, path: str) -> None:
     history = result["history"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for key, label in (("loss", "train loss (alpha KL T^2 + (1-alpha) CE)"), ("ce", "train CE"),
-                       ("eval_ce", "held-out CE (eval batches)")):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        if points:
-            ax.plot(*zip(*points), marker="." if key.startswith("eval") else None, label=label)
-    ax.axhline(result["teacher"], color="gray", linestyle="--", label="teacher held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats per byte")
-    ax.set_title(f"Distilling the testbed compressed to {result['kept_fraction']:.2f} of its expert parameters")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = f"Distilling the testbed compressed to {result['kept_fraction']:.2f} of its expert parameters"
+    with plot_to(path, title, "step", "nats per byte") as ax:
+        for key, label in (("loss", "train loss (alpha KL T^2 + (1-alpha) CE)"), ("ce", "train CE"),
+                           ("eval_ce", "held-out CE (eval batches)")):
+            points = [(h["step"], h[key]) for h in history if key in h]
+            if points:
+                ax.plot(*zip(*points), marker="." if key.startswith("eval") else None, label=label)
+        ax.axhline(result["teacher"], color="gray", linestyle="--", label="teacher held-out loss")
 
 
 def markdown(result: dict) -> str:

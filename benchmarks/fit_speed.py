@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import time
 
-import matplotlib
 import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from benchmarks.common import in_fresh_process, peak_rss_mib, table  # noqa: E402
-from moe_compress import fit  # noqa: E402
-from moe_compress.experts import wrapped_weights  # noqa: E402
+from benchmarks.common import in_fresh_process, peak_rss_mib, plot_to, table
+from moe_compress import fit
+from moe_compress.experts import wrapped_weights
 
 FULL = dict(experts=128, out=768, inp=2048, rank=64, adam_steps=1000, adam_lr=1e-3, als_iters=3, polish_steps=20)
 CPU_ADAM_STEPS = 100  # the seed's 1000 steps take hours of CPU at this shape (about 10 s a step on one thread)
@@ -107,24 +103,18 @@ def run(quick: bool = False) -> dict:
 
 
 def plot(result: dict, path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method, label in (("adam", "seed adam"), ("als", "default (als + polish)")):
-        seconds, errors = zip(*result["traces"][method])
-        ax.plot(seconds, errors, marker="." if method == "als" else None, label=label)
-    ax.axhline(result["target_error"], color="gray", linestyle="--", label="seed adam's final error")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"fit time ({result.get('clock', 's')}, log scale)")
-    ax.set_ylabel("relative reconstruction error")
-    ax.set_title("Fit speed, one Qwen3-30B-A3B-shaped projection")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with plot_to(path, "Fit speed, one Qwen3-30B-A3B-shaped projection", f"fit time ({result['clock']}, log scale)",
+                 "relative reconstruction error") as ax:
+        for method, label in (("adam", "seed adam"), ("als", "default (als + polish)")):
+            seconds, errors = zip(*result["traces"][method])
+            ax.plot(seconds, errors, marker="." if method == "als" else None, label=label)
+        ax.axhline(result["target_error"], color="gray", linestyle="--", label="seed adam's final error")
+        ax.set_xscale("log")
 
 
 def markdown(result: dict) -> str:
     s = result["shape"]
-    reach, clock_name = result["als_seconds_to_target"], result.get("clock", "s")
+    reach, clock_name = result["als_seconds_to_target"], result["clock"]
     rows = [
         [f"seed `adam`, {s['adam_steps']} steps, lr {s['adam_lr']}", f"{result['target_error']:.4f}",
          f"{result['adam_seconds']:.1f}", "-", f"{result['peak_mib']['adam']:,.0f}"],
@@ -132,7 +122,7 @@ def markdown(result: dict) -> str:
          f"{result['als_seconds']:.1f}", f"{reach:.2f}" if reach else "never", f"{result['peak_mib']['als']:,.0f}"],
     ]
     speed = f"**{result['speedup']:.0f}x** sooner" if result["speedup"] else "not reached"
-    specified = result.get("specified_adam_steps", s["adam_steps"])
+    specified = result["specified_adam_steps"]
     short = (f" The seed recipe specifies {specified} steps; at {result['adam_seconds'] / s['adam_steps']:.1f} s a step "
              f"they would take {result['adam_seconds'] / s['adam_steps'] * specified / 3600:.1f} h here, so this run "
              f"stops at {s['adam_steps']} and the target is its error there, not after {specified} steps (on a GPU the "

@@ -12,16 +12,12 @@ import copy
 import statistics
 import time
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.common import table  # noqa: E402
-from moe_compress import CompressionConfig, compress, find_experts  # noqa: E402
-from moe_compress.discovery import join_weights, split_weights  # noqa: E402
-from moe_compress.testbed import heldout_loss, load_testbed, read_split  # noqa: E402
+from benchmarks.common import plot_to, table
+from moe_compress import CompressionConfig, compress, find_experts
+from moe_compress.discovery import join_weights, split_weights
+from moe_compress.testbed import heldout_loss, load_testbed, read_split
 
 FULL = dict(ratios=(0.2, 0.3, 0.5), methods=("adam", "als", "delta"), repeats=3, max_tokens=None)
 QUICK = dict(ratios=(0.3,), methods=("als", "delta"), repeats=1, max_tokens=4096, adam_steps=5, polish_steps=5)
@@ -94,21 +90,15 @@ LABELS = {"adam": "seed adam", "als": "default (als)", "delta": "delta (C + UV^T
 
 def plot(result: dict, path: str) -> None:
     """Loss increase over the original against kept fraction, log scale: the methods differ by orders of magnitude."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in ("per-expert SVD", *result["setting"]["methods"]):
-        points = sorted((r["ratio"], r["increase"]) for r in result["rows"] if r["method"] == method)
-        ax.plot(*zip(*points), marker="o", label=LABELS.get(method, method))
-    mean = next(r for r in result["rows"] if r["method"] == "mean only")
-    ax.scatter([mean["ratio"]], [mean["increase"]], marker="x", color="black", label="mean only", zorder=3)
-    ax.set_yscale("log")
-    ax.set_xlabel("kept fraction of expert parameters")
-    ax.set_ylabel("held-out loss increase over the original (nats/byte)")
-    ax.set_title(f"Testbed: quality at equal storage (original {result['original_loss']:.4f}; lower is better)",
-                 fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = f"Testbed: quality at equal storage (original {result['original_loss']:.4f}; lower is better)"
+    with plot_to(path, title, "kept fraction of expert parameters",
+                 "held-out loss increase over the original (nats/byte)", title_size=10) as ax:
+        for method in ("per-expert SVD", *result["setting"]["methods"]):
+            points = sorted((r["ratio"], r["increase"]) for r in result["rows"] if r["method"] == method)
+            ax.plot(*zip(*points), marker="o", label=LABELS.get(method, method))
+        mean = next(r for r in result["rows"] if r["method"] == "mean only")
+        ax.scatter([mean["ratio"]], [mean["increase"]], marker="x", color="black", label="mean only", zorder=3)
+        ax.set_yscale("log")
 
 
 def markdown(result: dict) -> str:
