@@ -121,9 +121,8 @@ def fit_als(W: torch.Tensor, rank: int, iters: int = 3, core_iters: int = 5,
         f["core"] = refit_core(W, **f, iters=core_iters)
         if callback is not None:
             callback(dict(f))
-    zeros = {"u_out": W.new_zeros(E, out_f, rank), "v_out": W.new_zeros(E, out_f, rank),
-             "u_in": W.new_zeros(E, in_f, rank), "v_in": W.new_zeros(E, in_f, rank)}
-    return {name: zeros[name] if t is None else t for name, t in f.items()}
+    rows = {"u_out": out_f, "v_out": out_f, "u_in": in_f, "v_in": in_f}  # a side left unfitted (iters=0) is zero
+    return {name: W.new_zeros(E, rows[name], rank) if t is None else t for name, t in f.items()}
 
 
 def seed_init(W: torch.Tensor, rank: int, seed: int) -> dict[str, torch.Tensor]:
