@@ -1,10 +1,8 @@
-"""save_compressed / load_compressed, and the transformers quantizer that lets from_pretrained load our folders.
+"""save_compressed / load_compressed: compressed models as Hugging Face folders.
 
-A compressed folder is a Hugging Face model folder: config.json carries a `quantization_config` with
-`quant_method: "moe_compress"` and the shape of every compressed experts module. Registering a quantization config
-and an HfQuantizer for that method (transformers' own extension point, as compressed-tensors uses) makes
-`AutoModelForCausalLM.from_pretrained(folder)` swap in SharedCoreExperts before the weights load, with no
-trust_remote_code.
+A compressed folder is a Hugging Face model folder whose config.json names its own model type (folder_config.py) and
+carries a `quantization_config` that the moe_compress quantizer (quantizer.py) loads, so that
+`AutoModelForCausalLM.from_pretrained(folder)` returns the compressed model, with no trust_remote_code.
 """
 
 from __future__ import annotations
@@ -13,70 +11,23 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from moe_compress.experts import SharedCoreExperts
-from moe_compress.testbed import TESTBED_DIR
-
-QUANT_METHOD = "moe_compress"
-
-
-@register_quantization_config(QUANT_METHOD)
-class SharedCoreConfig(QuantizationConfigMixin):
-    """What config.json records of a compression: each experts module's form and ranks, the settings, the stats."""
-
-    def __init__(self, modules: dict[str, dict], compression: dict | None = None, stats: dict | None = None,
-                 **kwargs: Any):
-        self.quant_method = QUANT_METHOD
-        self.modules = modules
-        self.compression = compression or {}
-        self.stats = stats or {}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "modules": self.modules, "compression": self.compression,
-                "stats": self.stats}
-
-
-@register_quantizer(QUANT_METHOD)
-class SharedCoreQuantizer(HfQuantizer):
-    """Loads compressed folders; compressing happens in moe_compress.compress, never inside from_pretrained."""
-
-    requires_calibration = True
-    quantization_config: SharedCoreConfig
-
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        swap_in_shared_core(model, self.quantization_config.modules)
-
-    def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return True
-
-    @property
-    def is_qat_trainable(self) -> bool:  # the compressed model is trained directly (distillation), no adapters
-        return True
-
-
-def swap_in_shared_core(model: nn.Module, modules: dict[str, dict]) -> None:
-    """Replace the named experts modules by empty SharedCoreExperts of the recorded shapes."""
-    for name, spec in modules.items():
-        parent, _, child = name.rpartition(".")
-        experts = model.get_submodule(name)
-        setattr(model.get_submodule(parent), child, SharedCoreExperts.empty(experts, spec))
+from moe_compress.folder_config import mark_compressed
+from moe_compress.quantizer import QUANT_METHOD, SharedCoreConfig
+from moe_compress.testbed import TESTBEDS, resolve_bundled
 
 
 def attach_quantization_config(model: nn.Module, modules: dict[str, dict], compression: Any, report: Any) -> None:
     """Record the compression in model.config, so that save_pretrained writes a folder from_pretrained can load."""
     stats = {k: v for k, v in report.to_dict().items() if k not in ("config", "rows")}
     model.config.quantization_config = SharedCoreConfig(modules, compression.to_dict(), stats)
+    mark_compressed(model.config)
 
 
 def compression_of(model: nn.Module) -> SharedCoreConfig:
@@ -104,7 +55,7 @@ def check_output_dir(path: str | os.PathLike, model_config: Any, compression: di
         return
     existing = _config_in(path) or {}
     same = (
-        existing.get("model_type") == model_config.model_type
+        existing.get("base_model_type", existing.get("model_type")) == model_config.model_type
         and existing.get("architectures") == getattr(model_config, "architectures", None)
         and (existing.get("quantization_config") or {}).get("compression") == compression
     )
@@ -115,14 +66,32 @@ def check_output_dir(path: str | os.PathLike, model_config: Any, compression: di
         )
 
 
-def _source_tokenizer(model: nn.Module):
-    source = getattr(model, "name_or_path", "") or ""
-    if not source:
+def source_tokenizer(source: str | os.PathLike):
+    """The tokenizer saved with a model, or None where there is none."""
+    if not str(source):
         return None
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+@contextmanager
+def staged_folder(path: Path) -> Iterator[Path]:
+    """A folder to write into that appears at `path` complete or not at all: it is written beside the target and
+    renamed into place when the block ends without error, and removed when it does not."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield staging
+        _replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def model_card(model: nn.Module) -> str:
@@ -148,8 +117,9 @@ def model_card(model: nn.Module) -> str:
         f"| relative reconstruction error | {stats.get('rel_error', float('nan')):.4f} |",
         f"| compressed experts modules | {len(compression.modules)} |",
         "",
-        "Load it with `moe_compress.load_compressed(folder)`, or with `AutoModelForCausalLM.from_pretrained(folder)`",
-        "after `import moe_compress`.",
+        "With `pip install moe-compress`, load it as any model: `AutoModelForCausalLM.from_pretrained(folder)` (or",
+        "`moe_compress.load_compressed(folder)`); `lm_eval --model hf --model_args pretrained=<folder>` scores it.",
+        "For tools that cannot load this format, `moe-compress export <folder> <out>` writes a dense copy.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -162,20 +132,14 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     compression = compression_of(model)
     path = Path(path)
     check_output_dir(path, model.config, compression.compression, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
+    with staged_folder(path) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
-        tokenizer = tokenizer if tokenizer is not None else _source_tokenizer(model)
+        tokenizer = tokenizer if tokenizer is not None else source_tokenizer(getattr(model, "name_or_path", ""))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(model_card(model))
         if report is not None:
             (staging / "compression_report.json").write_text(report.to_json())
-        _replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 
@@ -190,10 +154,9 @@ def _replace(staging: Path, path: Path) -> None:
 
 
 def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
-    """A causal LM from a local folder, a hub id, or "testbed" (the trained MoE shipped with moe-compress), with a
+    """A causal LM from a local folder, a hub id, or a bundled testbed's name ("testbed", "testbed_fine"), with a
     one-line error when none of them exists."""
-    if name_or_path == "testbed":
-        name_or_path = str(TESTBED_DIR)
+    name_or_path = resolve_bundled(name_or_path)
     if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().is_dir():
         raise FileNotFoundError(f"no model folder at {name_or_path}; check the path, or pass a hub id")
     try:
@@ -225,8 +188,8 @@ def load_compressed(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
 def local_model_folder(name_or_path: str) -> str:
     """A local folder holding the model: the testbed's, the given folder, or the Hub snapshot of its weights and
     configs (downloaded once into the Hugging Face cache)."""
-    if name_or_path == "testbed":
-        return str(TESTBED_DIR)
+    if name_or_path in TESTBEDS:
+        return resolve_bundled(name_or_path)
     if Path(name_or_path).expanduser().is_dir():
         return str(Path(name_or_path).expanduser())
     if name_or_path.startswith(("/", ".", "~")):

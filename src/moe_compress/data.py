@@ -12,12 +12,12 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from moe_compress.testbed import read_split
+from moe_compress.testbed import TESTBEDS, read_split
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "testbed"  # testbed | a .txt file or folder of them | a datasets id
+    source: str = "testbed"  # testbed (or testbed_fine: the same corpus) | a .txt file or folder of them | a datasets id
     subset: Optional[str] = None  # datasets config name, e.g. sample-10BT
     split: str = "train"
     text_column: str = "text"
@@ -95,7 +95,7 @@ def _documents(config: DataConfig) -> Iterable[str]:
 
 def build_datasets(config: DataConfig, tokenizer) -> tuple[Dataset, Dataset]:
     """(train, held-out) datasets of packed causal-LM blocks."""
-    if config.source == "testbed":
+    if config.source in TESTBEDS:  # both testbeds train on the same corpus
         train_text, eval_text = read_split("train"), read_split("validation")
     elif Path(config.source).exists():
         train_text, eval_text = _split_text(_local_text(Path(config.source)), config.eval_fraction)

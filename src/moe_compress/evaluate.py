@@ -39,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from moe_compress.checkpoint import load_model
 from moe_compress.distill import END_MARKER
 from moe_compress.tasks import TASKS_DIR
-from moe_compress.testbed import TESTBED_DIR
+from moe_compress.testbed import TESTBEDS, resolve_bundled
 
 DEFAULT_TASKS = ("tinyshakespeare", "tinyshakespeare_completion")
 RESULTS_FILE, PLOT_FILE, TEACHER_FILE = "results.jsonl", "scores.png", "teacher_scores.json"
@@ -104,13 +104,9 @@ def resolve_tasks(tasks: Sequence[str]) -> tuple[Any, tuple[str, ...]]:
     return manager, tuple(dict.fromkeys(expanded))
 
 
-def _source(name_or_path: str | os.PathLike) -> str:
-    return str(TESTBED_DIR) if str(name_or_path) == "testbed" else str(name_or_path)
-
-
 def _tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(_source(name_or_path))
+        return AutoTokenizer.from_pretrained(resolve_bundled(name_or_path))
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"no tokenizer at {name_or_path} ({str(error).splitlines()[0]}); pass tokenizer= "
                                 "a folder or hub id that has one, e.g. the teacher's") from error
@@ -125,7 +121,7 @@ def _language_model(model: str | os.PathLike | nn.Module, tokenizer: str | PreTr
             raise ValueError("a loaded model needs its tokenizer: pass tokenizer= (an object, folder or hub id)")
     else:
         tokenizer = tokenizer if tokenizer is not None else model
-        model = load_model(_source(model), dtype=config.dtype, device_map=config.torch_device)
+        model = load_model(resolve_bundled(model), dtype=config.dtype, device_map=config.torch_device)
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         tokenizer = _tokenizer(tokenizer)
     return HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=config.batch_size,
@@ -193,7 +189,7 @@ def teacher_scores(teacher: str, config: EvalConfig, cache: str | os.PathLike | 
     """The teacher's scores, computed once: each (teacher, task, limit, max_length) is kept in `cache` (a JSON file)
     and only the tasks missing there are scored."""
     _, tasks = resolve_tasks(config.tasks)
-    identity = teacher if teacher == "testbed" or not Path(teacher).exists() else str(Path(teacher).resolve())
+    identity = teacher if teacher in TESTBEDS or not Path(teacher).exists() else str(Path(teacher).resolve())
     key = lambda task: f"{identity} | {task} | limit={config.limit} | max_length={config.max_length}"
     cache = Path(cache) if cache is not None else None
     known = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
@@ -294,7 +290,7 @@ def _trainer_state_step(folder: Path) -> int | None:
 
 def model_family(name_or_path: str | os.PathLike) -> tuple[str, int | None]:
     """(model_type, vocabulary size): what every checkpoint of a distillation shares with its teacher."""
-    config = AutoConfig.from_pretrained(_source(name_or_path))
+    config = AutoConfig.from_pretrained(resolve_bundled(name_or_path))
     return config.model_type, getattr(config.get_text_config(), "vocab_size", None)
 
 

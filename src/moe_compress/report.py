@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 
-from moe_compress.checkpoint import TESTBED_DIR
+from moe_compress.checkpoint import folder_bytes
+from moe_compress.testbed import resolve_bundled
 from moe_compress.evaluate import read_results
 from moe_compress.streaming import plot_errors
 
@@ -18,10 +19,6 @@ if TYPE_CHECKING:
 
 Scores = dict[str, dict[str, float]]
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
 def _markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -51,7 +48,7 @@ def write_report(run: PipelineRun, model: str, teacher: Scores, zero_shot: Score
     if not (run.compressed / "compression_error.png").exists():
         plot_errors(report, run.compressed / "compression_error.png")
     steps = checkpoint_scores(read_results(run.eval_dir / "results.jsonl"))
-    source = TESTBED_DIR if model == "testbed" else Path(model)
+    source = Path(resolve_bundled(model))
     before_bytes = folder_bytes(source) if source.is_dir() else None
     after_bytes = folder_bytes(run.compressed)
     size = lambda n: f"{n / 2**20:,.1f} MiB" if n is not None else "(hub model: not measured)"

@@ -35,6 +35,7 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, dot
 from transformers.utils.hub import convert_file_size_to_int
 
 from moe_compress import fit
+from moe_compress.folder_config import mark_dict, write_shim
 from moe_compress.checkpoint import QUANT_METHOD, _replace, attach_quantization_config, check_output_dir, model_card
 from moe_compress.compress import CompressionConfig, CompressionReport, ProjectionStats, choose_rank, fit_projection, \
     stored_params
@@ -441,7 +442,8 @@ def assemble(checkpoint: Checkpoint, specs: dict[str, dict], config: Compression
     attach_quantization_config(checkpoint.model, specs, config, report)
     source_config = json.loads((checkpoint.folder / "config.json").read_text())
     source_config["quantization_config"] = checkpoint.model.config.quantization_config.to_dict()
-    (staging / "config.json").write_text(json.dumps(source_config, indent=2, sort_keys=True) + "\n")
+    (staging / "config.json").write_text(json.dumps(mark_dict(source_config), indent=2, sort_keys=True) + "\n")
+    write_shim(staging)
     _copy_side_files(checkpoint.folder, staging)
     (staging / "README.md").write_text(model_card(checkpoint.model))
     save_report(report, staging)

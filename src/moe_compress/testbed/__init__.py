@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 TESTBED_DIR = Path(__file__).parent / "model"
+FINE_TESTBED_DIR = Path(__file__).parent / "fine"
+# the names that select a bundled model wherever a model is asked for
+TESTBEDS = {"testbed": TESTBED_DIR, "testbed_fine": FINE_TESTBED_DIR}
 VALIDATION_FRACTION = 0.1
+
+
+def resolve_bundled(name_or_path: str | Path) -> str:
+    """The folder of a bundled testbed when given its name ("testbed", "testbed_fine"), else the argument as given."""
+    folder = TESTBEDS.get(str(name_or_path))
+    return str(folder) if folder is not None else str(name_or_path)
 
 
 def load_testbed(
