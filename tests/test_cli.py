@@ -82,6 +82,44 @@ def test_distill_refuses_a_student_that_is_not_compressed(tmp_path, model_dir):
     assert result.returncode == 1 and "moe-compress did not compress" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.fixture
+def compressed_testbed(tmp_path):
+    result = cli("compress", "compression.target_ratio=0.3", "compression.polish_steps=0",
+                 f"output_dir={tmp_path / 'sc'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return tmp_path / "sc"
+
+
+def test_distill_names_the_missing_tokenizer_and_refuses_another_vocabulary_before_any_work(tmp_path,
+                                                                                          compressed_testbed):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (compressed_testbed / name).unlink()
+    run = tmp_path / "run"
+    result = cli("distill", f"student={compressed_testbed}", f"output_dir={run}", cwd=tmp_path)
+    (last,) = result.stderr.strip().splitlines()[-1:]
+    assert result.returncode == 1 and last == (
+        f"moe-compress: error: {compressed_testbed} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+        "tokenizer.model, ...); pass tokenizer=<a folder or hub id>, e.g. tokenizer=testbed (the teacher's: its "
+        "vocabulary matches the student's)")
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "other")  # a vocabulary of 128 bytes, not 256
+    result = cli("distill", f"student={compressed_testbed}", f"teacher={tmp_path / 'other'}", "tokenizer=testbed",
+                 f"output_dir={run}", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "moe-compress: error: teacher vocabulary (128) differs from the student's (256); use the teacher the student "
+        "was compressed from")
+    assert [p.name for p in run.iterdir()] == ["hydra"]  # Hydra's record of the command, and nothing else
+
+
+def test_export_writes_a_dense_folder_and_says_it_gives_the_memory_back(tmp_path, compressed_testbed):
+    result = cli("export", f"model={compressed_testbed}", f"output_dir={tmp_path / 'dense'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gives back the memory saving" in result.stdout and "MiB compressed" in result.stdout
+    assert load_file(tmp_path / "dense" / "model.safetensors")["model.layers.0.mlp.experts.down_proj"].shape == (
+        8, 128, 256)
+    result = cli("export", f"output_dir={tmp_path / 'dense'}", cwd=tmp_path)
+    assert result.returncode == 1 and "give model=<compressed folder>" in result.stderr.strip().splitlines()[-1]
+
+
 def test_eval_scores_a_model_and_names_close_matches_for_unknown_tasks(tmp_path):
     result = cli("eval", "model=testbed", "limit=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -118,9 +118,10 @@ def test_a_failing_checkpoint_is_retried_then_skipped_and_an_incomplete_one_neve
     finished_checkpoint(run / "checkpoint-1", 1)
     finished_checkpoint(run / "checkpoint-2", 2)  # checkpoint-3 has no trainer state: still being written
     (run / END_MARKER).write_text(json.dumps({"global_step": 3}))
-    rows = watch(run, QUICK, poll_seconds=0.05, max_retries=1)
+    rows = watch(run, QUICK, poll_seconds=0.05, max_retries=1, initial="testbed")  # the model before training
     out = capsys.readouterr().out
-    assert {row["step"] for row in rows} == {2} and {row["task"] for row in rows} == set(QUICK.tasks)
+    assert {row["step"] for row in rows} == {0, 2} and {row["task"] for row in rows} == set(QUICK.tasks)
+    assert rows[0]["step"] == 0 and rows[0]["checkpoint"] == TESTBED_DIR.name  # scored first: the plot starts there
     assert "checkpoint-1 failed (attempt 1 of 2), will retry" in out
     assert "checkpoint-1 failed 2 times, giving up on it" in out
     assert "checkpoint-3 was never completed" in out and "every checkpoint is scored but step 1;" in out
@@ -128,8 +129,14 @@ def test_a_failing_checkpoint_is_retried_then_skipped_and_an_incomplete_one_neve
 
 
 def test_ctrl_c_stops_the_watcher_cleanly(tmp_path, capsys):
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # the run never appears nor ends
-    assert watch(tmp_path / "run", QUICK, poll_seconds=0.05, wait_for_dir=True) == []
+    # where SIGINT is ignored (a background job, nohup, some CI runners) it would never arrive: restore the terminal's
+    # behaviour for this test, and the caller's after it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # the run never appears nor ends
+        assert watch(tmp_path / "run", QUICK, poll_seconds=0.05, wait_for_dir=True) == []
+    finally:
+        signal.signal(signal.SIGINT, previous)
     out = capsys.readouterr().out
     assert "waiting for" in out and "stopped; scores so far are in" in out
 

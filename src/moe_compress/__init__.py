@@ -42,6 +42,8 @@ _EXPORTS = {
     "watch": "moe_compress.evaluate",
     "SharedCoreExperts": "moe_compress.experts",
     "export_dense": "moe_compress.export",
+    "merge_experts": "moe_compress.peers",
+    "prune_experts": "moe_compress.peers",
     "compress_checkpoint": "moe_compress.streaming",
 }
 __all__ = sorted(_EXPORTS)
@@ -80,5 +82,6 @@ if TYPE_CHECKING:
     from moe_compress.evaluate import EvalConfig, evaluate_model, read_results, watch
     from moe_compress.experts import SharedCoreExperts
     from moe_compress.export import export_dense
+    from moe_compress.peers import merge_experts, prune_experts
     from moe_compress.quantizer import SharedCoreConfig
     from moe_compress.streaming import compress_checkpoint

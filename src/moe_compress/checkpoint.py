@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from moe_compress.folder_config import mark_compressed
 from moe_compress.quantizer import QUANT_METHOD, SharedCoreConfig
@@ -74,6 +74,28 @@ def source_tokenizer(source: str | os.PathLike):
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
         return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, fix: str) -> Any:
+    """The tokenizer of a model folder, hub id or bundled testbed; one line naming the folder and `fix` if none."""
+    source = resolve_bundled(name_or_path)
+    if Path(source).is_dir() and not any((Path(source) / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{name_or_path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); {fix}")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"cannot load the tokenizer of {name_or_path} ({str(error).splitlines()[0]}); "
+                                f"{fix}") from error
+
+
+def model_family(name_or_path: str | os.PathLike) -> tuple[str, int | None]:
+    """(model_type, vocabulary size), read from the config alone: what a compressed model, its checkpoints and its
+    teacher share."""
+    config = AutoConfig.from_pretrained(resolve_bundled(name_or_path))
+    return config.model_type, getattr(config.get_text_config(), "vocab_size", None)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -172,6 +194,12 @@ def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool =
 
 def load_compressed(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """Load a folder written by save_compressed (kwargs go to from_pretrained: dtype, device_map, ...)."""
+    check_compressed(path)
+    return load_model(str(path), **kwargs)
+
+
+def check_compressed(path: str | os.PathLike) -> None:
+    """Refuse, from its config alone, a local folder that moe-compress did not write."""
     folder = Path(path)
     if folder.is_dir():
         config = _config_in(folder)
@@ -182,7 +210,6 @@ def load_compressed(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
                 f"{folder} holds a model that moe-compress did not compress; load it with "
                 "AutoModelForCausalLM.from_pretrained, or compress it first"
             )
-    return load_model(str(path), **kwargs)
 
 
 def local_model_folder(name_or_path: str) -> str:

@@ -16,13 +16,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 import torch
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import TrainingArguments
 
-from moe_compress.checkpoint import load_compressed, local_model_folder
+from moe_compress.checkpoint import load_compressed, load_tokenizer, local_model_folder
 from moe_compress.compress import CompressionConfig
 from moe_compress.data import DataConfig
-from moe_compress.distill import DistillationConfig, distill, load_teacher
+from moe_compress.distill import DistillationConfig, check_family, distill, load_teacher
 from moe_compress.evaluate import EvalConfig, evaluate_model, format_scores, watch
+from moe_compress.export import export_dense, size_note
 from moe_compress.pipeline import run_pipeline
 from moe_compress.streaming import compress_checkpoint
 
@@ -74,9 +75,11 @@ def run_distill(cfg: DictConfig) -> None:
     with user_errors():
         distillation, data = DistillationConfig(**settings(cfg.distill)), DataConfig(**settings(cfg.data))
         args = TrainingArguments(output_dir=cfg.output_dir, **training_settings(cfg))
+        check_family(cfg.student, cfg.teacher)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, f"pass tokenizer=<a folder or hub id>, e.g. "
+                                   f"tokenizer={cfg.teacher} (the teacher's: its vocabulary matches the student's)")
         student = load_compressed(cfg.student, dtype=cfg.dtype)
         teacher = load_teacher(cfg.teacher, distillation.teacher_quantization, cfg.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.student)
         trainer = distill(student, teacher, tokenizer, data, distillation, args, resume=cfg.resume)
         print(f"distilled {trainer.state.global_step} steps; checkpoints and final/ in {cfg.output_dir}")
 
@@ -108,13 +111,22 @@ def run_eval(cfg: DictConfig) -> None:
             return
         watch(cfg.watch, config, teacher=cfg.teacher, results_dir=cfg.results_dir, poll_seconds=cfg.poll_seconds,
               max_retries=cfg.max_retries, wait_for_dir=cfg.wait_for_dir, report_to=cfg.report_to,
-              tokenizer=cfg.tokenizer)
+              tokenizer=cfg.tokenizer, initial=cfg.initial)
+
+
+def run_export(cfg: DictConfig) -> None:
+    with user_errors():
+        if cfg.model is None:
+            raise ValueError("give model=<compressed folder> to export, and output_dir=<folder> for the dense copy")
+        export_dense(cfg.model, cfg.output_dir, dtype=cfg.dtype, overwrite=cfg.overwrite)
+        print(size_note(cfg.model, cfg.output_dir))
 
 
 STAGES: dict[str, tuple[Callable[[DictConfig], None], str]] = {
     "compress": (run_compress, "fit shared cores and wrappers to a model's experts; save the compressed model"),
     "distill": (run_distill, "train a compressed model from the original with alpha*KL + (1-alpha)*CE"),
     "eval": (run_eval, "score a model with lm-eval, or each checkpoint of a training run as it is written"),
+    "export": (run_export, "write a compressed folder back with dense experts, for tools that cannot load it"),
     "pipeline": (run_pipeline_stage, "compress, evaluate, distill with a checkpoint watcher beside it, report"),
 }
 

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BitsAndBytesConfig, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from moe_compress.checkpoint import compression_of, load_model
+from moe_compress.checkpoint import check_compressed, compression_of, load_model, model_family
 from moe_compress.data import DataConfig, build_datasets
 from moe_compress.experts import SharedCoreExperts
 
@@ -116,16 +116,25 @@ def select_trainable(model: nn.Module, train: str, train_routers: bool) -> tuple
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def check_pair(student: nn.Module, teacher: nn.Module) -> None:
-    """Teacher and student must speak the same vocabulary with the same architecture."""
-    compression_of(student)
-    s, t = student.config, teacher.config
-    if s.model_type != t.model_type:
-        raise ValueError(f"teacher is a {t.model_type} model and student a {s.model_type} one; "
+def _check_same_family(student: tuple[str, int | None], teacher: tuple[str, int | None]) -> None:
+    """Teacher and student must speak the same vocabulary with the same architecture: (model_type, vocab_size)."""
+    if student[0] != teacher[0]:
+        raise ValueError(f"teacher is a {teacher[0]} model and student a {student[0]} one; "
                          "distill a compressed model from the model it was compressed from")
-    if s.vocab_size != t.vocab_size:
-        raise ValueError(f"teacher vocabulary ({t.vocab_size}) differs from the student's ({s.vocab_size}); "
+    if student[1] != teacher[1]:
+        raise ValueError(f"teacher vocabulary ({teacher[1]}) differs from the student's ({student[1]}); "
                          "use the teacher the student was compressed from")
+
+
+def check_pair(student: nn.Module, teacher: nn.Module) -> None:
+    compression_of(student)
+    _check_same_family(*((m.config.model_type, m.config.vocab_size) for m in (student, teacher)))
+
+
+def check_family(student: str, teacher: str) -> None:
+    """check_pair from the two configs alone, before any model is loaded."""
+    check_compressed(student)
+    _check_same_family(model_family(student), model_family(teacher))
 
 
 class DistillationTrainer(Trainer):

@@ -32,11 +32,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from moe_compress.checkpoint import load_model
+from moe_compress.checkpoint import load_model, load_tokenizer, model_family
 from moe_compress.distill import END_MARKER
 from moe_compress.tasks import TASKS_DIR
 from moe_compress.testbed import TESTBEDS, resolve_bundled
@@ -104,14 +104,6 @@ def resolve_tasks(tasks: Sequence[str]) -> tuple[Any, tuple[str, ...]]:
     return manager, tuple(dict.fromkeys(expanded))
 
 
-def _tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(resolve_bundled(name_or_path))
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"no tokenizer at {name_or_path} ({str(error).splitlines()[0]}); pass tokenizer= "
-                                "a folder or hub id that has one, e.g. the teacher's") from error
-
-
 def _language_model(model: str | os.PathLike | nn.Module, tokenizer: str | PreTrainedTokenizerBase | None,
                     config: EvalConfig):
     from lm_eval.models.huggingface import HFLM
@@ -123,7 +115,7 @@ def _language_model(model: str | os.PathLike | nn.Module, tokenizer: str | PreTr
         tokenizer = tokenizer if tokenizer is not None else model
         model = load_model(resolve_bundled(model), dtype=config.dtype, device_map=config.torch_device)
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        tokenizer = _tokenizer(tokenizer)
+        tokenizer = load_tokenizer(tokenizer, "pass tokenizer= a folder or hub id that has one, e.g. the teacher's")
     return HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=config.batch_size,
                 max_length=config.max_length)
 
@@ -288,12 +280,6 @@ def _trainer_state_step(folder: Path) -> int | None:
         return None
 
 
-def model_family(name_or_path: str | os.PathLike) -> tuple[str, int | None]:
-    """(model_type, vocabulary size): what every checkpoint of a distillation shares with its teacher."""
-    config = AutoConfig.from_pretrained(resolve_bundled(name_or_path))
-    return config.model_type, getattr(config.get_text_config(), "vocab_size", None)
-
-
 class ModelFamilyError(ValueError):
     """A checkpoint is not of the teacher's family: the wrong folder or the wrong teacher, which no retry mends."""
 
@@ -303,8 +289,10 @@ class Watcher:
 
     def __init__(self, run_dir: str | os.PathLike, config: EvalConfig, teacher: str | None = None,
                  results_dir: str | os.PathLike | None = None, poll_seconds: float = 2.0, max_retries: int = 2,
-                 wait_for_dir: bool = False, report_to: str = "none", tokenizer: str | None = None):
+                 wait_for_dir: bool = False, report_to: str = "none", tokenizer: str | None = None,
+                 initial: str | os.PathLike | None = None):
         self.run_dir, self.config, self.teacher, self.tokenizer = Path(run_dir), config, teacher, tokenizer
+        self.initial = Path(resolve_bundled(initial)) if initial is not None else None
         self.results_dir = Path(results_dir) if results_dir is not None else self.run_dir / "eval"
         self.poll_seconds, self.max_retries, self.report_to = poll_seconds, max_retries, report_to
         if poll_seconds <= 0 or max_retries < 0:
@@ -328,9 +316,11 @@ class Watcher:
         return [task for task in self.tasks if task not in done]
 
     def unscored(self) -> dict[int, Path]:
-        """Complete checkpoints with tasks still to score, not given up on."""
-        return {step: folder for step, folder in complete_checkpoints(self.run_dir).items()
-                if step not in self.given_up and self._missing(step)}
+        """Complete checkpoints with tasks still to score, not given up on; the initial model is step 0."""
+        found = complete_checkpoints(self.run_dir)
+        if self.initial is not None:
+            found = {0: self.initial, **found}
+        return {step: folder for step, folder in found.items() if step not in self.given_up and self._missing(step)}
 
     def _check_family(self, folder: Path) -> None:
         found = model_family(folder)
@@ -444,7 +434,8 @@ class Watcher:
 
 def watch(run_dir: str | os.PathLike, config: EvalConfig = EvalConfig(), teacher: str | None = None,
           results_dir: str | os.PathLike | None = None, poll_seconds: float = 2.0, max_retries: int = 2,
-          wait_for_dir: bool = False, report_to: str = "none", tokenizer: str | None = None) -> list[dict]:
+          wait_for_dir: bool = False, report_to: str = "none", tokenizer: str | None = None,
+          initial: str | os.PathLike | None = None) -> list[dict]:
     """Score every checkpoint of a training run as the Trainer writes it, until the run writes its end marker.
 
     Run it beside the training, on a device of its own (config.device). Checkpoints are scored lowest step first,
@@ -452,6 +443,8 @@ def watch(run_dir: str | os.PathLike, config: EvalConfig = EvalConfig(), teacher
     events) go to `results_dir` (default `run_dir`/eval). A restart skips what results.jsonl holds. A checkpoint that
     fails to load or score is logged and retried up to `max_retries` times, later, while the watcher goes on; one of
     another model family than the teacher stops it with an error. Ctrl-C stops it cleanly. Returns the results' rows.
+    `initial`, the model before training (the compressed folder), is scored as step 0, so that the scores show the
+    whole recovery from the zero-shot model on.
     """
     return Watcher(run_dir, config, teacher, results_dir, poll_seconds, max_retries, wait_for_dir, report_to,
-                   tokenizer).run()
+                   tokenizer, initial).run()

@@ -1,9 +1,8 @@
-"""The whole experiment in one call: compress, score teacher and zero-shot student, distill while a watcher scores each
-checkpoint in its own process (on its own device), then write the report."""
+"""The whole experiment in one call: compress, score the teacher, distill while a watcher scores the zero-shot student
+(step 0) and each checkpoint in its own process (on its own device), then write the report."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,13 +10,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import TrainingArguments
 
-from moe_compress.checkpoint import load_compressed, local_model_folder
+from moe_compress.checkpoint import load_compressed, load_tokenizer, local_model_folder
 from moe_compress.compress import CompressionConfig, CompressionReport
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, load_teacher
-from moe_compress.evaluate import EvalConfig, evaluate_model, teacher_scores
+from moe_compress.evaluate import EvalConfig, teacher_scores
 from moe_compress.report import write_report
 from moe_compress.streaming import compress_checkpoint
 
@@ -54,6 +53,7 @@ def start_watcher(run: PipelineRun, teacher: str, config: EvalConfig, devices: s
     if devices:
         env["CUDA_VISIBLE_DEVICES"] = devices
     overrides = [f"watch={run.distill_dir}", "wait_for_dir=true", f"teacher={teacher}", f"results_dir={run.eval_dir}",
+                 f"initial={run.compressed}",
                  f"tasks=[{','.join(config.tasks)}]", f"limit={'null' if config.limit is None else config.limit}",
                  f"batch_size={config.batch_size}", f"device={config.device}", f"hydra.run.dir={run.eval_dir}/hydra"]
     log = open(run.folder / "watcher.log", "w")
@@ -78,15 +78,14 @@ def run_pipeline(folder: str | Path, model: str, teacher: str, compression: Comp
     started = time.perf_counter()
     run.eval_dir.mkdir(exist_ok=True)
     baseline = teacher_scores(teacher, evaluation, cache=run.eval_dir / "teacher_scores.json")
-    zero_shot = evaluate_model(run.compressed, evaluation)
-    (run.eval_dir / "zero_shot.json").write_text(json.dumps(zero_shot, indent=2))
-    _timed(run, "evaluate teacher and zero-shot", started)
+    _timed(run, "evaluate teacher", started)
 
     started = time.perf_counter()
     watcher = start_watcher(run, teacher, evaluation, eval_devices)
     try:
         student = load_compressed(run.compressed, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(run.compressed)
+        tokenizer = load_tokenizer(run.compressed, f"the compressed folder takes its tokenizer from {model}: give "
+                                   "that model folder tokenizer files")
         args = TrainingArguments(output_dir=str(run.distill_dir), **training)
         distill(student, load_teacher(teacher, distillation.teacher_quantization, dtype), tokenizer, data,
                 distillation, args)
@@ -98,5 +97,5 @@ def run_pipeline(folder: str | Path, model: str, teacher: str, compression: Comp
     if watcher.wait() != 0:
         raise RuntimeError(f"the checkpoint watcher failed; see {run.folder / 'watcher.log'}")
     _timed(run, "finish scoring checkpoints", started)
-    write_report(run, model, baseline, zero_shot)
+    write_report(run, model, baseline)
     return run

@@ -42,12 +42,13 @@ def metrics_table(teacher: Scores, zero_shot: Scores, steps: dict[int, Scores]) 
                            [[name, *[cell(s, t, m) for t, m in columns]] for name, s in rows])
 
 
-def write_report(run: PipelineRun, model: str, teacher: Scores, zero_shot: Scores) -> Path:
+def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
     """report.md in the run folder, readable by someone who did not run it, and summary.json for sweeps."""
     report = run.report
     if not (run.compressed / "compression_error.png").exists():
         plot_errors(report, run.compressed / "compression_error.png")
     steps = checkpoint_scores(read_results(run.eval_dir / "results.jsonl"))
+    zero_shot = steps.pop(0, {})  # the watcher scores the compressed model before training as step 0
     source = Path(resolve_bundled(model))
     before_bytes = folder_bytes(source) if source.is_dir() else None
     after_bytes = folder_bytes(run.compressed)
