@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import distillation, fit_speed, inference, param_count, quality, streaming
+from benchmarks import distillation, fit_speed, inference, param_count, quality, startup, streaming
 from benchmarks.common import machine
 
 
@@ -19,6 +19,7 @@ SECTIONS = {
     "param_count": (param_count, "4. The seed's parameter-count claim"),
     "distillation": (distillation, "5. Distillation of the compressed testbed"),
     "streaming": (streaming, "6. Streaming, parallel compression of a checkpoint folder"),
+    "startup": (startup, "7. Start-up cost of the loading hook"),
 }
 FIGURES = {"quality": "![held-out loss increase against kept fraction](benchmarks/quality.png)",
            "fit_speed": "![error against fit time](benchmarks/fit_speed.png)",

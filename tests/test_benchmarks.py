@@ -16,7 +16,8 @@ def test_benchmark_smoke_run_writes_report_and_plots(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "BENCHMARKS.md").read_text()
     for heading in ("Quality at equal storage", "Fit speed", "Inference speed", "parameter-count claim",
-                    "Distillation of the compressed testbed", "Streaming, parallel compression"):
+                    "Distillation of the compressed testbed", "Streaming, parallel compression",
+                    "Start-up cost of the loading hook"):
         assert heading in report
     assert "| per-expert SVD |" in report and "77,594,624" in report
     for plot in ("quality.png", "fit_speed.png", "distillation.png"):

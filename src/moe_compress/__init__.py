@@ -16,12 +16,12 @@ from __future__ import annotations
 import importlib
 import sys
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
 
 from moe_compress.autoload import install
 
 install()  # transformers then loads compressed folders, also where the start-up hook is not installed
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every Python start several ms
 _EXPORTS = {
     "SharedCoreConfig": "moe_compress.quantizer",
     "load_compressed": "moe_compress.checkpoint",
