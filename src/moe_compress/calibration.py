@@ -81,7 +81,9 @@ def _check_ids(ids: torch.Tensor) -> None:
         )
 
 
-def _batches(calibration: Calibration, batch_size: int) -> Iterable[torch.Tensor]:
+def token_batches(calibration: Calibration, batch_size: int) -> Iterable[torch.Tensor]:
+    """Batches of token ids from calibration data: a LongTensor [N, L] split into `batch_size` sequences, or an
+    iterable of such batches as it is."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1 sequence")
     if isinstance(calibration, torch.Tensor):
@@ -99,7 +101,7 @@ def observe(model: nn.Module, calibration: Calibration, make_observer: Callable[
     such batches.
     """
     observers = {name: make_observer(experts) for name, experts in find_experts(model)}
-    batches = _batches(calibration, batch_size)
+    batches = token_batches(calibration, batch_size)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # routers behave as at inference (no jitter), as the compressed model will be used

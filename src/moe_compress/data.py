@@ -93,6 +93,22 @@ def _documents(config: DataConfig) -> Iterable[str]:
     return (row[config.text_column] for row in dataset)
 
 
+def calibration_sequences(config: DataConfig, tokenizer, count: int) -> torch.Tensor:
+    """`count` sequences of config.seq_len token ids [count, seq_len] from the training part of a source: spread evenly
+    over a local text, the first ones of a streamed dataset."""
+    train, _ = build_datasets(config, tokenizer)
+    if isinstance(train, PackedBlocks):
+        if len(train) < count:
+            raise ValueError(f"{config.source} holds {len(train)} sequences of {config.seq_len} tokens, fewer than "
+                             f"the {count} asked for; ask for fewer sequences, shorter ones, or more text")
+        return train.blocks[torch.linspace(0, len(train) - 1, count).round().long()]
+    blocks = [item["input_ids"] for item in itertools.islice(train, count)]
+    if len(blocks) < count:
+        raise ValueError(f"{config.source} ran out after {len(blocks)} sequences of {config.seq_len} tokens; ask "
+                         "for fewer sequences or shorter ones")
+    return torch.stack(blocks)
+
+
 def build_datasets(config: DataConfig, tokenizer) -> tuple[Dataset, Dataset]:
     """(train, held-out) datasets of packed causal-LM blocks."""
     if config.source in TESTBEDS:  # both testbeds train on the same corpus

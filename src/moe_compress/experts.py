@@ -69,6 +69,16 @@ class Route:
         return self.to_grid(y).sum(dim=1)
 
 
+def apply_gate(experts: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The experts module's gating of its gate and up projections' outputs: act(gate) * up, or the model's own."""
+    own = type(experts)._apply_gate
+    if own is _default_apply_gate:
+        return experts.act_fn(gate) * up
+    # A model's own gating reads the fused layout: [gate | up] or interleaved [g0, u0, g1, u1, ...]
+    fused = torch.cat([gate, up], -1) if experts.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
+    return own(experts, fused)
+
+
 def wrapped_weights(core, u_out, v_out, u_in, v_in) -> torch.Tensor:
     """(I + U_out V_out^T) C (I + U_in V_in^T) densely, [E, out, in]; a side given as None is the identity."""
     W = core
@@ -300,19 +310,11 @@ class SharedCoreExperts(nn.Module):
         template._modules = dict(experts._modules)
         return template
 
-    def _apply_gate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        apply_gate = type(self.template)._apply_gate
-        if apply_gate is _default_apply_gate:
-            return self.act_fn(gate) * up
-        # A model's own gating reads the fused layout: [gate | up] or interleaved [g0, u0, g1, u1, ...]
-        fused = torch.cat([gate, up], -1) if self.template.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
-        return apply_gate(self.template, fused)
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         route = Route.build(top_k_index, top_k_weights.to(hidden_states.dtype), self.num_experts)
         p, x, x_pairs = self.projections, hidden_states, hidden_states[route.token]
         if self.has_gate:
-            h = self._apply_gate(p["gate"].expand(x, x_pairs, route), p["up"].expand(x, x_pairs, route))
+            h = apply_gate(self.template, p["gate"].expand(x, x_pairs, route), p["up"].expand(x, x_pairs, route))
         else:
             h = self.act_fn(p["up"].expand(x, x_pairs, route))
         if self.post_expert_norm is None:

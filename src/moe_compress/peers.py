@@ -1,6 +1,6 @@
 """The peer methods we compare against: expert pruning and expert merging.
 
-Both read calibration tokens, act in place, and keep E' = round(kept_fraction * E) experts' worth of parameters in
+Both read calibration tokens, act in place, and keep E' = floor(kept_fraction * E) experts' worth of parameters in
 every experts module, so that they stand beside compress() at equal kept fraction of expert parameters:
 
     prune_experts(model, token_ids, 0.5)   REAP (Lasby et al., 2025): drop the least salient experts
@@ -10,6 +10,8 @@ Shapes: E experts, E' kept experts or clusters, T tokens, K active experts per t
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +99,9 @@ class MeanOutputs(RoutingCounts):
 
 
 def kept_count(num_experts: int, kept_fraction: float, name: str, at_least: int = 1) -> int:
-    """E' = round(kept_fraction * E), refused below `at_least`."""
-    kept = round(kept_fraction * num_experts)
+    """E' = floor(kept_fraction * E): the most experts whose storage stays within the budget, as compress's ranks do;
+    refused below `at_least`."""
+    kept = math.floor(kept_fraction * num_experts + 1e-9)  # 0.3 * 10 is 2.9999999999999996 in floating point
     if kept < at_least:
         why = "no expert" if at_least == 1 else f"fewer than the {at_least} each token is routed to"
         raise ValueError(
@@ -165,7 +168,7 @@ def _expert_params(found: list[tuple[str, nn.Module]]) -> int:
 
 def prune_experts(model: nn.Module, calibration: Calibration, kept_fraction: float, batch_size: int = 8,
                   progress: bool = True) -> dict:
-    """REAP expert pruning, in place: in every experts module keep the E' = round(kept_fraction * E) experts of
+    """REAP expert pruning, in place: in every experts module keep the E' = floor(kept_fraction * E) experts of
     largest saliency
 
         S_e = mean over calibration tokens x routed to e of g_e(x) ||f_e(x)||_2
@@ -232,7 +235,7 @@ def merge_matrix(clusters: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def merge_experts(model: nn.Module, calibration: Calibration, kept_fraction: float, batch_size: int = 8,
                   progress: bool = True) -> dict:
     """HC-SMoE expert merging, in place: in every experts module cluster the E experts into E' =
-    round(kept_fraction * E) groups by average-linkage hierarchical clustering (euclidean) of their mean outputs over
+    floor(kept_fraction * E) groups by average-linkage hierarchical clustering (euclidean) of their mean outputs over
     all calibration tokens, mean_e = (1 / T) sum_x f_e(x); merge each cluster c into one expert by the routing-frequency
     weighted average
 

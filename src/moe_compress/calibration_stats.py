@@ -1,0 +1,101 @@
+"""Calibration statistics of an experts module: what each expert's inputs look like, for fits in that metric.
+
+The error that matters is the one on the inputs an expert actually sees, sum over tokens routed to e of
+||g (W_e - What_e) x||^2 = tr((W_e - What_e) M_e (W_e - What_e)^T), with g the routing weight. So per expert:
+
+    M_e  = sum over tokens routed to e of g^2 x x^T      [H, H]  gate and up read the hidden state x
+    M'_e = sum over tokens routed to e of g^2 h h^T      [F, F]  down reads h = act(gate x) * (up x)
+    n_e  = number of tokens routed to e
+
+accumulated in fp32 (an unnormalised sum: routing frequency is in it already). `metric()` regularises them for the
+fit: every expert gets `shrink * d` pseudo-tokens of the layer-wide Gram (the sum over all routed tokens, per token),
+which keeps rarely routed experts well posed and gives an expert with no tokens the layer-wide statistics; then a
+damping of `damp` times the mean diagonal, as GPTQ does.
+
+Shapes: E experts, T tokens, K active experts per token, H hidden, F expert width, d an input size (H or F).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_compress.calibration import RoutingCounts
+from moe_compress.discovery import split_weights
+from moe_compress.experts import apply_gate
+
+
+@dataclass(frozen=True)
+class Regularisation:
+    shrink: float = 1.0  # pseudo-tokens of the layer-wide Gram per input dimension
+    damp: float = 0.01  # times the mean diagonal, added to it
+
+    def __post_init__(self):
+        if self.shrink < 0 or self.damp <= 0:
+            raise ValueError(f"shrink={self.shrink} must be >= 0 and damp={self.damp} > 0 (a positive damping keeps "
+                             "every metric invertible)")
+
+
+class ExpertGrams(RoutingCounts):
+    """Observer (calibration.observe) of one experts module: the routed-input Grams of each expert, for gate/up and
+    for down, and the tokens routed to it."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__(experts)
+        parts = split_weights(experts)
+        self.gated = "gate" in parts
+        E, F, H = parts["up"][0].shape
+        device = self.tokens.device
+        self.inputs = torch.zeros(E, H, H, device=device)  # [E, H, H]
+        self.intermediate = torch.zeros(E, F, F, device=device)  # [E, F, F]
+        self.weights = {name: (W.detach(), b) for name, (W, b) in parts.items() if name != "down"}
+
+    def _intermediate(self, experts: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
+        """h = act(gate x) * (up x) of expert e on x [T_e, H], with the module's own gating: [T_e, F]."""
+        def project(name: str) -> torch.Tensor:
+            W, b = self.weights[name]
+            y = x.to(W.dtype) @ W[e].T
+            return y if b is None else y + b[e]
+        h = apply_gate(experts, project("gate"), project("up")) if self.gated else experts.act_fn(project("up"))
+        return h.float()
+
+    @torch.no_grad()
+    def __call__(self, experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> None:
+        super().__call__(experts, hidden_states, top_k_index, top_k_weights)
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        for e in top_k_index.unique().tolist():
+            token, slot = (top_k_index == e).nonzero(as_tuple=True)
+            g = top_k_weights[token, slot].float().unsqueeze(1)  # [T_e, 1]
+            x_e = x[token]
+            gx = g * x_e.float()
+            self.inputs[e] += gx.T @ gx
+            gh = g * self._intermediate(experts, x_e, e)
+            self.intermediate[e] += gh.T @ gh
+
+    def gram(self, projection: str) -> torch.Tensor:
+        return self.intermediate if projection == "down" else self.inputs
+
+    def metric(self, projection: str, regularisation: Regularisation = Regularisation()) -> torch.Tensor:
+        """The regularised metric of every expert for `projection`: [E, d, d], fp32."""
+        return regularised(self.gram(projection), self.tokens, regularisation)
+
+    def starved(self) -> list[int]:
+        """Experts that received fewer tokens than their input size: their own statistics cannot be full rank."""
+        return [e for e, n in enumerate(self.tokens.tolist()) if n < self.inputs.shape[-1]]
+
+
+def regularised(gram: torch.Tensor, tokens: torch.Tensor, regularisation: Regularisation) -> torch.Tensor:
+    """M_e + shrink * d * (sum_e M_e / sum_e n_e), then + damp * mean diag * I; computed in fp64."""
+    gram = gram.double()
+    d = gram.shape[-1]
+    layer = gram.sum(0) / tokens.sum().clamp_min(1).to(gram)  # the layer-wide Gram, per routed token: [d, d]
+    metric = gram + regularisation.shrink * d * layer
+    diagonal = metric.diagonal(dim1=-2, dim2=-1).mean(-1)  # [E]
+    # an expert with no tokens and no shrinkage would have no scale at all: fall back to the layer's
+    scale = torch.where(diagonal > 0, diagonal, layer.diagonal().mean().clamp_min(1e-12))
+    metric = metric + regularisation.damp * scale[:, None, None] * torch.eye(d, dtype=metric.dtype,
+                                                                             device=metric.device)
+    return metric.float()

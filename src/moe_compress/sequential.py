@@ -1,0 +1,102 @@
+"""A layer-by-layer pass of calibration tokens through a model's decoder, as GPTQ and llm-compressor's sequential
+pipeline run one: each decoder layer sees the outputs of the layers before it, as they are when it is reached (so a
+layer compressed on the way passes its own outputs on), and only one layer works at a time.
+
+    inputs = capture(model, batches)            # what the first decoder layer receives, and each layer's kwargs
+    for index, layer in enumerate(inputs.layers):
+        outputs = inputs.run(index)             # observe its experts meanwhile (calibration.observing)
+        ... compress the layer's experts ...
+        inputs.advance(index)                   # its outputs, recomputed as it now is, feed the next layer
+
+Decoder layers are found as the ModuleList that holds every experts module; each is called by the model's own loop
+as layer(hidden_states, **kwargs) -> hidden_states, which is how transformers 5 runs all its decoder models. The
+keyword arguments (masks, position embeddings) are recorded once per layer and batch by running the model with every
+layer replaced by a recorder that passes its input through: the model's own code builds them, for every layer type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from moe_compress.discovery import find_experts
+
+
+class _Done(Exception):
+    """Raised by the last recorder: nothing after the decoder layers is needed (no norm, no logits)."""
+
+
+class _Recorder(nn.Module):
+    def __init__(self, index: int, sink: "LayerInputs", last: bool):
+        super().__init__()
+        self.index, self.sink, self.last = index, sink, last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise TypeError("a decoder layer was called with positional arguments beyond the hidden states; "
+                            "this model's decoder loop is not supported by the layer-by-layer pass")
+        if self.index == 0:
+            self.sink.hidden.append(hidden_states)
+        self.sink.kwargs[self.index].append(kwargs)
+        if self.last:
+            raise _Done
+        return hidden_states
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The name and ModuleList of the decoder layers: the innermost ModuleList holding every experts module."""
+    experts = [name for name, _ in find_experts(model)]
+    found = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)
+             and all(e.startswith(f"{name}.") for e in experts)]
+    if not found:
+        raise ValueError("the experts modules do not sit in one list of decoder layers; the layer-by-layer "
+                         "calibration pass needs a transformers decoder model")
+    return max(found, key=lambda item: len(item[0]))
+
+
+@dataclass
+class LayerInputs:
+    """The calibration batches as they reach the current layer, and the kwargs the model gives each layer."""
+
+    prefix: str
+    layers: nn.ModuleList
+    hidden: list[torch.Tensor] = field(default_factory=list)  # per batch: [B, L, H], the current layer's inputs
+    kwargs: list[list[dict]] = field(default_factory=list)  # per layer, per batch
+
+    def experts_of(self, index: int, model: nn.Module) -> list[str]:
+        return [name for name, _ in find_experts(model) if name.startswith(f"{self.prefix}.{index}.")]
+
+    @torch.inference_mode()
+    def run(self, index: int) -> list[torch.Tensor]:
+        """Layer `index` on every batch of its inputs: its outputs."""
+        layer = self.layers[index]
+        return [layer(hidden, **kwargs) for hidden, kwargs in zip(self.hidden, self.kwargs[index])]
+
+    def advance(self, index: int, outputs: list[torch.Tensor] | None = None) -> None:
+        """The next layer's inputs: `outputs`, or layer `index` run anew (after it changed)."""
+        self.hidden = outputs if outputs is not None else self.run(index)
+
+
+@torch.inference_mode()
+def capture(model: nn.Module, batches: Iterable[torch.Tensor]) -> LayerInputs:
+    """Run the model on token-id batches with every decoder layer replaced by a recorder: the first layer's inputs
+    and every layer's kwargs, built by the model's own code (embeddings, masks, rotary embeddings)."""
+    prefix, layers = decoder_layers(model)
+    inputs = LayerInputs(prefix, layers, kwargs=[[] for _ in layers])
+    originals = list(layers)
+    device = next(model.parameters()).device
+    try:
+        for index in range(len(layers)):
+            layers[index] = _Recorder(index, inputs, last=index == len(layers) - 1)
+        for ids in batches:
+            try:
+                model.base_model(input_ids=ids.to(device), use_cache=False)
+            except _Done:
+                pass
+    finally:
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+    return inputs

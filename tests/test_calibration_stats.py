@@ -1,0 +1,89 @@
+"""Calibration statistics and the layer-by-layer pass, against plain computations: Grams summed token by token, the
+regularisation written out, and each layer's outputs against the model's own hidden states."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import token_ids, tiny_model
+
+from moe_compress.calibration import observe, observing
+from moe_compress.calibration_stats import ExpertGrams, Regularisation, regularised
+from moe_compress.discovery import find_experts, split_weights
+from moe_compress.sequential import capture, decoder_layers
+
+
+def routed_inputs(model, ids) -> dict[str, list[tuple]]:
+    """What every experts module received, caught by a plain forward hook of its own."""
+    seen = {name: [] for name, _ in find_experts(model)}
+    handles = [experts.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args))
+               for name, experts in find_experts(model)]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_expert_grams_are_the_routed_token_sums(model_type):
+    model = tiny_model(model_type)
+    ids = token_ids(3, 10)
+    grams = observe(model, ids, ExpertGrams, batch_size=2, progress=False)
+    seen = routed_inputs(model, ids)
+    for name, experts in find_experts(model):
+        (W_gate, _), (W_up, _) = split_weights(experts)["gate"], split_weights(experts)["up"]
+        E, F_, H = W_up.shape
+        M, M_mid, n = torch.zeros(E, H, H), torch.zeros(E, F_, F_), torch.zeros(E, dtype=torch.long)
+        for hidden, index, weights in seen[name]:
+            for t in range(hidden.shape[0]):
+                for k in range(index.shape[1]):
+                    e, g, x = index[t, k].item(), weights[t, k].item(), hidden[t]
+                    h = F.silu(W_gate[e] @ x) * (W_up[e] @ x)  # both models gate with SiLU
+                    M[e] += g**2 * torch.outer(x, x)
+                    M_mid[e] += g**2 * torch.outer(h, h)
+                    n[e] += 1
+        assert torch.equal(grams[name].tokens, n)
+        assert torch.allclose(grams[name].gram("gate"), M, atol=1e-5)
+        assert torch.allclose(grams[name].gram("down"), M_mid, atol=1e-5)
+
+
+def test_regularisation_adds_layer_pseudo_tokens_then_damps():
+    gram = torch.stack([torch.tensor([[4.0, 1.0], [1.0, 2.0]]), torch.zeros(2, 2)])  # expert 1 received nothing
+    tokens = torch.tensor([4, 0])
+    metric = regularised(gram, tokens, Regularisation(shrink=0.5, damp=0.1))
+    layer = gram.sum(0) / 4  # per routed token
+    for e in range(2):  # expert 1 gets the layer-wide statistics alone
+        shrunk = gram[e] + 0.5 * 2 * layer  # shrink pseudo-tokens per input dimension, d = 2
+        expected = shrunk + 0.1 * shrunk.diagonal().mean() * torch.eye(2)
+        assert torch.allclose(metric[e], expected)
+    assert torch.linalg.eigvalsh(metric).min() > 0
+    with pytest.raises(ValueError, match="damp=0"):
+        Regularisation(damp=0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "mixtral"])  # gpt_oss: sliding and full attention
+def test_layer_by_layer_pass_reproduces_the_models_hidden_states(model_type):
+    model = tiny_model(model_type, num_hidden_layers=3)
+    ids = token_ids(3, 12)
+    with torch.no_grad():
+        reference = model.base_model(ids, output_hidden_states=True, use_cache=False).hidden_states
+    inputs = capture(model, ids.split(2))
+    assert decoder_layers(model)[0] == "model.layers"
+    assert torch.equal(torch.cat(inputs.hidden), reference[0])
+    for index in range(2):  # the last layer's output is normalised in the model's own tuple
+        inputs.advance(index)
+        assert torch.allclose(torch.cat(inputs.hidden), reference[index + 1], atol=1e-6)
+
+
+def test_observing_one_layer_sees_only_that_layer():
+    model = tiny_model("qwen3_moe")
+    inputs = capture(model, [token_ids(2, 8)])
+    name = inputs.experts_of(1, model)
+    assert name == ["model.layers.1.mlp.experts"]
+    grams = {name[0]: ExpertGrams(model.get_submodule(name[0]))}
+    with observing(model, grams):
+        inputs.run(0)
+        assert grams[name[0]].tokens.sum() == 0
+        inputs.advance(0)
+        inputs.run(1)
+    assert grams[name[0]].tokens.sum() == 2 * 8 * model.config.num_experts_per_tok
