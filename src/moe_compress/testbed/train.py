@@ -60,18 +60,24 @@ MOE = dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sp
 ROUTER_AUX_LOSS_COEF = 0.01
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=TESTBED_DIR, help="folder for the MoE model (default: shipped)")
-    parser.add_argument("--dense-steps", type=int, default=1200)
-    parser.add_argument("--moe-steps", type=int, default=800)
+def testbed_parser(doc: str, out: Path) -> argparse.ArgumentParser:
+    """The arguments every testbed script takes: where to save, batch shape, seed, threads and how much to score."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=out, help="folder for the MoE model (default: shipped)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--dense-lr", type=float, default=3e-3)
-    parser.add_argument("--moe-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--eval-bytes", type=int, default=None, help="score only this many validation bytes")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = testbed_parser(__doc__, TESTBED_DIR)
+    parser.add_argument("--dense-steps", type=int, default=1200)
+    parser.add_argument("--moe-steps", type=int, default=800)
+    parser.add_argument("--dense-lr", type=float, default=3e-3)
+    parser.add_argument("--moe-lr", type=float, default=1e-3)
     return parser.parse_args(argv)
 
 
@@ -110,18 +116,23 @@ class RandomWindows(Dataset):
         return {"input_ids": window, "labels": window}
 
 
-def loss_with_per_layer_balance(
-    outputs: MoeCausalLMOutputWithPast, labels: torch.Tensor, num_items_in_batch: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Next-byte loss + ROUTER_AUX_LOSS_COEF * the Switch load-balancing loss of each layer, averaged over layers.
+def loss_with_per_layer_balance(config: Qwen3MoeConfig) -> Callable[..., torch.Tensor]:
+    """The Trainer loss for `config`'s MoE: next-byte loss + router_aux_loss_coef * the Switch load-balancing loss of
+    each layer, averaged over layers.
 
     transformers' own aux loss pools the routing statistics of all layers, so layers may overload different experts
     and cancel out; a first run trained with it left 2-3 experts per layer with almost no tokens.
     """
-    lm = ForCausalLMLoss(outputs.logits, labels, ARCHITECTURE["vocab_size"], num_items_in_batch)
-    E, K = MOE["num_experts"], MOE["num_experts_per_tok"]
-    balance = [load_balancing_loss_func((logits,), E, K) for logits in outputs.router_logits]  # [T, E] per layer
-    return lm + ROUTER_AUX_LOSS_COEF * torch.stack(balance).mean()
+    E, K = config.num_experts, config.num_experts_per_tok
+
+    def loss(
+        outputs: MoeCausalLMOutputWithPast, labels: torch.Tensor, num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        lm = ForCausalLMLoss(outputs.logits, labels, config.vocab_size, num_items_in_batch)
+        balance = [load_balancing_loss_func((logits,), E, K) for logits in outputs.router_logits]  # [T, E] per layer
+        return lm + config.router_aux_loss_coef * torch.stack(balance).mean()
+
+    return loss
 
 
 def fit(
@@ -178,94 +189,130 @@ def upcycle(dense: Qwen3ForCausalLM, config: Qwen3MoeConfig) -> Qwen3MoeForCausa
     return moe
 
 
+def flat_experts(moe: Qwen3MoeForCausalLM) -> list[torch.Tensor]:
+    """Per layer, each expert's weights (gate, up and down) as one row: [E, P] with P = 3 F H."""
+    experts = [layer.mlp.experts for layer in moe.model.layers]
+    return [torch.cat([e.gate_up_proj.flatten(1), e.down_proj.flatten(1)], dim=1).detach().float() for e in experts]
+
+
 def expert_spread(moe: Qwen3MoeForCausalLM) -> list[float]:
     """Per layer, mean_e ||W_e - W_mean|| / ||W_mean|| over each expert's weights: 0 right after upcycling."""
-    spreads = []
-    for layer in moe.model.layers:
-        experts = layer.mlp.experts
-        W = torch.cat([experts.gate_up_proj.flatten(1), experts.down_proj.flatten(1)], dim=1).float()  # [E, P]
-        W_mean = W.mean(dim=0)
-        spreads.append(((W - W_mean).norm(dim=1).mean() / W_mean.norm()).item())
-    return spreads
+    return [((W - W.mean(dim=0)).norm(dim=1).mean() / W.mean(dim=0).norm()).item() for W in flat_experts(moe)]
+
+
+def expert_distance(moe: Qwen3MoeForCausalLM) -> list[float]:
+    """Per layer, mean_e ||W_e - W_mean|| / ||W_e||: the part of each expert not common to all, 0 for copies.
+
+    E independent random experts score about sqrt(1 - 1/E), just under 1.
+    """
+    return [((W - W.mean(dim=0)).norm(dim=1) / W.norm(dim=1)).mean().item() for W in flat_experts(moe)]
 
 
 @torch.inference_mode()
-def expert_load(moe: Qwen3MoeForCausalLM, text: str, seq_len: int, max_windows: int = 32) -> list[list[float]]:
-    """Per layer, the share of top-k slots each expert receives on `text` (1/E each under perfect balance)."""
-    n_windows = min(max_windows, len(text.encode("utf-8")) // seq_len)
-    ids = torch.tensor(list(text.encode("utf-8")[: n_windows * seq_len]))
+def expert_load(
+    moe: Qwen3MoeForCausalLM, text: str, seq_len: int, max_windows: int | None = 32, batch_size: int = 16
+) -> list[list[float]]:
+    """Per layer, the share of top-k slots each expert receives on `text` (1/E each under perfect balance).
+
+    The text is read in up to `max_windows` windows of `seq_len` bytes (all whole windows when None).
+    """
+    data = text.encode("utf-8")
+    n_windows = len(data) // seq_len if max_windows is None else min(max_windows, len(data) // seq_len)
+    ids = torch.tensor(list(data[: n_windows * seq_len])).view(n_windows, seq_len)  # [N, L]
     device = next(moe.parameters()).device
-    router_logits = moe(input_ids=ids.view(-1, seq_len).to(device), output_router_logits=True).router_logits
-    loads = []
-    for logits in router_logits:  # [T, E] per layer
-        chosen = logits.topk(moe.config.num_experts_per_tok, dim=-1).indices.flatten()
-        loads.append((torch.bincount(chosen, minlength=moe.config.num_experts) / chosen.numel()).tolist())
-    return loads
+    E, K = moe.config.num_experts, moe.config.num_experts_per_tok
+    counts = torch.zeros(moe.config.num_hidden_layers, E)  # [layers, E]
+    for batch in ids.split(batch_size):
+        router_logits = moe(input_ids=batch.to(device), output_router_logits=True).router_logits
+        for layer, logits in enumerate(router_logits):  # [T, E] per layer
+            counts[layer] += torch.bincount(logits.topk(K, dim=-1).indices.flatten(), minlength=E).cpu()
+    return (counts / counts.sum(dim=1, keepdim=True)).tolist()
 
 
-def parameter_counts(dense: Qwen3ForCausalLM, moe: Qwen3MoeForCausalLM) -> dict[str, int]:
+def moe_parameter_counts(moe: Qwen3MoeForCausalLM) -> dict[str, int]:
     experts = [layer.mlp.experts for layer in moe.model.layers]
     expert_params = sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in experts)
-    idle_share = 1 - MOE["num_experts_per_tok"] / MOE["num_experts"]
+    idle_share = 1 - moe.config.num_experts_per_tok / moe.config.num_experts
     return {
-        "dense": dense.num_parameters(),
         "moe_total": moe.num_parameters(),
         "moe_experts": expert_params,
         "moe_active_per_token": moe.num_parameters() - round(expert_params * idle_share),
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
-    args = parse_args(argv)
+def prepare(args: argparse.Namespace) -> tuple[PreTrainedTokenizerFast, torch.Tensor, str]:
+    """Threads and seed set; the byte tokenizer, the train split's token ids and the validation text to score."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    seconds = {"start": time.time()}
-
     tokenizer = byte_tokenizer()
     train_ids = encode_checked(tokenizer, read_split("train"))
-    validation = read_split("validation")[: args.eval_bytes]
-    max_positions = dict(max_position_embeddings=args.seq_len)
+    return tokenizer, train_ids, read_split("validation")[: args.eval_bytes]
 
-    dense = Qwen3ForCausalLM(Qwen3Config(**ARCHITECTURE, **max_positions))
+
+def moe_config(experts: dict, seq_len: int, balance_coef: float) -> Qwen3MoeConfig:
+    """ARCHITECTURE with `experts` (count, width, top-k, ...) in every layer, set up for loss_with_per_layer_balance."""
+    return Qwen3MoeConfig(
+        **ARCHITECTURE,
+        **experts,
+        max_position_embeddings=seq_len,
+        router_aux_loss_coef=balance_coef,
+        output_router_logits=True,
+    )
+
+
+def save_moe(moe: Qwen3MoeForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> Qwen3MoeForCausalLM:
+    """Saves the trained MoE in bfloat16 with its tokenizer, and returns it as read back (fp32), the model shipped."""
+    # Off in the shipped config: with it on, a user's loss(labels=...) would silently include the aux loss.
+    moe.config.output_router_logits = False
+    moe.config.use_cache = True  # Trainer turns the KV cache off for training; generate() wants it
+    moe.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return load_testbed(torch.float32, out)[0]
+
+
+def run_record(
+    module: str, argv: list[str] | None, args: argparse.Namespace, seconds: dict[str, float]
+) -> dict[str, object]:
+    """The head of training_stats.json: the command that remakes the model, its settings and the wall time per phase."""
+    return {
+        "command": " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "seconds": {phase: round(s) for phase, s in seconds.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    args = parse_args(argv)
+    seconds = {"start": time.time()}
+    tokenizer, train_ids, validation = prepare(args)
+
+    dense = Qwen3ForCausalLM(Qwen3Config(**ARCHITECTURE, max_position_embeddings=args.seq_len))
     dense_windows = RandomWindows(train_ids, args.seq_len, args.dense_steps * args.batch_size, args.seed)
     fit(dense, dense_windows, args.dense_lr, args)
     seconds["dense"] = time.time() - seconds["start"]
 
     torch.manual_seed(args.seed)
-    moe_config = Qwen3MoeConfig(
-        **ARCHITECTURE,
-        **max_positions,
-        **MOE,
-        moe_intermediate_size=ARCHITECTURE["intermediate_size"],
-        router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
-        output_router_logits=True,  # for loss_with_per_layer_balance
-    )
-    moe = upcycle(dense, moe_config)
+    experts = {**MOE, "moe_intermediate_size": ARCHITECTURE["intermediate_size"]}
+    config = moe_config(experts, args.seq_len, ROUTER_AUX_LOSS_COEF)
+    moe = upcycle(dense, config)
     # seed + 1: the MoE reads fresh windows rather than replaying the dense model's
     moe_windows = RandomWindows(train_ids, args.seq_len, args.moe_steps * args.batch_size, args.seed + 1)
-    fit(moe, moe_windows, args.moe_lr, args, loss_with_per_layer_balance)
+    fit(moe, moe_windows, args.moe_lr, args, loss_with_per_layer_balance(config))
     seconds["moe"] = time.time() - seconds["start"] - seconds["dense"]
-    # Off in the shipped config: with it on, a user's loss(labels=...) would silently include the aux loss.
-    moe.config.output_router_logits = False
-    moe.config.use_cache = True  # Trainer turns the KV cache off for training; generate() wants it
-    moe.to(torch.bfloat16).save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    shipped = save_moe(moe, tokenizer, args.out)
 
-    shipped, _ = load_testbed(torch.float32, args.out)
     models = {"dense": dense.eval(), "moe": shipped}
     losses = {name: heldout_loss(model, validation, args.seq_len) for name, model in models.items()}
     seconds["total"] = time.time() - seconds.pop("start")
     stats = {
-        "command": " ".join(["python -m moe_compress.testbed.train", *(sys.argv[1:] if argv is None else argv)]),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        **run_record("moe_compress.testbed.train", argv, args, seconds),
         "architecture": {
             **ARCHITECTURE,
             **MOE,
-            "initializer_range": moe_config.initializer_range,
+            "initializer_range": config.initializer_range,
             "router_aux_loss_coef": ROUTER_AUX_LOSS_COEF,
         },
-        "seconds": {phase: round(s) for phase, s in seconds.items()},
-        "parameters": parameter_counts(dense, shipped),
+        "parameters": {"dense": dense.num_parameters(), **moe_parameter_counts(shipped)},
         "validation_bytes": len(validation.encode("utf-8")),
         "heldout_nats_per_byte": losses,
         "moe_beats_dense": losses["moe"] < losses["dense"],
