@@ -1,9 +1,13 @@
-"""Question 1: quality at equal storage on the trained testbed.
+"""Question 1: quality at equal storage, on both bundled testbeds, against the peers.
 
-For kept fractions of expert parameters of about 0.2, 0.3 and 0.5: each method of `compress` (seed `adam` at its
-specified steps, the default `als`, `delta`), and two references: mean-only (every expert = the mean, one point) and
-per-expert truncated SVD at the same storage. Figures: relative reconstruction error, held-out loss in nats per byte on
-the testbed's validation split and its increase over the original, fit time (median of `repeats` runs).
+The upcycled testbed (8 experts copied from one dense MLP, then trained apart) and the fine-grained one (32 narrow
+experts trained from scratch, as Qwen3-MoE, OLMoE, DeepSeek and GPT-OSS are). At each kept fraction of expert
+parameters: each method of `compress` (seed `adam` at its specified steps, the default `als`, `delta`), data-free and,
+for `als` and `delta`, calibrated (fits in the metric of each expert's routed inputs), per-expert truncated SVD at the
+same storage, and the peers: REAP expert pruning and HC-SMoE expert merging (moe_compress.peers), which keep
+floor(kept * E) experts. Calibrated methods and peers read the same windows of the training split. Mean-only (every expert = the mean)
+is one point, at kept 1/E. Figures: held-out loss in nats per byte on the validation split and its increase over the
+original, relative reconstruction error of the expert weights where a method has one, fit time (median).
 """
 
 from __future__ import annotations
@@ -11,16 +15,26 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks.common import plot_to, table
-from moe_compress import CompressionConfig, compress, find_experts
+from moe_compress import CompressionConfig, compress, find_experts, merge_experts, prune_experts
 from moe_compress.discovery import join_weights, split_weights
-from moe_compress.testbed import heldout_loss, load_testbed, read_split
+from moe_compress.testbed import TESTBEDS, heldout_loss, load_testbed, read_split
 
-FULL = dict(ratios=(0.2, 0.3, 0.5), methods=("adam", "als", "delta"), repeats=3, max_tokens=None)
-QUICK = dict(ratios=(0.3,), methods=("als", "delta"), repeats=1, max_tokens=4096, adam_steps=5, polish_steps=5)
+TESTBED_NAMES = {"testbed": "upcycled testbed (8 experts of width 256, top-2)",
+                 "testbed_fine": "fine-grained testbed, trained from scratch (32 experts of width 64, top-4)"}
+FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta"), calibrated=("als", "delta"),
+            repeats=3, adam_repeats=1, max_tokens=None, calibration_sequences=64)
+QUICK = dict(ratios=(0.3,), methods=("als", "delta"), calibrated=("delta",), repeats=1, adam_repeats=1,
+             max_tokens=4096, calibration_sequences=4, adam_steps=5, polish_steps=5)
+CALIBRATION_LEN = 256
+PEERS = {"reap": prune_experts, "hc-smoe": merge_experts}
+LABELS = {"adam": "seed adam", "als": "default (als)", "delta": "delta (C + UV^T)", "reap": "REAP pruning",
+          "hc-smoe": "HC-SMoE merging", "als+calibration": "default (als), calibrated",
+          "delta+calibration": "delta, calibrated"}
 
 
 def replace_experts(model, transform) -> tuple[torch.nn.Module, float]:
@@ -55,74 +69,201 @@ def per_expert_svd(ratio: float):
     return transform
 
 
-def run(quick: bool = False) -> dict:
-    setting = QUICK if quick else FULL
-    original, _ = load_testbed(torch.float32)
+def calibration_windows(count: int) -> torch.Tensor:
+    """`count` windows of CALIBRATION_LEN bytes spread evenly over the training split (the token ids of a byte-level
+    model): data the held-out loss never reads."""
+    ids = torch.tensor(list(read_split("train").encode("utf-8")))
+    starts = torch.linspace(0, len(ids) - CALIBRATION_LEN - 1, count).long()
+    return torch.stack([ids[s:s + CALIBRATION_LEN] for s in starts.tolist()])
+
+
+def timed_median(fn, repeats: int) -> tuple[object, float]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def compress_rows(original, ratio: float, setting: dict, calibration: torch.Tensor, loss) -> list[dict]:
+    """Each method data-free, then the calibrated ones; a calibrated fit's time includes its calibration pass."""
+    rows = []
+    runs = [(m, None) for m in setting["methods"]] + [(m, calibration) for m in setting["calibrated"]]
+    for method, tokens in runs:
+        extra = {k: setting[k] for k in ("adam_steps", "polish_steps") if k in setting}
+        config = CompressionConfig(target_ratio=ratio, method=method, **extra)
+        repeats = setting["adam_repeats"] if method == "adam" else setting["repeats"]
+
+        def fit():
+            model = copy.deepcopy(original)
+            return model, compress(model, config, calibration=tokens, progress=False)
+        (model, report), seconds = timed_median(fit, repeats)
+        rows.append({"method": method if tokens is None else f"{method}+calibration", "ratio": report.kept_fraction,
+                     "rel_error": report.rel_error, "loss": loss(model), "seconds": seconds})
+    return rows
+
+
+def peer_rows(original, ratio: float, calibration: torch.Tensor, loss) -> list[dict]:
+    rows = []
+    top_k = original.config.num_experts_per_tok
+    for method, peer in PEERS.items():
+        if int(ratio * original.config.num_experts + 1e-9) < top_k:
+            continue  # fewer experts than each token is routed to: the peer cannot keep to this budget
+        model = copy.deepcopy(original)
+        start = time.perf_counter()
+        report = peer(model, calibration, ratio, progress=False)
+        seconds = time.perf_counter() - start
+        rows.append({"method": method, "ratio": report["params_after"] / report["params_before"], "rel_error": None,
+                     "loss": loss(model), "seconds": seconds})
+    return rows
+
+
+def run_testbed(name: str, setting: dict) -> dict:
+    original, _ = load_testbed(torch.float32, TESTBEDS[name])
     text = read_split("validation")
     loss = lambda model: heldout_loss(model, text, max_tokens=setting["max_tokens"])
     base = loss(original)
-    rows = []
+    calibration = calibration_windows(setting["calibration_sequences"])
     mean_model, mean_error = replace_experts(original, mean_only)
-    rows.append({"method": "mean only", "ratio": 1 / find_experts(original)[0][1].down_proj.shape[0],
-                 "rel_error": mean_error, "loss": loss(mean_model), "seconds": 0.0})
+    rows = [{"method": "mean only", "target": None, "ratio": 1 / original.config.num_experts,
+             "rel_error": mean_error, "loss": loss(mean_model), "seconds": 0.0}]
     for ratio in setting["ratios"]:
         svd_model, svd_error = replace_experts(original, per_expert_svd(ratio))
-        rows.append({"method": "per-expert SVD", "ratio": ratio, "rel_error": svd_error, "loss": loss(svd_model),
-                     "seconds": 0.0})
-        for method in setting["methods"]:
-            extra = {k: setting[k] for k in ("adam_steps", "polish_steps") if k in setting}
-            config = CompressionConfig(target_ratio=ratio, method=method, **extra)
-            times = []
-            for _ in range(setting["repeats"]):
-                model = copy.deepcopy(original)
-                start = time.perf_counter()
-                report = compress(model, config, progress=False)
-                times.append(time.perf_counter() - start)
-            rows.append({"method": method, "ratio": report.kept_fraction, "target": ratio,
-                         "rel_error": report.rel_error, "loss": loss(model), "seconds": statistics.median(times)})
+        found = [{"method": "per-expert SVD", "ratio": ratio, "rel_error": svd_error, "loss": loss(svd_model),
+                  "seconds": 0.0}]
+        found += compress_rows(original, ratio, setting, calibration, loss)
+        found += peer_rows(original, ratio, calibration, loss)
+        rows += [{**row, "target": ratio} for row in found]
     for row in rows:
         row["increase"] = row["loss"] - base
-    return {"setting": setting, "original_loss": base, "rows": rows}
+    return {"original_loss": base, "rows": rows}
 
 
-LABELS = {"adam": "seed adam", "als": "default (als)", "delta": "delta (C + UV^T)"}
+def run(quick: bool = False) -> dict:
+    setting = QUICK if quick else FULL
+    return {"setting": setting, "testbeds": {name: run_testbed(name, setting) for name in TESTBED_NAMES}}
 
 
-def plot(result: dict, path: str) -> None:
-    """Loss increase over the original against kept fraction, log scale: the methods differ by orders of magnitude."""
-    title = f"Testbed: quality at equal storage (original {result['original_loss']:.4f}; lower is better)"
-    with plot_to(path, title, "kept fraction of expert parameters",
-                 "held-out loss increase over the original (nats/byte)", title_size=10) as ax:
-        for method in ("per-expert SVD", *result["setting"]["methods"]):
-            points = sorted((r["ratio"], r["increase"]) for r in result["rows"] if r["method"] == method)
-            ax.plot(*zip(*points), marker="o", label=LABELS.get(method, method))
-        mean = next(r for r in result["rows"] if r["method"] == "mean only")
-        ax.scatter([mean["ratio"]], [mean["increase"]], marker="x", color="black", label="mean only", zorder=3)
-        ax.set_yscale("log")
+def methods_of(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in rows if r["target"] is not None))
+
+
+def best_by_column(rows: list[dict], ratios) -> dict[float, str]:
+    return {ratio: min((r for r in rows if r["target"] == ratio), key=lambda r: r["increase"])["method"]
+            for ratio in ratios}
+
+
+def figure_path(path: Path, name: str) -> Path:
+    return path if name == "testbed" else path.with_name(f"{path.stem}_{name.removeprefix('testbed_')}.png")
+
+
+def plot(result: dict, path) -> None:
+    """Per testbed: loss increase against kept fraction, log scale (the methods differ by orders of magnitude)."""
+    for name, found in result["testbeds"].items():
+        title = f"{TESTBED_NAMES[name]}\noriginal {found['original_loss']:.4f} nats/byte; lower is better"
+        with plot_to(figure_path(path, name), title, "kept fraction of expert parameters",
+                     "held-out loss increase over the original (nats/byte)", title_size=9) as ax:
+            for method in methods_of(found["rows"]):
+                points = sorted((r["ratio"], r["increase"]) for r in found["rows"] if r["method"] == method)
+                ax.plot(*zip(*points), marker="o", label=LABELS.get(method, method))
+            mean = next(r for r in found["rows"] if r["method"] == "mean only")
+            ax.scatter([mean["ratio"]], [mean["increase"]], marker="x", color="black", label="mean only", zorder=3)
+            ax.set_yscale("log")
+
+
+def increase_table(found: dict, ratios) -> str:
+    best = best_by_column(found["rows"], ratios)
+    cells = {(r["method"], r["target"]): r for r in found["rows"]}
+
+    def cell(method: str, ratio: float) -> str:
+        row = cells.get((method, ratio))
+        if row is None:
+            return "-"
+        text = f"{row['increase']:+.4f}"
+        return f"**{text}**" if best[ratio] == method else text
+    rows = [[LABELS.get(m, m), *[cell(m, ratio) for ratio in ratios]] for m in methods_of(found["rows"])]
+    return table(["method", *[f"kept {ratio}" for ratio in ratios]], rows)
+
+
+def details_table(found: dict) -> str:
+    rows = [[LABELS.get(r["method"], r["method"]), f"{r['ratio']:.3f}",
+             "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['loss']:.4f}", f"{r['increase']:+.4f}",
+             f"{r['seconds']:.2f}" if r["seconds"] else "-"] for r in found["rows"]]
+    return table(["method", "kept fraction", "rel. error", "held-out loss", "increase", "fit s (median)"], rows)
+
+
+def advice(result: dict) -> str:
+    """Which method to pick at which size, read off the tables: the winner of each column, consecutive sizes with
+    the same winner joined."""
+    ratios = result["setting"]["ratios"]
+    lines = []
+    for name, found in result["testbeds"].items():
+        best = best_by_column(found["rows"], ratios)
+        spans: list[tuple[str, list[float]]] = []
+        for ratio in ratios:
+            if spans and spans[-1][0] == best[ratio]:
+                spans[-1][1].append(ratio)
+            else:
+                spans.append((best[ratio], [ratio]))
+        parts = [f"{LABELS.get(m, m)} at kept {'-'.join(map(str, sorted({rs[0], rs[-1]})))}" for m, rs in spans]
+        lines.append(f"- {TESTBED_NAMES[name]}: " + "; ".join(parts) + ".")
+    return "Lowest loss increase per size, read off these tables:\n\n" + "\n".join(lines)
+
+
+def delta_note(result: dict) -> str:
+    """What the additive baseline against the wrapper means, with this run's outcome on each testbed."""
+    counts = []
+    for name, found in result["testbeds"].items():
+        by = {(r["method"], r["target"]): r for r in found["rows"]}
+        pairs = [(by[("als", t)], r) for (m, t), r in by.items() if m == "delta" and ("als", t) in by]
+        errors = sum(d["rel_error"] <= a["rel_error"] for a, d in pairs)
+        losses = sum(d["increase"] <= a["increase"] for a, d in pairs)
+        counts.append(f"on the {name.replace('_', ' ')} the lower error at {errors} and the lower loss increase at "
+                      f"{losses} of {len(pairs)} kept fractions")
+    return ("The additive `delta` form stores exactly what the wrapper stores (2r(out + in) per expert and the core) "
+            "and can represent every wrapper, since (I + A B^T) C (I + P Q^T) - C has rank at most 2r: at equal "
+            "storage its best fit can only match or beat the wrapper's in reconstruction error. In this run it has "
+            + ", and ".join(counts) + ".")
+
+
+def calibration_note(result: dict) -> str:
+    """The calibrated fits against the data-free ones and against the peers, per testbed and kept fraction."""
+    lines = []
+    for name, found in result["testbeds"].items():
+        by = {(r["method"], r["target"]): r for r in found["rows"]}
+        parts = []
+        for method in result["setting"]["calibrated"]:
+            ratios = [t for t in result["setting"]["ratios"] if (f"{method}+calibration", t) in by]
+            factors = ", ".join(f"{by[(f'{method}+calibration', t)]['increase'] / by[(method, t)]['increase']:.2f}x "
+                                f"at {t}" for t in ratios)
+            beaten = [t for t in ratios if all(by[(f"{method}+calibration", t)]["increase"] < by[(p, t)]["increase"]
+                                               for p in PEERS if (p, t) in by)]
+            parts.append(f"{LABELS[method + '+calibration']}: {factors} the data-free loss increase; below both "
+                         f"peers at kept {', '.join(map(str, beaten)) or 'none'}")
+        lines.append(f"- {TESTBED_NAMES[name]}: " + "; ".join(parts) + ".")
+    return "Calibration, read off these tables:\n\n" + "\n".join(lines)
 
 
 def markdown(result: dict) -> str:
-    rows = [[LABELS.get(r["method"], r["method"]), f"{r['ratio']:.3f}", f"{r['rel_error']:.4f}", f"{r['loss']:.4f}",
-             f"{r['increase']:+.4f}", f"{r['seconds']:.2f}" if r["seconds"] else "-"] for r in result["rows"]]
-    return (f"Original held-out loss: **{result['original_loss']:.4f}** nats per byte (validation split).\n\n"
-            + table(["method", "kept fraction", "rel. error", "held-out loss", "increase", "fit s (median)"], rows)
-            + delta_note(result["rows"]))
-
-
-def delta_note(rows: list[dict]) -> str:
-    """What the additive baseline against the wrapper means, with this run's outcome."""
-    by = {(r["method"], round(r["ratio"], 3)): r for r in rows}
-    pairs = [(by[("als", k[1])], r) for k, r in by.items() if k[0] == "delta" and ("als", k[1]) in by]
-    if not pairs:
-        return ""
-    wins = sum(delta["rel_error"] <= als["rel_error"] for als, delta in pairs)
-    return ("\n\nThe additive `delta` form stores exactly what the wrapper stores (2r(out + in) per expert and the "
-            "core) and can represent every wrapper, since (I + A B^T) C (I + P Q^T) - C has rank at most 2r: at equal "
-            "storage its best fit can only match or beat the wrapper's in reconstruction error. In this run it has the "
-            f"lower error at {wins} of {len(pairs)} kept fractions.")
+    ratios = result["setting"]["ratios"]
+    sections = []
+    for name, found in result["testbeds"].items():
+        mean = next(r for r in found["rows"] if r["method"] == "mean only")
+        figure = figure_path(Path("benchmarks/quality.png"), name)
+        sections.append(
+            f"### {TESTBED_NAMES[name]}\n\nOriginal held-out loss: **{found['original_loss']:.4f}** nats per byte "
+            "(validation split). Held-out loss increase over the original at each kept fraction of expert "
+            "parameters (best in bold; `-`: the peer cannot keep fewer experts than each token is routed to):\n\n"
+            + increase_table(found, ratios)
+            + f"\n\nMean only (every expert = the mean; kept {mean['ratio']:.3f}): {mean['increase']:+.4f}.\n\n"
+            + "<details><summary>every run: kept fraction, error, loss, fit time</summary>\n\n"
+            + details_table(found) + f"\n\n</details>\n\n![{TESTBED_NAMES[name]}]({figure})")
+    return "\n\n".join(sections) + "\n\n" + "\n\n".join([advice(result), calibration_note(result),
+                                                            delta_note(result)])
 
 
 if __name__ == "__main__":
     result = run()
     print(markdown(result))
-    plot(result, "benchmarks/quality.png")
+    plot(result, Path("benchmarks/quality.png"))

@@ -20,5 +20,6 @@ def test_benchmark_smoke_run_writes_report_and_plots(tmp_path):
                     "Start-up cost of the loading hook"):
         assert heading in report
     assert "| per-expert SVD |" in report and "77,594,624" in report
-    for plot in ("quality.png", "fit_speed.png", "distillation.png"):
+    assert "| REAP pruning |" in report and "| HC-SMoE merging |" in report and "fine-grained testbed" in report
+    for plot in ("quality.png", "quality_fine.png", "fit_speed.png", "distillation.png"):
         assert (tmp_path / "benchmarks" / plot).stat().st_size > 10_000

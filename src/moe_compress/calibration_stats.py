@@ -42,15 +42,26 @@ class ExpertGrams(RoutingCounts):
     """Observer (calibration.observe) of one experts module: the routed-input Grams of each expert, for gate/up and
     for down, and the tokens routed to it."""
 
-    def __init__(self, experts: nn.Module):
-        super().__init__(experts)
-        parts = split_weights(experts)
+    def __init__(self, experts: nn.Module, parts: dict | None = None):
+        """`parts`: the module's split_weights when its own parameters are elsewhere (offloaded, read from disk)."""
+        parts = split_weights(experts) if parts is None else parts
         self.gated = "gate" in parts
         E, F, H = parts["up"][0].shape
-        device = self.tokens.device
+        device = parts["up"][0].device
+        self.tokens = torch.zeros(E, dtype=torch.long, device=device)  # [E]
         self.inputs = torch.zeros(E, H, H, device=device)  # [E, H, H]
         self.intermediate = torch.zeros(E, F, F, device=device)  # [E, F, F]
         self.weights = {name: (W.detach(), b) for name, (W, b) in parts.items() if name != "down"}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"tokens": self.tokens, "inputs": self.inputs, "intermediate": self.intermediate}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "ExpertGrams":
+        """Saved statistics, for the fits (no observing: the weights are not kept)."""
+        grams = cls.__new__(cls)
+        grams.tokens, grams.inputs, grams.intermediate = state["tokens"], state["inputs"], state["intermediate"]
+        return grams
 
     def _intermediate(self, experts: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
         """h = act(gate x) * (up x) of expert e on x [T_e, H], with the module's own gating: [T_e, F]."""

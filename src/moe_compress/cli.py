@@ -29,9 +29,12 @@ from moe_compress.streaming import compress_checkpoint
 
 
 def _schema(dataclass_type: type) -> DictConfig:
-    """A typed Hydra node from a frozen config dataclass, writable so that defaults and overrides can merge."""
+    """A typed Hydra node from a frozen config dataclass, writable (nested dataclasses too) so that defaults and
+    overrides can merge."""
     node = OmegaConf.structured(dataclass_type)
-    OmegaConf.set_readonly(node, False)
+    for child in [node, *(node._get_node(key) for key in node)]:
+        if isinstance(child, DictConfig):
+            OmegaConf.set_readonly(child, False)
     return node
 
 

@@ -1,10 +1,16 @@
-"""compress(model, config): replace every experts module of a transformers MoE model by SharedCoreExperts, in place."""
+"""compress(model, config): replace every experts module of a transformers MoE model by SharedCoreExperts, in place.
+
+Data-free, every fit minimises the weight error sum_e ||W_e - What_e||^2. Given calibration token ids, compress runs
+them through the model layer by layer (sequential.py), gathers each experts module's routed-input statistics as its
+layer is reached (calibration_stats.py), fits in that metric, and passes the compressed layer's outputs on.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,12 +19,47 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_compress import fit
+from moe_compress.calibration import Calibration, observing, token_batches
+from moe_compress.calibration_stats import ExpertGrams, Regularisation
 from moe_compress.discovery import find_experts, projection_names, split_weights
 from moe_compress.checkpoint import attach_quantization_config
 from moe_compress.experts import SharedCoreExperts
+from moe_compress.sequential import capture
 
 METHODS = ("als", "adam", "delta")
 PROJECTIONS = ("gate", "up", "down")
+PROPAGATION = ("compressed", "original")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration data for fits in the metric of the experts' routed inputs, and how the statistics are kept.
+
+    `source` names where the token sequences come from, as distillation data does (testbed, a local .txt file or
+    folder, a `datasets` id, streamed); None is data-free. The Python API may pass token ids to compress() instead.
+    """
+
+    source: Optional[str] = None
+    subset: Optional[str] = None  # datasets config name
+    split: str = "train"
+    text_column: str = "text"
+    num_sequences: int = 256
+    seq_len: int = 2048
+    batch_size: int = 8  # sequences per forward
+    shrink: float = 1.0  # pseudo-tokens of the layer-wide Gram per input dimension, added to every expert's
+    damp: float = 0.01  # times the mean diagonal, added to it
+    propagate: str = "original"  # what each layer passes on: the original layer's outputs, or the compressed one's
+
+    def __post_init__(self):
+        if min(self.num_sequences, self.seq_len, self.batch_size) < 1:
+            raise ValueError("calibration num_sequences, seq_len and batch_size must be >= 1")
+        if self.propagate not in PROPAGATION:
+            raise ValueError(f"calibration propagate={self.propagate!r} is unknown; use one of {list(PROPAGATION)}")
+        Regularisation(self.shrink, self.damp)  # checks them
+
+    @property
+    def regularisation(self) -> Regularisation:
+        return Regularisation(self.shrink, self.damp)
 
 
 @dataclass(frozen=True)
@@ -31,13 +72,17 @@ class CompressionConfig:
     ranks: Optional[dict[str, int]] = None
     method: str = "als"
     als_iters: int = 3
+    als_tol: float = 0.0  # stop ALS early when a round improves the objective by less than this, relatively
     polish_steps: int = 100
     adam_steps: int = 1000
     lr: float = 1e-3
     seed: int = 0
     device: Optional[str] = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self):
+        if isinstance(self.calibration, dict):  # from Hydra or JSON
+            object.__setattr__(self, "calibration", CalibrationConfig(**self.calibration))
         ranks = dict(self.ranks or {})
         if self.rank is None and self.target_ratio is None and set(ranks) != set(PROJECTIONS):
             raise ValueError("CompressionConfig needs a size: set rank=<int> or target_ratio=<kept fraction in (0, 1)>")
@@ -53,8 +98,8 @@ class CompressionConfig:
                 raise ValueError(f"{name}={r} is not a positive integer rank; use rank >= 1")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; use one of {list(METHODS)}")
-        if min(self.als_iters, self.polish_steps, self.adam_steps) < 0 or self.lr <= 0:
-            raise ValueError("als_iters, polish_steps and adam_steps must be >= 0 and lr > 0")
+        if min(self.als_iters, self.polish_steps, self.adam_steps, self.als_tol) < 0 or self.lr <= 0:
+            raise ValueError("als_iters, als_tol, polish_steps and adam_steps must be >= 0 and lr > 0")
         object.__setattr__(self, "ranks", ranks or None)
 
     @property
@@ -111,14 +156,17 @@ class ProjectionStats:
     params_before: int
     params_after: int
     seconds: float
+    output_error: Optional[float] = None  # relative error in the calibrated metric: on the routed inputs
 
 
 @dataclass
 class CompressionReport:
-    """What compress did, per (layer, projection): relative error, parameters before and after, fit time."""
+    """What compress did, per (layer, projection): relative error, parameters before and after, fit time; with
+    calibration data, also the error on the routed inputs, and the tokens routed to each expert (`coverage`)."""
 
     config: CompressionConfig
     rows: list[ProjectionStats] = field(default_factory=list)
+    coverage: dict[str, list[int]] = field(default_factory=dict)  # experts module -> calibration tokens per expert
 
     @property
     def params_before(self) -> int:
@@ -151,6 +199,7 @@ class CompressionReport:
             "rel_error": self.rel_error,
             "seconds": self.seconds,
             "rows": [dataclasses.asdict(r) for r in self.rows],
+            "coverage": self.coverage,
         }
 
     def to_json(self) -> str:
@@ -174,13 +223,19 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def fit_projection(W: torch.Tensor, rank: int, config: CompressionConfig) -> dict[str, torch.Tensor]:
-    """The fitted factors of one projection, W [E, out, in] in fp32 on the fit device."""
+def fit_projection(W: torch.Tensor, rank: int, config: CompressionConfig,
+                   metric: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """The fitted factors of one projection, W [E, out, in] in fp32 on the fit device; in the metric M [E, in, in]
+    of the experts' routed inputs when given (the Adam polish, which minimises the weight error, is then left out)."""
     if config.method == "delta":
-        return fit.fit_delta(W, rank, max(1, config.als_iters))
+        return fit.fit_delta(W, rank, max(1, config.als_iters), metric=metric)
     if config.method == "adam":
+        if metric is not None:
+            raise ValueError("method=adam (the seed recipe) fits the weights only; use method=als or delta with "
+                             "calibration data")
         return fit.fit_adam(W, config.adam_steps, config.lr, fit.seed_init(W, rank, config.seed))
-    return fit.fit_adam(W, config.polish_steps, config.lr, fit.fit_als(W, rank, config.als_iters))
+    fitted = fit.fit_als(W, rank, config.als_iters, metric=metric, tol=config.als_tol)
+    return fitted if metric is not None else fit.fit_adam(W, config.polish_steps, config.lr, fitted)
 
 
 def _check_finite(found: list[tuple[str, nn.Module]]) -> None:
@@ -210,35 +265,93 @@ def _fit_device(config: CompressionConfig) -> torch.device:
     return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def compress(model: nn.Module, config: CompressionConfig, progress: bool = True) -> CompressionReport:
-    """Replace every experts module of `model` by a fitted SharedCoreExperts, in place; return the report."""
-    specs = plan(model, config)
+def fit_into(proj: nn.Module, W: torch.Tensor, bias: Optional[torch.Tensor], config: CompressionConfig,
+             device: torch.device, metric: Optional[torch.Tensor] = None) -> tuple[float, Optional[float]]:
+    """Fit W [E, out, in] (on `device`, in fp32) into the projection module `proj`, in place; its relative error, and
+    its relative error in the metric M [E, in, in] when given."""
+    W = W.to(device, torch.float32)
+    metric = None if metric is None else metric.to(device)
+    factors = fit_projection(W, proj.rank, config, metric)
+    with torch.no_grad():
+        for key, value in factors.items():
+            getattr(proj, key).copy_(value)
+        if bias is not None:
+            proj.bias.copy_(bias)
+        W_hat = proj.dense().float().to(device)
+        return fit.relative_error(W, W_hat), None if metric is None else fit.relative_error(W, W_hat, metric)
+
+
+def compress_module(model: nn.Module, name: str, spec: dict, config: CompressionConfig, report: CompressionReport,
+                    grams: Optional[ExpertGrams] = None, bar: Optional[tqdm] = None) -> None:
+    """Fit the experts module `name` (in the metric of `grams` when given) and swap in its SharedCoreExperts."""
+    experts = model.get_submodule(name)
+    shared = SharedCoreExperts.empty(experts, spec)
     device = _fit_device(config)
-    report = CompressionReport(config)
-    bar = tqdm(total=sum(len(s["ranks"]) for s in specs.values()), desc="compress", disable=not progress)
-    for name, spec in specs.items():
-        experts = model.get_submodule(name)
-        shared = SharedCoreExperts.empty(experts, spec)
-        for proj_name, (W, bias) in split_weights(experts).items():
-            proj = shared.projections[proj_name]
-            start = time.perf_counter()
-            factors = fit_projection(W.detach().to(device, torch.float32), proj.rank, config)
-            with torch.no_grad():
-                for key, value in factors.items():
-                    getattr(proj, key).copy_(value)
-                if bias is not None:
-                    proj.bias.copy_(bias)
-                error = fit.relative_error(W.float(), proj.dense().float())
-            seconds = time.perf_counter() - start
-            E, out_f, in_f = W.shape
-            report.rows.append(ProjectionStats(
-                name, proj_name, E, (out_f, in_f), proj.rank, error,
-                E * out_f * in_f, stored_params(E, out_f, in_f, proj.rank), seconds,
-            ))
+    for proj_name, (W, bias) in split_weights(experts).items():
+        proj = shared.projections[proj_name]
+        start = time.perf_counter()
+        metric = None if grams is None else grams.metric(proj_name, config.calibration.regularisation)
+        error, output_error = fit_into(proj, W.detach(), bias, config, device, metric)
+        E, out_f, in_f = W.shape
+        report.rows.append(ProjectionStats(
+            name, proj_name, E, (out_f, in_f), proj.rank, error,
+            E * out_f * in_f, stored_params(E, out_f, in_f, proj.rank), time.perf_counter() - start, output_error,
+        ))
+        if bar is not None:
             bar.set_postfix_str(f"{name.split('.experts')[0][-20:]} {proj_name} err={error:.3f}")
             bar.update()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, shared)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, shared)
+
+
+def warn_starved(coverage: dict[str, list[int]], input_size: dict[str, int]) -> None:
+    """One warning naming the experts whose calibration tokens are fewer than their input size."""
+    starved = {name: [e for e, n in enumerate(tokens) if n < input_size[name]] for name, tokens in coverage.items()}
+    starved = {name: experts for name, experts in starved.items() if experts}
+    if starved:
+        total = sum(len(e) for e in starved.values())
+        listed = "; ".join(f"{name}: {', '.join(map(str, e))}" for name, e in list(starved.items())[:4])
+        warnings.warn(f"{total} experts received fewer calibration tokens than their input size ({listed}"
+                      f"{'; ...' if len(starved) > 4 else ''}): their fits lean on the layer-wide statistics; add "
+                      "calibration data (more or longer sequences) for them", UserWarning, stacklevel=3)
+
+
+def _compress_calibrated(model: nn.Module, specs: dict[str, dict], config: CompressionConfig,
+                         calibration: Calibration, report: CompressionReport, bar: tqdm) -> None:
+    """Layer by layer: statistics of each layer's experts on the inputs that reach it, fits, outputs passed on."""
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = capture(model, token_batches(calibration, config.calibration.batch_size))
+        for index in range(len(inputs.layers)):
+            names = [name for name in inputs.experts_of(index, model) if name in specs]
+            grams = {name: ExpertGrams(model.get_submodule(name)) for name in names}
+            with observing(model, grams):
+                outputs = inputs.run(index)
+            for name in names:
+                compress_module(model, name, specs[name], config, report, grams[name], bar)
+                report.coverage[name] = grams[name].tokens.tolist()
+            recompute = names and config.calibration.propagate == "compressed"
+            inputs.advance(index, None if recompute else outputs)
+    finally:
+        model.train(was_training)
+    warn_starved(report.coverage, {name: model.get_submodule(name).projections["up"].shape[1] for name in specs})
+
+
+def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[Calibration] = None,
+             progress: bool = True) -> CompressionReport:
+    """Replace every experts module of `model` by a fitted SharedCoreExperts, in place; return the report.
+
+    `calibration`, token ids [N, L] (or an iterable of such batches), makes every fit minimise the error on the
+    inputs each expert is routed in them (config.calibration says how the statistics are regularised)."""
+    specs = plan(model, config)
+    report = CompressionReport(config)
+    bar = tqdm(total=sum(len(s["ranks"]) for s in specs.values()), desc="compress", disable=not progress)
+    if calibration is None:
+        for name, spec in specs.items():
+            compress_module(model, name, spec, config, report, bar=bar)
+    else:
+        _compress_calibrated(model, specs, config, calibration, report, bar)
     bar.close()
     attach_quantization_config(model, specs, config, report)
     return report

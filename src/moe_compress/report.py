@@ -42,6 +42,13 @@ def metrics_table(teacher: Scores, zero_shot: Scores, steps: dict[int, Scores]) 
                            [[name, *[cell(s, t, m) for t, m in columns]] for name, s in rows])
 
 
+def fitted_to(calibration: Any) -> str:
+    if calibration.source is None:
+        return "to the original weights (data-free)"
+    return (f"to what each expert computes on the inputs routed to it in {calibration.num_sequences} sequences of "
+            f"{calibration.seq_len} tokens of {calibration.source}")
+
+
 def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
     """report.md in the run folder, readable by someone who did not run it, and summary.json for sweeps."""
     report = run.report
@@ -58,8 +65,9 @@ def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
         f"# moe-compress pipeline: {model}",
         "",
         "Every expert projection W_e of each MoE layer is replaced by one shared core C and per-expert low-rank "
-        "wrappers, W_e ~ (I + U_out V_out^T) C (I + U_in V_in^T), fitted zero-shot to the original weights "
-        f"(method `{settings.method}`), then distilled from the original model (the teacher).",
+        "wrappers, W_e ~ (I + U_out V_out^T) C (I + U_in V_in^T), fitted zero-shot "
+        f"(method `{settings.method}`) {fitted_to(settings.calibration)}, then distilled from the original model "
+        "(the teacher).",
         "",
         "## Size",
         "",
@@ -73,6 +81,9 @@ def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
         "",
         "![relative error by layer and projection](compressed/compression_error.png)",
         "",
+        *(["Calibration coverage, tokens routed to each expert (`compressed/compression_report.json` holds the "
+           "counts):", "", "![calibration tokens per expert and layer](compressed/calibration_coverage.png)", ""]
+          if report.coverage else []),
         "## Quality",
         "",
         metrics_table(teacher, zero_shot, steps),

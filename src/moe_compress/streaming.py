@@ -34,11 +34,14 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 from transformers.utils.hub import convert_file_size_to_int
 
-from moe_compress import fit
 from moe_compress.folder_config import mark_dict, write_shim
-from moe_compress.checkpoint import QUANT_METHOD, _replace, attach_quantization_config, check_output_dir, model_card
-from moe_compress.compress import CompressionConfig, CompressionReport, ProjectionStats, choose_rank, fit_projection, \
-    stored_params
+from moe_compress.checkpoint import QUANT_METHOD, _replace, attach_quantization_config, check_output_dir, \
+    load_tokenizer, model_card
+from moe_compress.calibration import Calibration, token_batches
+from moe_compress.compress import CompressionConfig, CompressionReport, ProjectionStats, choose_rank, fit_into, \
+    stored_params, warn_starved
+from moe_compress.data import DataConfig, calibration_sequences
+from moe_compress.layerwise import gather_statistics, load_statistics, statistics_dir
 from moe_compress.discovery import find_experts, projection_names, split_weights
 from moe_compress.experts import PROJECTION_FORMS
 from moe_compress.parallel import Manifest, barrier, distributed, fit_device, from_main, open_work_dir, share
@@ -218,17 +221,13 @@ def plan(checkpoint: Checkpoint, config: CompressionConfig) -> dict[str, dict]:
 
 
 def fit_unit(W: torch.Tensor, bias: torch.Tensor | None, rank: int, config: CompressionConfig,
-             device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
-    """One projection's compressed tensors, in W's dtype on the CPU, and their relative error; W: [E, out, in]."""
+             device: torch.device, metric: torch.Tensor | None = None
+             ) -> tuple[dict[str, torch.Tensor], float, float | None]:
+    """One projection's compressed tensors, in W's dtype on the CPU, their relative error, and their relative error
+    in the calibrated metric M [E, in, in] when given; W: [E, out, in]."""
     proj = PROJECTION_FORMS[config.form](*W.shape, rank, bias=bias is not None, dtype=W.dtype, device=device)
-    factors = fit_projection(W.to(device, torch.float32), rank, config)
-    with torch.no_grad():
-        for key, value in factors.items():
-            getattr(proj, key).copy_(value)
-        if bias is not None:
-            proj.bias.copy_(bias)
-        error = fit.relative_error(W.to(device, torch.float32), proj.dense().float())
-    return {key: value.cpu() for key, value in proj.state_dict().items()}, error
+    error, output_error = fit_into(proj, W, bias, config, device, metric)
+    return {key: value.cpu() for key, value in proj.state_dict().items()}, error, output_error
 
 
 def _unit(name: str, projection: str) -> str:
@@ -236,16 +235,17 @@ def _unit(name: str, projection: str) -> str:
 
 
 def fit_and_record(experts: ExpertsOnDisk, projection: str, W: torch.Tensor, bias: torch.Tensor | None, rank: int,
-                   config: CompressionConfig, device: torch.device, manifest: Manifest) -> ProjectionStats:
+                   config: CompressionConfig, device: torch.device, manifest: Manifest,
+                   metric: torch.Tensor | None = None) -> ProjectionStats:
     """Fit one unit and record it; its tensors are named as save_pretrained names the compressed module's."""
     if not torch.isfinite(W.sum(dtype=torch.float32)):  # one pass, no copy: any NaN or Inf spreads to the sum
         raise ValueError(f"{experts.name} ({projection}) holds NaN or Inf values; fix or re-download the checkpoint "
                          "before compressing")
     start = time.perf_counter()
-    state, error = fit_unit(W, bias, rank, config, device)
+    state, error, output_error = fit_unit(W, bias, rank, config, device, metric)
     E, out_f, in_f = W.shape
     stats = ProjectionStats(experts.name, projection, E, (out_f, in_f), rank, error, E * out_f * in_f,
-                            stored_params(E, out_f, in_f, rank), time.perf_counter() - start)
+                            stored_params(E, out_f, in_f, rank), time.perf_counter() - start, output_error)
     prefix = f"{experts.saved_as}.projections.{projection}"
     manifest.save(_unit(experts.name, projection), {f"{prefix}.{k}": v for k, v in state.items()},
                   dataclasses.asdict(stats))
@@ -253,8 +253,9 @@ def fit_and_record(experts: ExpertsOnDisk, projection: str, W: torch.Tensor, bia
 
 
 def fit_share(checkpoint: Checkpoint, specs: dict[str, dict], units: list[tuple[str, str]], config: CompressionConfig,
-              device: torch.device, manifest: Manifest, bar: tqdm) -> None:
-    """Fit and record `units`, reading one experts module at a time and only the parameters they need."""
+              device: torch.device, manifest: Manifest, bar: tqdm, statistics: Manifest | None = None) -> None:
+    """Fit and record `units`, reading one experts module at a time and only the parameters they need; in the
+    calibrated metric of `statistics` when given."""
     wanted: dict[str, list[str]] = defaultdict(list)
     for name, projection in units:
         wanted[name].append(projection)
@@ -262,9 +263,11 @@ def fit_share(checkpoint: Checkpoint, specs: dict[str, dict], units: list[tuple[
         if experts.name not in wanted:
             continue
         parts = split_weights(read_experts(checkpoint, experts, _params_of(experts.module, wanted[experts.name])))
+        grams = None if statistics is None else load_statistics(statistics, experts.name)
         for projection in wanted[experts.name]:
             rank = specs[experts.name]["ranks"][projection]
-            stats = fit_and_record(experts, projection, *parts[projection], rank, config, device, manifest)
+            metric = None if grams is None else grams.metric(projection, config.calibration.regularisation)
+            stats = fit_and_record(experts, projection, *parts[projection], rank, config, device, manifest, metric)
             bar.set_postfix_str(f"{experts.name.removesuffix('.experts')[-24:]} {projection} "
                                 f"err={stats.rel_error:.3f} {stats.seconds:.1f}s")
             bar.update()
@@ -285,12 +288,48 @@ def work_dir(output_dir: Path) -> Path:
     return output_dir.parent / f".{output_dir.name}.moe-compress-work"
 
 
+def calibration_token_ids(folder: Path, config: CompressionConfig,
+                          calibration: Calibration | None) -> torch.Tensor | None:
+    """The calibration tokens [N, L]: those given, or config.calibration.source's read with the model's tokenizer;
+    None when the compression is data-free."""
+    if calibration is not None:
+        return torch.cat(list(token_batches(calibration, config.calibration.batch_size)))
+    settings = config.calibration
+    if settings.source is None:
+        return None
+    tokenizer = load_tokenizer(folder, "calibration text needs the model's tokenizer: add its files to the folder")
+    data = DataConfig(source=settings.source, subset=settings.subset, split=settings.split,
+                      text_column=settings.text_column, seq_len=settings.seq_len)
+    return calibration_sequences(data, tokenizer, settings.num_sequences)
+
+
+def _statistics(checkpoint: Checkpoint, token_ids: torch.Tensor, config: CompressionConfig, output_dir: Path,
+                device: torch.device, trust_remote_code: bool, progress: bool, is_main: bool) -> Manifest:
+    """The calibration statistics of every experts module, gathered by the main process (or found saved)."""
+    if config.calibration.propagate != "original":
+        raise ValueError("compressing a checkpoint folder gathers its statistics on the original layers' outputs; "
+                         "set compression.calibration.propagate=original, or compress the loaded model with "
+                         "moe_compress.compress(model, config, calibration)")
+    source = {k: v for k, v in _settings(checkpoint, config).items() if k != "compression"}
+    folder = statistics_dir(output_dir, source, dataclasses.asdict(config.calibration), token_ids)
+    if is_main:
+        read = lambda experts: read_experts(checkpoint, experts, _params_of(experts.module, ["gate", "up"]))
+        gather_statistics(checkpoint, read, list(token_ids.split(config.calibration.batch_size)), folder,
+                          str(device), trust_remote_code, progress)
+    barrier()
+    return Manifest(folder)
+
+
 def compress_checkpoint(source: str | Path, output_dir: str | Path, config: CompressionConfig,
                         overwrite: bool = False, progress: bool = True, max_shard_size: str | int = "2GB",
-                        trust_remote_code: bool = False) -> CompressionReport:
+                        trust_remote_code: bool = False, calibration: Calibration | None = None) -> CompressionReport:
     """Compress the checkpoint folder `source` into the compressed folder `output_dir`, one experts module in memory
     at a time; under torchrun, split across its processes. Rerunning after a crash resumes; the folder appears
-    complete or not at all. Returns the report on every rank; rank 0 writes the folder."""
+    complete or not at all. Returns the report on every rank; rank 0 writes the folder.
+
+    With calibration tokens (`calibration`, or config.calibration.source), their statistics are gathered first,
+    layer by layer with the layers offloaded to disk (layerwise.py), and every fit minimises the error on the inputs
+    its experts are routed; the statistics are kept beside output_dir for compressions at other sizes."""
     checkpoint = open_checkpoint(source, trust_remote_code)
     specs = plan(checkpoint, config)
     output_dir = Path(output_dir)
@@ -300,7 +339,10 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
     units = [(name, p) for name, spec in specs.items() for p in spec["ranks"]]
     device = fit_device(config.device)
     work = work_dir(output_dir)
+    token_ids = calibration_token_ids(checkpoint.folder, config, calibration)
     with distributed(device) as ranks:
+        statistics = None if token_ids is None else _statistics(
+            checkpoint, token_ids, config, output_dir, device, trust_remote_code, progress, ranks.is_main)
         manifest = Manifest(work, ranks.rank)
         pending = None
         if ranks.is_main:
@@ -313,11 +355,11 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
         mine = share(pending, ranks)
         label = "compress" if ranks.world_size == 1 else f"compress [rank {ranks.rank}/{ranks.world_size}]"
         with tqdm(total=len(mine), desc=label, disable=not progress, position=ranks.local_rank) as bar:
-            fit_share(checkpoint, specs, mine, config, device, manifest, bar)
+            fit_share(checkpoint, specs, mine, config, device, manifest, bar, statistics)
         barrier()
         report = None
         if ranks.is_main:
-            report = assemble(checkpoint, specs, config, manifest, output_dir, max_shard_size)
+            report = assemble(checkpoint, specs, config, manifest, output_dir, max_shard_size, statistics)
             shutil.rmtree(work)
         return from_main(report)
 
@@ -425,11 +467,14 @@ def _copy_side_files(source: Path, staging: Path) -> None:
 
 
 def assemble(checkpoint: Checkpoint, specs: dict[str, dict], config: CompressionConfig, manifest: Manifest,
-             output_dir: Path, max_shard_size: str | int) -> CompressionReport:
+             output_dir: Path, max_shard_size: str | int, statistics: Manifest | None = None) -> CompressionReport:
     """Write the compressed folder from the verified units and the source's other tensors and files: sharded
     safetensors, config.json with the quantization_config, tokenizer and generation files, model card, report and
     error heat map. Built in the work folder and renamed into place."""
     report = _verified_report(config, specs, manifest)
+    if statistics is not None:
+        report.coverage = {name: load_statistics(statistics, name).tokens.tolist() for name in specs}
+        warn_starved(report.coverage, {e.name: split_weights(e.module)["up"][0].shape[-1] for e in checkpoint.experts})
     staging = manifest.folder / "assembled"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -488,8 +533,30 @@ def plot_errors(report: CompressionReport, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_coverage(coverage: dict[str, list[int]], path: Path) -> None:
+    """Calibration tokens routed to each expert (columns) of each layer (rows), on a log colour scale, the starved
+    ones (fewer than one token) in the colour map's 'under' colour."""
+    from matplotlib.colors import LogNorm
+
+    names = list(coverage)
+    tokens = [[max(n, 0.5) for n in coverage[name]] for name in names]
+    fig = Figure(figsize=(min(16.0, 3 + 0.12 * len(tokens[0])), min(12.0, 1.5 + 0.3 * len(names))))
+    ax = fig.subplots()
+    image = ax.imshow(tokens, cmap="viridis", aspect="auto", interpolation="nearest", norm=LogNorm(vmin=1))
+    ax.set_yticks(range(len(names)), [n.removesuffix(".mlp.experts").removeprefix("model.") for n in names],
+                  fontsize=7)
+    ax.set_xlabel("expert")
+    fig.colorbar(image, ax=ax, label="calibration tokens routed to it")
+    ax.set_title("calibration coverage: tokens per expert and layer", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def save_report(report: CompressionReport, folder: Path) -> None:
-    """compression_report.json (totals, per (layer, projection) rows, per-layer table) and compression_error.png."""
+    """compression_report.json (totals, per (layer, projection) rows, per-layer table, calibration coverage),
+    compression_error.png and, with calibration data, calibration_coverage.png."""
     table = {**report.to_dict(), "layers": layer_table(report)}
     (folder / "compression_report.json").write_text(json.dumps(table, indent=2) + "\n")
     plot_errors(report, folder / "compression_error.png")
+    if report.coverage:
+        plot_coverage(report.coverage, folder / "calibration_coverage.png")

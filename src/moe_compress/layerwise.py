@@ -1,0 +1,91 @@
+"""Calibration statistics of a checkpoint folder, gathered layer by layer without loading the model whole.
+
+The model is loaded with its decoder layers offloaded to disk (accelerate, through transformers' device_map): the
+embeddings and what follows the layers stay in memory, and each layer's weights are read for its own forward and
+dropped after it. The calibration batches go through the layers one at a time (sequential.py), each layer on the
+previous layer's original outputs; the experts' gate and up weights, which the statistics need for the intermediate
+activations, are read from the checkpoint as the fits read them.
+
+Each experts module's statistics are saved atomically, with their checksums, in a folder of their own: a crash
+resumes from the first layer not saved, and a compression of the same model on the same calibration data at another
+size reuses them without calibrating again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from moe_compress.calibration import observing
+from moe_compress.calibration_stats import ExpertGrams
+from moe_compress.discovery import split_weights
+from moe_compress.parallel import Manifest
+from moe_compress.sequential import capture, decoder_layers
+
+STATISTICS_SETTINGS = ("source", "subset", "split", "text_column", "num_sequences", "seq_len", "propagate")
+
+
+def statistics_dir(output_dir: Path, source_settings: dict, calibration: dict, token_ids: torch.Tensor) -> Path:
+    """Where the statistics of this model on these calibration tokens live: beside the output folder, named by what
+    they depend on (the source checkpoint and the tokens), not by the compression settings."""
+    identity = json.dumps({"source": source_settings,
+                           "calibration": {k: calibration[k] for k in STATISTICS_SETTINGS},
+                           "tokens": hashlib.sha256(token_ids.numpy().tobytes()).hexdigest()}, sort_keys=True)
+    return output_dir.parent / f".moe-compress-statistics-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def _offload_map(model: nn.Module, device: str) -> dict[str, str]:
+    """A device_map with the decoder layers on disk and every other module on `device`."""
+    prefix, _ = decoder_layers(model)
+    device_map, parts = {prefix: "disk"}, prefix.split(".")
+    for depth in range(len(parts)):  # the siblings of every module on the way down to the layers
+        parent, on_path = ".".join(parts[:depth]), ".".join(parts[:depth + 1])
+        for name, _ in model.get_submodule(parent).named_children():
+            child = f"{parent}.{name}" if parent else name
+            if child != on_path:
+                device_map[child] = device
+    return device_map
+
+
+def offloaded_model(folder: Path, skeleton: nn.Module, offload_folder: Path, device: str,
+                    trust_remote_code: bool) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(
+        folder, device_map=_offload_map(skeleton, device), offload_folder=offload_folder, dtype="auto",
+        trust_remote_code=trust_remote_code).eval()
+
+
+def load_statistics(manifest: Manifest, name: str) -> ExpertGrams:
+    return ExpertGrams.from_state(load_file(manifest.path(name)))
+
+
+def gather_statistics(checkpoint, read_gate_up, batches: list[torch.Tensor], folder: Path, device: str,
+                      trust_remote_code: bool = False, progress: bool = True) -> Manifest:
+    """Every experts module's statistics in `folder` (a Manifest of units named by module); those already there and
+    verified are kept. `read_gate_up(experts_on_disk)` reads a module's gate and up weights from the checkpoint."""
+    manifest = Manifest(folder)
+    names = [experts.name for experts in checkpoint.experts]
+    done = manifest.done(names)
+    if len(done) == len(names):
+        return manifest
+    (folder / "units").mkdir(parents=True, exist_ok=True)
+    on_disk = {experts.name: experts for experts in checkpoint.experts}
+    with tempfile.TemporaryDirectory(dir=folder, prefix="offload-") as offload:
+        model = offloaded_model(checkpoint.folder, checkpoint.model, Path(offload), device, trust_remote_code)
+        inputs = capture(model, batches)
+        for index in tqdm(range(len(inputs.layers)), desc="calibration", unit="layer", disable=not progress):
+            names = [n for n in inputs.experts_of(index, model) if n not in done]
+            grams = {n: ExpertGrams(model.get_submodule(n), split_weights(read_gate_up(on_disk[n]))) for n in names}
+            with observing(model, grams):
+                outputs = inputs.run(index)
+            for name, stats in grams.items():
+                manifest.save(name, stats.state(), {"tokens": int(stats.tokens.sum())})
+            inputs.advance(index, outputs)
+    return manifest

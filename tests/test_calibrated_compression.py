@@ -1,0 +1,103 @@
+"""Compression with calibration data: fits in the metric of the routed inputs, in memory and streamed from a
+checkpoint folder (statistics gathered layer by layer with the layers offloaded, then reused at another size), the
+coverage report, and the command line."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file
+
+import moe_compress as mc
+from moe_compress import fit
+from moe_compress.calibration import observe
+from moe_compress.calibration_stats import ExpertGrams
+from moe_compress.discovery import find_experts, split_weights
+
+VOCAB = 128
+
+
+def calibration_ids(count=8, length=32, seed=1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["als", "delta"])
+def test_calibrated_fits_have_the_lower_error_on_the_routed_inputs(method):
+    ids = calibration_ids()
+    original = tiny_model("qwen3_moe")
+    grams = observe(original, ids, ExpertGrams, progress=False)  # the first layer's inputs equal in both passes
+    weights = {name: split_weights(experts) for name, experts in find_experts(original)}
+    config = mc.CompressionConfig(rank=2, method=method, polish_steps=0)
+    free, calibrated = tiny_model("qwen3_moe"), tiny_model("qwen3_moe")
+    mc.compress(free, config, progress=False)
+    report = mc.compress(calibrated, config, calibration=ids, progress=False)
+    name = "model.layers.0.mlp.experts"
+    for projection in ("gate", "up", "down"):
+        metric = grams[name].metric(projection, config.calibration.regularisation)
+        W = weights[name][projection][0]
+        errors = [fit.relative_error(W, m.get_submodule(name).projections[projection].dense().detach(), metric)
+                  for m in (free, calibrated)]
+        assert errors[1] < errors[0]
+        row = next(r for r in report.rows if r.module == name and r.projection == projection)
+        assert row.output_error == pytest.approx(errors[1], rel=1e-4)
+    assert report.coverage[name] == grams[name].tokens.tolist()
+    assert sum(report.coverage[name]) == ids.numel() * original.config.num_experts_per_tok
+
+
+def test_a_checkpoint_folder_compresses_as_the_loaded_model_and_reuses_its_statistics(tmp_path):
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
+    ids = calibration_ids()
+    config = mc.CompressionConfig(rank=2, polish_steps=0)
+    in_memory = tiny_model("qwen3_moe")
+    mc.compress(in_memory, config, calibration=ids, progress=False)
+    report = mc.compress_checkpoint(tmp_path / "model", tmp_path / "sc", config, calibration=ids, progress=False)
+    streamed = load_file(tmp_path / "sc" / "model.safetensors")
+    for key, value in in_memory.state_dict().items():
+        if ".experts.projections." in key:
+            assert torch.allclose(streamed[key], value, atol=1e-5), key
+    saved = json.loads((tmp_path / "sc" / "compression_report.json").read_text())
+    assert saved["coverage"] == report.coverage and (tmp_path / "sc" / "calibration_coverage.png").exists()
+    (statistics,) = tmp_path.glob(".moe-compress-statistics-*")
+    stamps = {p: p.stat().st_mtime_ns for p in statistics.rglob("*.safetensors")}
+    other = mc.compress_checkpoint(tmp_path / "model", tmp_path / "sc1", mc.CompressionConfig(rank=1, polish_steps=0),
+                                   calibration=ids, progress=False)  # another size: the statistics are reused
+    assert other.coverage == report.coverage
+    assert {p: p.stat().st_mtime_ns for p in statistics.rglob("*.safetensors")} == stamps
+
+
+def test_experts_short_of_calibration_tokens_are_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"experts received fewer calibration tokens than their input size \("
+                                         r"model.layers.0.mlp.experts: .*add calibration data"):
+        mc.compress(tiny_model("qwen3_moe"), mc.CompressionConfig(rank=1, polish_steps=0),
+                    calibration=calibration_ids(1, 4), progress=False)
+
+
+def test_bad_calibration_input_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match="calibration token ids must be an integer tensor"):
+        mc.compress(tiny_model("qwen3_moe"), mc.CompressionConfig(rank=1), calibration=torch.rand(2, 4),
+                    progress=False)
+    with pytest.raises(ValueError, match="propagate='both' is unknown"):
+        mc.CompressionConfig(rank=1, calibration={"propagate": "both"})
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="set compression.calibration.propagate=original"):
+        mc.compress_checkpoint(tmp_path / "model", tmp_path / "sc",
+                               mc.CompressionConfig(rank=1, calibration={"propagate": "compressed"}),
+                               calibration=calibration_ids(), progress=False)
+
+
+@pytest.mark.slow
+def test_the_command_calibrates_on_the_testbed_corpus(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_compress", "compress", "compression.target_ratio=0.3",
+         "compression.polish_steps=0", "compression.calibration.source=testbed",
+         "compression.calibration.num_sequences=8", "compression.calibration.seq_len=64",
+         f"output_dir={tmp_path / 'sc'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "sc" / "compression_report.json").read_text())
+    assert report["config"]["calibration"]["source"] == "testbed"
+    assert all(sum(tokens) == 8 * 64 * 2 for tokens in report["coverage"].values())  # top-2 of 8 experts
+    assert all(row["output_error"] is not None for row in report["rows"])
