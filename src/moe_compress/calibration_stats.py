@@ -10,7 +10,9 @@ The error that matters is the one on the inputs an expert actually sees, sum ove
 accumulated in fp32 (an unnormalised sum: routing frequency is in it already). `metric()` regularises them for the
 fit: every expert gets `shrink * d` pseudo-tokens of the layer-wide Gram (the sum over all routed tokens, per token),
 which keeps rarely routed experts well posed and gives an expert with no tokens the layer-wide statistics; then a
-damping of `damp` times the mean diagonal, as GPTQ does.
+damping of `damp` times the mean diagonal, as GPTQ does, but far stronger: on both bundled testbeds the held-out loss
+is lowest near damp = 1 (half way to the data-free metric), and GPTQ's 0.01 fits the calibration tokens' directions
+so closely that at kept 0.5 the upcycled testbed lost more than data-free.
 
 Shapes: E experts, T tokens, K active experts per token, H hidden, F expert width, d an input size (H or F).
 """
@@ -30,7 +32,7 @@ from moe_compress.experts import apply_gate
 @dataclass(frozen=True)
 class Regularisation:
     shrink: float = 1.0  # pseudo-tokens of the layer-wide Gram per input dimension
-    damp: float = 0.01  # times the mean diagonal, added to it
+    damp: float = 1.0  # times the mean diagonal, added to it
 
     def __post_init__(self):
         if self.shrink < 0 or self.damp <= 0:
