@@ -10,6 +10,7 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # every section at tiny sizes, several in fresh processes: the suite's longest test
 def test_benchmark_smoke_run_writes_report_and_plots(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True)

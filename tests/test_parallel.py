@@ -20,8 +20,10 @@ RUN = textwrap.dedent("""
     torch.set_num_threads(1)
     import moe_compress as mc
     from moe_compress.streaming import compress_checkpoint
-    report = compress_checkpoint(sys.argv[1], sys.argv[2], mc.CompressionConfig(rank=2, polish_steps=20))
-    print(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: {len(report.rows)} rows")
+    ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0)) if len(sys.argv) > 3 else None
+    report = compress_checkpoint(sys.argv[1], sys.argv[2], mc.CompressionConfig(rank=2, polish_steps=20),
+                                 calibration=ids)
+    print(f"rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)}: {len(report.rows)} rows")
 """)
 
 
@@ -48,6 +50,22 @@ def test_two_gloo_processes_write_the_folder_one_process_writes(tmp_path):
     rows = json.loads((tmp_path / "two" / "compression_report.json").read_text())["rows"]
     assert [r["rel_error"] for r in rows] == [r.rel_error for r in report.rows]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "run.py", "src", "two"]
+
+
+def test_two_gloo_processes_calibrate_once_and_write_the_folder_one_process_writes(tmp_path):
+    tiny_model("qwen3_moe", num_hidden_layers=2).save_pretrained(tmp_path / "src")
+    script = tmp_path / "run.py"
+    script.write_text(RUN)
+    for out, launcher in (("two", ["-m", "torch.distributed.run", "--nproc-per-node", "2"]), ("one", [])):
+        result = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / "src"), str(tmp_path / out),
+                                 "calibrated"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (statistics,) = tmp_path.glob(".moe-compress-statistics-*")  # gathered once by rank 0, then reused
+    assert len(list((statistics / "units").glob("*.safetensors"))) == 2
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    coverage = json.loads((tmp_path / "two" / "compression_report.json").read_text())["coverage"]
+    assert all(sum(tokens) == 6 * 16 * 2 for tokens in coverage.values())
 
 
 def test_share_gives_each_rank_a_contiguous_block_and_every_unit_once():
