@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -135,6 +136,8 @@ def run_testbed(name: str, setting: dict) -> dict:
         found += compress_rows(original, ratio, setting, calibration, loss)
         found += peer_rows(original, ratio, calibration, loss)
         rows += [{**row, "target": ratio} for row in found]
+        print(f"quality: {name} kept {ratio}: " + ", ".join(f"{r['method']} {r['loss'] - base:+.4f}" for r in found),
+              file=sys.stderr, flush=True)
     for row in rows:
         row["increase"] = row["loss"] - base
     return {"original_loss": base, "rows": rows}
@@ -149,9 +152,9 @@ def methods_of(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in rows if r["target"] is not None))
 
 
-def best_by_column(rows: list[dict], ratios) -> dict[float, str]:
-    return {ratio: min((r for r in rows if r["target"] == ratio), key=lambda r: r["increase"])["method"]
-            for ratio in ratios}
+def best_by_column(rows: list[dict], ratios, allowed=lambda method: True) -> dict[float, str]:
+    return {ratio: min((r for r in rows if r["target"] == ratio and allowed(r["method"])),
+                       key=lambda r: r["increase"])["method"] for ratio in ratios}
 
 
 def figure_path(path: Path, name: str) -> Path:
@@ -193,22 +196,34 @@ def details_table(found: dict) -> str:
     return table(["method", "kept fraction", "rel. error", "held-out loss", "increase", "fit s (median)"], rows)
 
 
+def spans(best: dict[float, str]) -> str:
+    """'A at kept 0.2-0.3; B at kept 0.5-0.75': consecutive sizes with the same winner joined."""
+    joined: list[tuple[str, list[float]]] = []
+    for ratio, method in best.items():
+        if joined and joined[-1][0] == method:
+            joined[-1][1].append(ratio)
+        else:
+            joined.append((method, [ratio]))
+    return "; ".join(f"{LABELS.get(m, m)} at kept {'-'.join(map(str, sorted({rs[0], rs[-1]})))}" for m, rs in joined)
+
+
 def advice(result: dict) -> str:
-    """Which method to pick at which size, read off the tables: the winner of each column, consecutive sizes with
-    the same winner joined."""
+    """Which method to pick at which size, read off the tables: with calibration data, without it, and where the
+    peers stand."""
     ratios = result["setting"]["ratios"]
     lines = []
     for name, found in result["testbeds"].items():
+        by = {(r["method"], r["target"]): r for r in found["rows"]}
         best = best_by_column(found["rows"], ratios)
-        spans: list[tuple[str, list[float]]] = []
-        for ratio in ratios:
-            if spans and spans[-1][0] == best[ratio]:
-                spans[-1][1].append(ratio)
-            else:
-                spans.append((best[ratio], [ratio]))
-        parts = [f"{LABELS.get(m, m)} at kept {'-'.join(map(str, sorted({rs[0], rs[-1]})))}" for m, rs in spans]
-        lines.append(f"- {TESTBED_NAMES[name]}: " + "; ".join(parts) + ".")
-    return "Lowest loss increase per size, read off these tables:\n\n" + "\n".join(lines)
+        data_free = best_by_column(found["rows"], ratios, lambda m: "calibration" not in m and m not in PEERS)
+        peers = [min(by[(p, t)]["increase"] for p in PEERS if (p, t) in by) / by[(best[t], t)]["increase"]
+                 for t in ratios if any((p, t) in by for p in PEERS)]
+        lines.append(f"- {TESTBED_NAMES[name]}: lowest of all, {spans(best)}. Without calibration data, "
+                     f"{spans(data_free)}. The better peer loses {min(peers):.1f}x to {max(peers):.1f}x as much as "
+                     "the best method.")
+    return ("Which method to pick at which size, read off these tables (`compress` keeps a little less than each "
+            "column's fraction, its ranks being whole numbers; the details give every kept fraction):\n\n"
+            + "\n".join(lines))
 
 
 def delta_note(result: dict) -> str:
@@ -219,8 +234,8 @@ def delta_note(result: dict) -> str:
         pairs = [(by[("als", t)], r) for (m, t), r in by.items() if m == "delta" and ("als", t) in by]
         errors = sum(d["rel_error"] <= a["rel_error"] for a, d in pairs)
         losses = sum(d["increase"] <= a["increase"] for a, d in pairs)
-        counts.append(f"on the {name.replace('_', ' ')} the lower error at {errors} and the lower loss increase at "
-                      f"{losses} of {len(pairs)} kept fractions")
+        counts.append(f"on the {TESTBED_NAMES[name].split(' (')[0].split(',')[0]} the lower error at {errors} and "
+                      f"the lower loss increase at {losses} of {len(pairs)} kept fractions")
     return ("The additive `delta` form stores exactly what the wrapper stores (2r(out + in) per expert and the core) "
             "and can represent every wrapper, since (I + A B^T) C (I + P Q^T) - C has rank at most 2r: at equal "
             "storage its best fit can only match or beat the wrapper's in reconstruction error. In this run it has "

@@ -11,10 +11,7 @@ compressing alike).
   own time (sum over (layer, projection) of the report's seconds), and 1 process against 2 (torchrun, gloo), the
   median of 3 runs taken in turns. Each process's CPU share (CPU time over wall time) says how busy the machine was.
 - memory: a cheap fit (delta, rank 1) on checkpoints of growing size: peak resident memory (VmHWM) against checkpoint
-  size, data-free and calibrated (random token ids: the statistics pass runs the layers one at a time, offloaded to
-  disk).
-- calibration cost: on each bundled testbed, compress_checkpoint with its preset's calibration (64 sequences of 256
-  bytes of the training split) against data-free, default settings otherwise, median of 3 runs taken in turns.
+  size.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +34,6 @@ from transformers.core_model_loading import revert_weight_conversion
 from benchmarks.common import peak_rss_mib, table
 from moe_compress import CompressionConfig
 from moe_compress.streaming import compress_checkpoint
-from moe_compress.testbed import TESTBEDS
 
 ROOT = Path(__file__).parent.parent
 SPEED = dict(layers=32, experts=16, hidden=128, width=256, settings={"target_ratio": 0.3}, repeats=3)
@@ -46,11 +41,6 @@ MEMORY = dict(layers=(20, 80, 160), experts=128, hidden=1024, width=32,
               settings={"rank": 1, "method": "delta", "als_iters": 1})
 QUICK_SPEED = dict(layers=4, experts=4, hidden=64, width=32, settings={"rank": 2, "polish_steps": 5}, repeats=1)
 QUICK_MEMORY = dict(layers=(2, 4), experts=4, hidden=64, width=32, settings=MEMORY["settings"])
-RANDOM_CALIBRATION = [8, 128]  # sequences, tokens: the synthetic checkpoints' statistics pass
-TESTBED_CALIBRATION = dict(repeats=3, settings={"target_ratio": 0.3},
-                           calibration={"source": "testbed", "num_sequences": 64, "seq_len": 256})
-QUICK_TESTBED_CALIBRATION = dict(repeats=1, settings={"target_ratio": 0.3, "polish_steps": 5},
-                                 calibration={"source": "testbed", "num_sequences": 4, "seq_len": 64})
 
 
 def model_config(layers: int, experts: int, hidden: int, width: int) -> Qwen3MoeConfig:
@@ -131,11 +121,9 @@ def _compress_run(source: Path, folder: Path, settings: dict, processes: int) ->
             "cpu_share": min(r["cpu_share"] for r in ranks)}
 
 
-def measure(folder: Path, shape: dict, layers: int, processes: tuple[int, ...], repeats: int = 1,
-            calibrated: bool = False) -> dict:
+def measure(folder: Path, shape: dict, layers: int, processes: tuple[int, ...], repeats: int = 1) -> dict:
     """Write a checkpoint of `layers` layers into `folder`, read it, and compress it on each number of `processes`,
-    `repeats` times in turns (so that a busy machine slows each alike); the run of median time is kept. `calibrated`:
-    once more, calibrated, on 1 process."""
+    `repeats` times in turns (so that a busy machine slows each alike); the run of median time is kept."""
     source = folder / "checkpoint"
     sizes = write_checkpoint(source, model_config(layers, shape["experts"], shape["hidden"], shape["width"]))
     row = {"layers": layers, **sizes, "read_s": _fresh("read", str(source))[0]["seconds"]}
@@ -145,32 +133,10 @@ def measure(folder: Path, shape: dict, layers: int, processes: tuple[int, ...], 
             runs[n].append(_compress_run(source, folder, shape["settings"], n))
     for n, done in runs.items():
         row[str(n)] = sorted(done, key=lambda run: run["call_s"])[len(done) // 2]
-    if calibrated:
-        shutil.rmtree(folder / "out-1")
-        row["calibrated"] = _compress_run(source, folder, {**shape["settings"], "random_calibration":
-                                                           RANDOM_CALIBRATION}, 1)
     shutil.rmtree(folder)  # the next checkpoint may be larger: free the disk
     row["fit_s"] = row["1"]["fit_s"]
     row["over_read_and_fit"] = row["1"]["call_s"] / (row["read_s"] + row["fit_s"])
     return row
-
-
-def calibration_cost(setting: dict) -> dict:
-    """Per bundled testbed: compress_checkpoint's time calibrated against data-free, the median of runs in turns."""
-    rows = {}
-    with tempfile.TemporaryDirectory(prefix="calibration-bench-") as folder:
-        for name, path in TESTBEDS.items():
-            runs: dict[str, list[float]] = {"data-free": [], "calibrated": []}
-            for _ in range(setting["repeats"]):
-                for kind in runs:
-                    settings = {**setting["settings"], **({"calibration": setting["calibration"]}
-                                                          if kind == "calibrated" else {})}
-                    out = Path(folder) / f"{name}-{kind}"
-                    runs[kind].append(_compress_run(path, out, settings, 1)["call_s"])
-                    shutil.rmtree(out)
-            rows[name] = {kind: statistics.median(times) for kind, times in runs.items()}
-            rows[name]["ratio"] = rows[name]["calibrated"] / rows[name]["data-free"]
-    return {**setting, "rows": rows}
 
 
 def run(quick: bool = False) -> dict:
@@ -178,10 +144,8 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="streaming-bench-") as folder:
         speed_row = measure(Path(folder) / "speed", speed, speed["layers"], (1, 2), speed["repeats"])
         speed_row["speedup"] = speed_row["1"]["call_s"] / speed_row["2"]["call_s"]
-        memory_rows = [measure(Path(folder) / f"memory-{layers}", memory, layers, (1,), calibrated=True)
-                       for layers in memory["layers"]]
-    cost = calibration_cost(QUICK_TESTBED_CALIBRATION if quick else TESTBED_CALIBRATION)
-    return {"speed": {**speed, **speed_row}, "memory": {**memory, "rows": memory_rows}, "calibration": cost}
+        memory_rows = [measure(Path(folder) / f"memory-{layers}", memory, layers, (1,)) for layers in memory["layers"]]
+    return {"speed": {**speed, **speed_row}, "memory": {**memory, "rows": memory_rows}}
 
 
 def markdown(result: dict) -> str:
@@ -190,11 +154,7 @@ def markdown(result: dict) -> str:
                    f"{s[n]['cpu_share']:.2f}", f"{s['1']['call_s'] / s[n]['call_s']:.2f}x"] for n in ("1", "2")]
     memory_rows = [[r["layers"], f"{r['checkpoint_mib']:,.0f}", f"{r['experts_mib']:,.0f}", f"{r['1']['peak_rss_mib']:,.0f}",
                     f"{r['1']['peak_rss_mib'] - r['1']['imports_rss_mib']:,.0f}", f"{r['read_s']:.1f}",
-                    f"{r['fit_s']:.1f}", f"{r['1']['call_s']:.1f}", f"{r['over_read_and_fit']:.2f}",
-                    f"{r['calibrated']['peak_rss_mib']:,.0f}", f"{r['calibrated']['call_s']:.1f}"] for r in m["rows"]]
-    c = result["calibration"]
-    cost_rows = [[name, f"{r['data-free']:.1f}", f"{r['calibrated']:.1f}", f"{r['ratio']:.2f}x"]
-                 for name, r in c["rows"].items()]
+                    f"{r['fit_s']:.1f}", f"{r['1']['call_s']:.1f}", f"{r['over_read_and_fit']:.2f}"] for r in m["rows"]]
     return (
         f"**Speed**: {s['layers']} layers of {s['experts']} experts ({s['hidden']} x {s['width']}), "
         f"{s['checkpoint_mib']:,.0f} MiB, settings {s['settings']}. Reading every tensor takes {s['read_s']:.1f} s and the "
@@ -206,13 +166,7 @@ def markdown(result: dict) -> str:
         + f"\n\n**Memory**: layers of {m['experts']} experts ({m['hidden']} x {m['width']}), settings "
         f"{m['settings']}, 1 process. Peak resident memory stays flat while the checkpoint grows.\n\n"
         + table(["layers", "checkpoint MiB", "experts MiB", "peak RSS MiB", "above imports MiB", "read s", "fit s",
-                 "compress s", "compress / (read + fit)", "calibrated: peak RSS MiB", "calibrated: compress s"],
-                memory_rows)
-        + f"\n\nCalibrated, the statistics pass runs {RANDOM_CALIBRATION[0]} random sequences of "
-        f"{RANDOM_CALIBRATION[1]} tokens through the layers one at a time, offloaded to disk.\n\n"
-        f"**Calibration cost** on the bundled testbeds (compress_checkpoint, settings {c['settings']}, calibration "
-        f"{c['calibration']}, median of {c['repeats']} runs in turns; goal: at most 2x data-free):\n\n"
-        + table(["testbed", "data-free s", "calibrated s", "calibrated / data-free"], cost_rows)
+                 "compress s", "compress / (read + fit)"], memory_rows)
     )
 
 
