@@ -1,25 +1,43 @@
-"""Question 2: how fast does the default fit reach the error of the seed recipe (`adam`), at real scale?
+"""Question 2: how fast does the default fit reach the error of the seed recipe (`adam`), at real scale? And what do
+fits in a calibrated metric cost, and does the Adam polish earn its time?
 
 One (layer, projection) of Qwen3-30B-A3B shape: 128 experts of 768 x 2048, rank 64. Synthetic experts: a shared part,
 a per-expert rank-32 deviation and per-expert noise. The seed recipe runs its specified 1000 Adam steps. Each fit runs
 alone in a fresh process, one after the other, which also gives its peak memory: the resident high-water mark (GPU: max
 allocated). The clock is the process's CPU time on CPU (one thread, so that other work on a shared machine barely moves
 it) and wall time on GPU; evaluating the error along the way is left out of it.
+
+The whitened part: both projection shapes of that model (gate/up 768 x 2048, down 2048 x 768), 128 experts, rank 16,
+with a metric per expert: the damped Gram of random "tokens" (a log-uniform 256 to 4096 of them per expert, so rarely
+routed experts have fewer tokens than inputs) whose channel scales are log-normal around a few shared dominant
+directions, weighted by squared routing weights. It times `als` and `delta` with and without the metric, and the
+default's 100-step Adam polish from the data-free `als` (and a few steps from the whitened one). On one CPU thread the
+whole part takes about an hour (the polish is 10 s a step); `python -m benchmarks.fit_speed --whitened` runs it alone
+and stores it in benchmarks/results/fit_speed.json beside the other part's figures.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import json
+import math
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import in_fresh_process, peak_rss_mib, plot_to, table
+from benchmarks.common import in_fresh_process, machine, peak_rss_mib, plot_to, table
 from moe_compress import fit
 from moe_compress.experts import wrapped_weights
 
 FULL = dict(experts=128, out=768, inp=2048, rank=64, adam_steps=1000, adam_lr=1e-3, als_iters=3, polish_steps=20)
 CPU_ADAM_STEPS = 100  # the seed's 1000 steps take hours of CPU at this shape (about 10 s a step on one thread)
 QUICK = dict(experts=8, out=24, inp=40, rank=2, adam_steps=20, adam_lr=1e-3, als_iters=2, polish_steps=5)
+WHITENED = dict(experts=128, shapes={"gate/up": (768, 2048), "down": (2048, 768)}, rank=16, als_iters=3,
+                polish_steps=100, polish_lr=1e-3, whitened_polish_steps=10, tokens=(256, 4096))
+WHITENED_QUICK = dict(experts=8, shapes={"gate/up": (24, 40), "down": (40, 24)}, rank=2, als_iters=2,
+                      polish_steps=5, polish_lr=1e-3, whitened_polish_steps=2, tokens=(16, 128))
 
 
 def synthetic_experts(shape: dict, seed: int = 0) -> torch.Tensor:
@@ -37,18 +55,27 @@ def clock() -> float:
     return time.process_time()
 
 
-class Trace:
-    """A fit's clock and its error after the callbacks numbered in `at` (every one when None)."""
+def clock_name() -> str:
+    return "wall-clock s" if torch.cuda.is_available() else "CPU s"
 
-    def __init__(self, W: torch.Tensor, at: set[int] | None = None):
-        self.W, self.at, self.calls, self.seconds, self.points = W, at, 0, 0.0, []
+
+class Trace:
+    """A fit's clock and its error after the callbacks numbered in `at` (every one when None); with a metric, each
+    point also holds the error in that metric."""
+
+    def __init__(self, W: torch.Tensor, at: set[int] | None = None, metric: torch.Tensor | None = None):
+        self.W, self.at, self.metric, self.calls, self.seconds, self.points = W, at, metric, 0, 0.0, []
         self.mark = clock()
 
     def __call__(self, factors: dict[str, torch.Tensor]) -> None:
         self.seconds += clock() - self.mark
         self.calls += 1
         if self.at is None or self.calls in self.at:
-            self.points.append((self.seconds, fit.relative_error(self.W, wrapped_weights(**factors))))
+            W_hat = wrapped_weights(**factors)
+            errors = [fit.relative_error(self.W, W_hat)]
+            if self.metric is not None:
+                errors.append(fit.relative_error(self.W, W_hat, self.metric))
+            self.points.append((self.seconds, *errors))
         self.mark = clock()
 
 
@@ -80,6 +107,60 @@ def fit_alone(method: str, shape: dict) -> tuple[list, float]:
     return trace.points, peak
 
 
+def synthetic_metrics(E: int, in_f: int, tokens: tuple[int, int], seed: int = 1) -> torch.Tensor:
+    """[E, in, in]: per expert the Gram of a log-uniform count of random tokens in [tokens[0], tokens[1]], weighted by
+    squared routing weights and damped by 1% of its mean diagonal. A token is N(0, I) plus a 3x stronger mix of 16
+    shared directions, its channels scaled log-normally (shared scales, varied per expert), as in LLM activations."""
+    g = torch.Generator().manual_seed(seed)
+    dominant = 3 * torch.randn(16, in_f, generator=g) / 4
+    shared_scales = torch.randn(in_f, generator=g).exp()
+    low, high = math.log(tokens[0]), math.log(tokens[1])
+    M = torch.empty(E, in_f, in_f)
+    for e in range(E):
+        count = int(math.exp(low + (high - low) * torch.rand(1, generator=g).item()))
+        scales = shared_scales * (0.5 * torch.randn(in_f, generator=g)).exp()
+        X = (torch.randn(count, in_f, generator=g) + torch.randn(count, 16, generator=g) @ dominant) * scales
+        routing = torch.empty(count).uniform_(0.05, 0.5, generator=g)
+        M[e] = (X.mT * routing.square()) @ X
+        M[e] += 0.01 * M[e].diagonal().mean() * torch.eye(in_f)
+    return M
+
+
+def whitened_alone(name: str, settings: dict) -> dict:
+    """One projection shape: `als` and `delta` with and without the metric, then Adam polishes of both `als` fits;
+    errors in weights and in the metric. Meant to run alone in a fresh process."""
+    out_f, in_f = settings["shapes"][name]
+    E, rank, iters = settings["experts"], settings["rank"], settings["als_iters"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    W = synthetic_experts({"experts": E, "out": out_f, "inp": in_f}).to(device)
+    M = synthetic_metrics(E, in_f, settings["tokens"]).to(device)
+    fits, als = {}, {}
+    for label, metric in (("als", None), ("als + metric", M)):
+        trace = Trace(W, {3 * k for k in range(1, iters + 1)}, M)  # after each round's core refit
+        als[label] = fit.fit_als(W, rank, iters, metric=metric, callback=trace)
+        fits[label] = {"seconds": trace.seconds, "rounds": trace.points}
+    for label, metric in (("delta", None), ("delta + metric", M)):
+        start = clock()
+        factors = fit.fit_delta(W, rank, iters, metric=metric)
+        seconds = clock() - start
+        W_hat = factors["core"] + factors["u"] @ factors["v"].mT
+        fits[label] = {"seconds": seconds,
+                       "rounds": [(seconds, fit.relative_error(W, W_hat), fit.relative_error(W, W_hat, M))]}
+    polish = {}
+    for label, steps in (("als", settings["polish_steps"]), ("als + metric", settings["whitened_polish_steps"])):
+        trace = Trace(W, geometric_steps(steps), M)
+        fit.fit_adam(W, steps, settings["polish_lr"], als[label], callback=trace)
+        polish[label] = {"steps": steps, "seconds": trace.seconds, "points": trace.points}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mib()
+    return {"fits": fits, "polish": polish, "peak_mib": peak}
+
+
+def run_whitened(quick: bool = False) -> dict:
+    settings = WHITENED_QUICK if quick else WHITENED
+    shapes = {name: in_fresh_process(whitened_alone, name, settings) for name in settings["shapes"]}
+    return {"settings": settings, "shapes": shapes, "clock": clock_name()}
+
+
 def run(quick: bool = False) -> dict:
     specified = QUICK if quick else FULL
     shape = specified if quick or torch.cuda.is_available() else {**FULL, "adam_steps": CPU_ADAM_STEPS}
@@ -98,7 +179,8 @@ def run(quick: bool = False) -> dict:
         "als_seconds": traces["als"][-1][0],
         "traces": traces,
         "peak_mib": {method: peak for method, (_, peak) in runs.items()},
-        "clock": "wall-clock s" if torch.cuda.is_available() else "CPU s",
+        "clock": clock_name(),
+        "whitened": run_whitened(quick),
     }
 
 
@@ -137,8 +219,83 @@ def markdown(result: dict) -> str:
         + f"\n\nThe default reaches the seed recipe's final error {speed}"
         + (f" (its first measured point, {first[0]:.2f} s, already ends at {first[1]:.4f}; the ratio is a lower bound)."
            if reach is not None and reach == first[0] else ".") + short
+        + (f"\n\n{markdown_whitened(result['whitened'])}" if "whitened" in result else "")
     )
 
 
+def markdown_whitened(part: dict) -> str:
+    settings, clock_name = part["settings"], part["clock"]
+    meta = part.get("meta")
+    ran = (f"Run on its own: {meta['machine']}. Command: `{meta['command']}` ({meta['seconds']:.0f} s, "
+           f"{meta['date']}).\n\n" if meta else "")
+    rows, gains, polish_rows, verdicts = [], [], [], []
+    for name, shape in part["shapes"].items():
+        out_f, in_f = settings["shapes"][name]
+        for label, result in shape["fits"].items():
+            _, error, metric_error = result["rounds"][-1]
+            rows.append([f"{name} {out_f} x {in_f}", f"`{label}`", f"{result['seconds']:.1f}", f"{error:.4f}",
+                         f"{metric_error:.4f}"])
+        errors = [metric_error for _, _, metric_error in shape["fits"]["als + metric"]["rounds"]]
+        gains.append(f"{name} " + ", ".join(f"{1 - (b / a) ** 2:.1%}" for a, b in itertools.pairwise(errors)))
+        for label, polished in shape["polish"].items():
+            own = 2 if "metric" in label else 1  # the error that the fit minimises: in the metric, or in the weights
+            start, end = shape["fits"][label]["rounds"][-1], polished["points"][-1]
+            # what the fit's own last round gained per second: the alternative use of the polish's time
+            before_last = shape["fits"][label]["rounds"][-2]
+            polish_rows.append([
+                name, f"`{label}`", polished["steps"], f"{polished['seconds']:.0f}", f"{start[1]:.4f} -> {end[1]:.4f}",
+                f"{start[2]:.4f} -> {end[2]:.4f}", f"{100 * (start[own] - end[own]) / polished['seconds']:+.5f}",
+                f"{100 * (before_last[own] - start[own]) / (start[0] - before_last[0]):+.5f}"])
+            polish_rate = (start[own] - end[own]) / polished["seconds"]
+            round_rate = (before_last[own] - start[own]) / (start[0] - before_last[0])
+            if label == "als":
+                verdicts.append(f"on {name} it takes {(start[1] - end[1]) / start[1]:.2%} off the weight error in "
+                                f"{polished['seconds']:.0f} {clock_name} ({polished['seconds'] / start[0]:.1f}x the "
+                                f"fit's own time), {round_rate / polish_rate:.1f}x less a second than the fit's own "
+                                f"last round")
+            else:
+                verdicts.append(f"from the whitened fit, {polished['steps']} steps take the metric error of {name} "
+                                f"from {start[2]:.4f} to {end[2]:.4f}")
+    return (
+        f"### Fits in a calibrated metric, and the Adam polish\n\n{ran}"
+        f"{settings['experts']} experts, rank {settings['rank']}, {settings['als_iters']} rounds of `als` and "
+        f"`delta`; one metric per expert, the damped Gram of {settings['tokens'][0]} to {settings['tokens'][1]} "
+        f"random tokens (module docstring). Times in {clock_name}; errors relative, in the weights "
+        f"(||W - What|| / ||W||) and in the metric (sqrt(sum_e tr(D_e M_e D_e^T) / sum_e tr(W_e M_e W_e^T)), the "
+        f"output error on the calibration inputs).\n\n"
+        + table(["projection", "fit", clock_name, "weight error", "metric error"], rows)
+        + "\n\nWhat each round of the whitened `als` gains in the squared metric error (what `tol` compares): "
+        + "; ".join(gains) + ".\n\nThe Adam polish (lr "
+        f"{settings['polish_lr']}, on the data-free objective) from each `als` fit, against what that fit's own last "
+        "round gained per second, in the error that fit minimises (weights for `als`, metric for `als + metric`):\n\n"
+        + table(["projection", "from", "steps", clock_name, "weight error", "metric error",
+                 f"its error gained per 100 {clock_name}", "same, in its last `als` round"], polish_rows)
+        + "\n\nThe polish: " + "; ".join(verdicts) + ". Peak memory of each shape's process (all of its fits and "
+        "polishes, the metric included; resident, or GPU max allocated): "
+        + ", ".join(f"{name} {shape['peak_mib']:,.0f} MiB" for name, shape in part["shapes"].items()) + "."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--whitened", action="store_true", help="run only the whitened part and store it in "
+                        "benchmarks/results/fit_speed.json beside the other part's figures")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, printed, not stored")
+    args = parser.parse_args()
+    if not args.whitened:
+        print(markdown(run(args.quick)))
+        return
+    started = time.time()
+    part = run_whitened(args.quick)
+    part["meta"] = {"machine": machine(), "seconds": time.time() - started, "date": time.strftime("%Y-%m-%d"),
+                    "command": "python -m benchmarks.fit_speed --whitened"}
+    if not args.quick:
+        path = Path(__file__).parent / "results" / "fit_speed.json"
+        result = json.loads(path.read_text())
+        result["whitened"] = part
+        path.write_text(json.dumps(result, indent=1, default=str))
+    print(markdown_whitened(part))
+
+
 if __name__ == "__main__":
-    print(markdown(run()))
+    main()

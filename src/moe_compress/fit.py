@@ -216,7 +216,7 @@ def fit_als(W: torch.Tensor, rank: int, iters: int = 3, core_iters: int = 5, cal
             metric: torch.Tensor | None = None, tol: float = 0.0) -> dict[str, torch.Tensor]:
     """Up to `iters` rounds of ALS; with a metric M [E, in, in], in the metric sum_e tr(D_e M_e D_e^T). A round whose
     relative improvement of the objective falls below `tol` is the last (tol = 0: always `iters` rounds; tol > 0 costs
-    an evaluation of the objective per round, with a metric about a tenth of a round)."""
+    an evaluation of the objective per round: with a metric, 7-15% of a round at Qwen3-30B-A3B's shapes)."""
     if tol < 0:
         raise ValueError(f"tol={tol} is negative; use 0 for a fixed number of rounds or a small positive tolerance")
     E, out_f, in_f = W.shape
