@@ -73,7 +73,7 @@ class CompressionConfig:
     method: str = "als"
     als_iters: int = 3
     als_tol: float = 0.0  # stop ALS early when a round improves the objective by less than this, relatively
-    polish_steps: int = 100
+    polish_steps: int = 0  # Adam steps after als, data-free: at Qwen3-30B-A3B's shape 100 cost 4x the fit for 0.3%
     adam_steps: int = 1000
     lr: float = 1e-3
     seed: int = 0
