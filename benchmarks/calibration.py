@@ -20,10 +20,11 @@ from benchmarks.streaming import MEMORY, QUICK_MEMORY, _compress_run, model_conf
 from moe_compress.testbed import TESTBEDS
 
 RANDOM_CALIBRATION = [8, 128]  # sequences, tokens
-TIME = dict(repeats=3, settings={"target_ratio": 0.3},
+TIME = dict(repeats=3, settings={"target_ratio": 0.3}, testbeds=tuple(TESTBEDS),
             calibration={"source": "testbed", "num_sequences": 64, "seq_len": 256})
-QUICK_TIME = dict(repeats=1, settings={"target_ratio": 0.3, "polish_steps": 5},
+QUICK_TIME = dict(repeats=1, settings={"target_ratio": 0.3, "polish_steps": 5}, testbeds=("testbed",),
                   calibration={"source": "testbed", "num_sequences": 4, "seq_len": 64})
+QUICK_MEMORY_LAYERS = (2,)  # the smoke run: one small checkpoint
 
 
 def memory_row(folder: Path, shape: dict, layers: int) -> dict:
@@ -39,7 +40,8 @@ def memory_row(folder: Path, shape: dict, layers: int) -> dict:
 def time_rows(setting: dict) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory(prefix="calibration-bench-") as folder:
-        for name, path in TESTBEDS.items():
+        for name in setting["testbeds"]:
+            path = TESTBEDS[name]
             runs: dict[str, list[float]] = {"data-free": [], "calibrated": []}
             for _ in range(setting["repeats"]):
                 for kind in runs:
@@ -54,8 +56,9 @@ def time_rows(setting: dict) -> dict:
 
 def run(quick: bool = False) -> dict:
     memory, timing = (QUICK_MEMORY, QUICK_TIME) if quick else (MEMORY, TIME)
+    layers = QUICK_MEMORY_LAYERS if quick else memory["layers"]
     with tempfile.TemporaryDirectory(prefix="calibration-memory-") as folder:
-        rows = [memory_row(Path(folder) / str(layers), memory, layers) for layers in memory["layers"]]
+        rows = [memory_row(Path(folder) / str(n), memory, n) for n in layers]
     return {"memory": {**memory, "rows": rows}, "time": {**timing, "rows": time_rows(timing)}}
 
 
