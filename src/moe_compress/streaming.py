@@ -313,7 +313,9 @@ def _statistics(checkpoint: Checkpoint, token_ids: torch.Tensor, config: Compres
     source = {k: v for k, v in _settings(checkpoint, config).items() if k != "compression"}
     folder = statistics_dir(output_dir, source, dataclasses.asdict(config.calibration), token_ids)
     if is_main:
-        read = lambda experts: read_experts(checkpoint, experts, _params_of(experts.module, ["gate", "up"]))
+        inputs_side = lambda module: [p for p in projection_names(module) if p != "down"]  # up alone when gate-less
+        read = lambda experts: read_experts(checkpoint, experts,
+                                            _params_of(experts.module, inputs_side(experts.module)))
         gather_statistics(checkpoint, read, list(token_ids.split(config.calibration.batch_size)), folder,
                           str(device), trust_remote_code, progress)
     barrier()
