@@ -94,6 +94,24 @@ def test_a_checkpoint_folder_compresses_as_the_loaded_model_and_reuses_its_stati
     assert {p: p.stat().st_mtime_ns for p in statistics.rglob("*.safetensors")} == stamps
 
 
+def test_a_hybrid_model_compresses_with_calibration_in_memory_and_streamed_alike(tmp_path):
+    """nemotron_h: mamba, attention, MLP and MoE layers (the decoder loop reads each layer's block_type), gate-less
+    experts in one layer of four, and layers without experts after it."""
+    tiny_model("nemotron_h").save_pretrained(tmp_path / "model")
+    ids = calibration_ids()
+    config = mc.CompressionConfig(rank=1, polish_steps=0)
+    in_memory = tiny_model("nemotron_h")
+    report = mc.compress(in_memory, config, calibration=ids, progress=False)
+    streamed = mc.compress_checkpoint(tmp_path / "model", tmp_path / "sc", config, calibration=ids, progress=False)
+    assert report.coverage == streamed.coverage
+    assert list(report.coverage) == ["model.layers.1.mixer.experts"]
+    assert sum(report.coverage["model.layers.1.mixer.experts"]) == ids.numel() * in_memory.config.num_experts_per_tok
+    loaded = mc.load_compressed(tmp_path / "sc").state_dict()
+    for key, value in in_memory.state_dict().items():
+        if ".experts.projections." in key:
+            assert torch.allclose(loaded[key], value, atol=1e-5), key
+
+
 def test_experts_short_of_calibration_tokens_are_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"experts received fewer calibration tokens than their input size \("
                                          r"model.layers.0.mlp.experts: .*add calibration data"):

@@ -4,7 +4,7 @@ regularisation written out, and each layer's outputs against the model's own hid
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import token_ids, tiny_model
+from conftest import ARCHITECTURES, tiny_model, token_ids
 
 from moe_compress.calibration import observe, observing
 from moe_compress.calibration_stats import ExpertGrams, Regularisation, regularised
@@ -61,7 +61,9 @@ def test_regularisation_adds_layer_pseudo_tokens_then_damps():
         Regularisation(damp=0)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "mixtral"])  # gpt_oss: sliding and full attention
+# gpt_oss: sliding and full attention; nemotron_h: mamba, attention, MLP and MoE layers, each given the mask its
+# `block_type` picks in the model's loop
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 def test_layer_by_layer_pass_reproduces_the_models_hidden_states(model_type):
     model = tiny_model(model_type, num_hidden_layers=3)
     ids = token_ids(3, 12)
@@ -70,7 +72,7 @@ def test_layer_by_layer_pass_reproduces_the_models_hidden_states(model_type):
     inputs = capture(model, ids.split(2))
     assert decoder_layers(model)[0] == "model.layers"
     assert torch.equal(torch.cat(inputs.hidden), reference[0])
-    for index in range(2):  # the last layer's output is normalised in the model's own tuple
+    for index in range(len(inputs.layers) - 1):  # the last layer's output is normalised in the model's own tuple
         inputs.advance(index)
         assert torch.allclose(torch.cat(inputs.hidden), reference[index + 1], atol=1e-6)
 

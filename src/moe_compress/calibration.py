@@ -12,17 +12,18 @@ methods (peers.py); Gram matrices for calibration-aware fits.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Protocol, TypeVar, Union
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moe_compress.discovery import find_experts
+from moe_compress.discovery import find_experts, is_experts_module
 
 ROUTED_INPUTS = ("hidden_states", "top_k_index", "top_k_weights")
-Calibration = Union[torch.Tensor, Iterable[torch.Tensor]]  # token ids [N, L], or batches of them [B, L]
+Calibration = torch.Tensor | Iterable[torch.Tensor]  # token ids [N, L], or batches of them [B, L]
 
 
 class Observer(Protocol):
@@ -59,7 +60,9 @@ def _observer_hook(observer: Observer) -> Callable:
 def observing(model: nn.Module, observers: dict[str, Observer]) -> Iterator[None]:
     """Within the block, every forward of the experts module named `name` first calls observers[name] with its
     routed inputs; the hooks are gone afterwards, whatever happens."""
-    modules = dict(find_experts(model))
+    # not find_experts: a layer-by-layer pass observes nothing in the layers after the last one with experts, by
+    # which time a model compressed on the way has none left in their original form
+    modules = {name: module for name, module in model.named_modules() if is_experts_module(module)}
     unknown = sorted(set(observers) - set(modules))
     if unknown:
         raise ValueError(f"no experts module named {unknown[0]!r} in this model; use names from find_experts(model)")

@@ -11,18 +11,20 @@ layer compressed on the way passes its own outputs on), and only one layer works
 Decoder layers are found as the ModuleList that holds every experts module; each is called by the model's own loop
 as layer(hidden_states, **kwargs) -> hidden_states, which is how transformers 5 runs all its decoder models. The
 keyword arguments (masks, position embeddings) are recorded once per layer and batch by running the model with every
-layer replaced by a recorder that passes its input through: the model's own code builds them, for every layer type.
+layer replaced by a recorder that passes its input through (and answers for the layer's attributes, which some loops
+read): the model's own code builds them, for every layer type.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from moe_compress.discovery import find_experts
+from moe_compress.discovery import find_experts, is_experts_module
 
 
 class _Done(Exception):
@@ -30,9 +32,23 @@ class _Done(Exception):
 
 
 class _Recorder(nn.Module):
-    def __init__(self, index: int, sink: "LayerInputs", last: bool):
+    """Stands in for decoder layer `index`: records what the model's loop gives it and passes the hidden states on.
+    Attributes it lacks are the layer's own, since the loop may read them to build the call (nemotron_h picks each
+    layer's mask by its `block_type`)."""
+
+    def __init__(self, index: int, layer: nn.Module, sink: LayerInputs, last: bool):
         super().__init__()
         self.index, self.sink, self.last = index, sink, last
+        self.__dict__["layer"] = layer  # not a submodule: the recorder holds no weights
+        self.train(layer.training)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "layer" not in self.__dict__:  # still being built
+                raise
+            return getattr(self.__dict__["layer"], name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
@@ -67,7 +83,10 @@ class LayerInputs:
     kwargs: list[list[dict]] = field(default_factory=list)  # per layer, per batch
 
     def experts_of(self, index: int, model: nn.Module) -> list[str]:
-        return [name for name, _ in find_experts(model) if name.startswith(f"{self.prefix}.{index}.")]
+        """The experts modules of layer `index` still in their original form; none for a layer without experts (a
+        hybrid model's mamba or attention layer) or once they are compressed."""
+        return [name for name, module in model.named_modules()
+                if name.startswith(f"{self.prefix}.{index}.") and is_experts_module(module)]
 
     @torch.inference_mode()
     def run(self, index: int) -> list[torch.Tensor]:
@@ -90,7 +109,7 @@ def capture(model: nn.Module, batches: Iterable[torch.Tensor]) -> LayerInputs:
     device = next(model.parameters()).device
     try:
         for index in range(len(layers)):
-            layers[index] = _Recorder(index, inputs, last=index == len(layers) - 1)
+            layers[index] = _Recorder(index, originals[index], inputs, last=index == len(layers) - 1)
         for ids in batches:
             try:
                 model.base_model(input_ids=ids.to(device), use_cache=False)
