@@ -84,6 +84,16 @@ class _WritesCompressed:
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         write_shim(save_directory)
 
+    def __reduce__(self) -> tuple:
+        # The class is made at run time, so pickle cannot find it by name: it is remade from its base on loading
+        # (vLLM, for one, pickles the config into its engine process)
+        return _unpickle_compressed, (type(self).__bases__[1],), self.__dict__
+
+
+def _unpickle_compressed(base: type[PretrainedConfig]) -> PretrainedConfig:
+    cls = compressed_config_class(base)
+    return cls.__new__(cls)
+
 
 @functools.cache
 def compressed_config_class(base: type[PretrainedConfig]) -> type[PretrainedConfig]:

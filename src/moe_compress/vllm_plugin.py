@@ -1,0 +1,146 @@
+"""The vLLM plugin: vLLM serves compressed folders as they are, with the experts in their shared-core form.
+
+Installed as a `vllm.general_plugins` entry point (pyproject.toml), which every vLLM process loads: `register()` adds
+a quantization config for `quant_method: moe_compress`, the method a compressed folder's config.json names. That
+config gives each compressed experts layer a fused-MoE method that registers our cores and factors on vLLM's layer,
+loads them from the folder (moe_compress.vllm_layout says how the names are mapped) and runs the forward in plain
+torch with SharedCoreExperts' algebra. Every other layer (attention, router, norms, embeddings) stays vLLM's own.
+
+Supported: vLLM 0.32 (the MoE interfaces, RoutedExperts and FusedMoEMethodBase.apply, change between minor
+versions), forms wrapped and delta, one GPU or CPU process per model copy (data parallel without expert parallel is
+fine). Tensor and expert parallelism are refused with a one-line error, as are other forms and activations.
+
+This module imports vLLM; nothing else in the package does, so moe-compress works where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEQuantConfig
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.models.utils import WeightsMapper
+from vllm.version import __version__ as vllm_version
+
+from moe_compress.quantizer import QUANT_METHOD
+from moe_compress.vllm_layout import checkpoint_renames, layer_tensors, new_projections, routed_forward
+
+SUPPORTED_VLLM = ("0.32",)  # minor versions this plugin was written and tested against
+
+
+def register() -> None:
+    """The entry point vLLM calls in each of its processes; registering twice is harmless."""
+    register_quantization_config(QUANT_METHOD)(SharedCoreVllmConfig)
+
+
+def check_version() -> None:
+    minor = ".".join(vllm_version.split(".")[:2])
+    if minor not in SUPPORTED_VLLM:
+        raise RuntimeError(f"moe-compress's vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)}, not {vllm_version} "
+                           f"(its MoE interfaces change between minor versions); pip install 'vllm=={SUPPORTED_VLLM[-1]}.*'")
+
+
+class SharedCoreVllmConfig(QuantizationConfig):
+    """A compressed folder's quantization_config as vLLM reads it: which experts layers are compressed, and how."""
+
+    def __init__(self, modules: dict[str, dict]):
+        super().__init__()
+        self.modules = modules
+        self.ckpt_names: set[tuple[str, str, str | None]] = set()  # of the compressed layers, seen as vLLM builds them
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0  # plain torch: any GPU, and CPUs
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # all of it is in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SharedCoreVllmConfig:
+        check_version()
+        return cls(config["modules"])
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
+        self.modules = {hf_to_vllm_mapper.map_name(name) or name: spec for name, spec in self.modules.items()}
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, LinearBase):
+            return UnquantizedLinearMethod()
+        if isinstance(layer, RoutedExperts):
+            spec = self.modules.get(prefix)
+            if spec is None:  # an experts layer the compression left dense
+                return UnquantizedFusedMoEMethod(layer.moe_config)
+            self.ckpt_names.add((layer.ckpt_gate_proj_name, layer.ckpt_down_proj_name, layer.ckpt_up_proj_name))
+            return SharedCoreMoEMethod(layer.moe_config, spec, prefix)
+        return None
+
+    def get_checkpoint_weight_mapper(self) -> WeightsMapper:
+        """vLLM's own renames, and ours of the compressed experts' tensors (moe_compress.vllm_layout)."""
+        if len(self.ckpt_names) > 1:
+            raise ValueError(f"the experts layers of this model name their projections in several ways "
+                             f"({sorted(self.ckpt_names)}); moe-compress's vLLM plugin maps one naming only")
+        names = next(iter(self.ckpt_names), ("gate_proj", "down_proj", "up_proj"))
+        return super().get_checkpoint_weight_mapper() | WeightsMapper(orig_to_new_regex=checkpoint_renames(*names))
+
+
+class SharedCoreMoEMethod(FusedMoEMethodBase):
+    """One compressed experts layer in vLLM: our projections' tensors as the layer's parameters, our forward."""
+
+    def __init__(self, moe: FusedMoEConfig, spec: dict, prefix: str):
+        super().__init__(moe)
+        parallel = moe.moe_parallel_config
+        if parallel.use_ep or parallel.ep_size > 1:
+            raise ValueError(f"{prefix}: expert parallelism is not supported by moe-compress's vLLM plugin; serve "
+                             "without --enable-expert-parallel")
+        if parallel.tp_size > 1:
+            raise ValueError(f"{prefix}: tensor parallelism (tp_size={parallel.tp_size}) is not supported by "
+                             "moe-compress's vLLM plugin; serve with --tensor-parallel-size 1 (data parallel works)")
+        self.spec, self.prefix = spec, prefix
+        self.projections: dict = {}
+
+    def create_weights(self, layer: RoutedExperts, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        if (hidden_size, intermediate_size_per_partition) != (self.moe.hidden_dim_unpadded,
+                                                             self.moe.intermediate_size_per_partition_unpadded):
+            raise ValueError(f"{self.prefix}: vLLM pads this layer's sizes, which moe-compress's vLLM plugin does not "
+                             "support; serve on another backend or platform")
+        self.projections = new_projections(self.spec, num_experts, hidden_size, intermediate_size_per_partition,
+                                           layer.activation.value, self.moe.has_bias, params_dtype, self.prefix)
+        for name, tensor in layer_tensors(self.projections).items():
+            if isinstance(tensor, torch.nn.Parameter):
+                layer.register_parameter(name, tensor)
+            else:
+                layer.register_buffer(name, tensor)  # the expert -> core map: an integer tensor, not a parameter
+            tensor.weight_loader = load_whole
+
+    def get_fused_moe_quant_config(self, layer: RoutedExperts) -> FusedMoEQuantConfig | None:
+        return None
+
+    def apply(self, layer: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts: Any, shared_experts_input: torch.Tensor | None) -> torch.Tensor:
+        # shared experts, where a model has them, are run by vLLM's MoE runner, not here
+        return routed_forward(self.projections, layer.activation.value, x, topk_weights, topk_ids)
+
+
+def load_whole(param: torch.Tensor, loaded_weight: torch.Tensor, weight_name: str = "", shard_id: str | None = None,
+               expert_id: int | None = None, return_success: bool = False) -> bool | None:
+    """vLLM's expert loader hands one expert's slice; ours are renamed onto expert 0 (vllm_layout) and come whole,
+    all experts stacked, or a core that belongs to no expert."""
+    if param.shape != loaded_weight.shape:
+        raise ValueError(f"{weight_name}: the folder holds shape {tuple(loaded_weight.shape)}, the layer expects "
+                         f"{tuple(param.shape)}; the folder's quantization_config does not match its weights")
+    param.data.copy_(loaded_weight)
+    return True if return_success else None
