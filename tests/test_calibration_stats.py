@@ -9,6 +9,8 @@ from conftest import ARCHITECTURES, tiny_model, token_ids
 from moe_compress.calibration import observe, observing
 from moe_compress.calibration_stats import ExpertGrams, Regularisation, regularised
 from moe_compress.discovery import find_experts, split_weights
+from moe_compress.layerwise import load_statistics
+from moe_compress.parallel import Manifest
 from moe_compress.sequential import capture, decoder_layers
 
 
@@ -89,3 +91,29 @@ def test_observing_one_layer_sees_only_that_layer():
         inputs.advance(0)
         inputs.run(1)
     assert grams[name[0]].tokens.sum() == 2 * 8 * model.config.num_experts_per_tok
+
+
+def test_statistics_are_saved_packed_in_bf16_and_load_as_full_fp32_grams(tmp_path):
+    model = tiny_model("qwen3_moe")
+    name = "model.layers.0.mlp.experts"
+    grams = observe(model, token_ids(4, 16), ExpertGrams, progress=False)[name]
+    E, H, F_ = grams.inputs.shape[0], grams.inputs.shape[-1], grams.intermediate.shape[-1]
+    manifest = Manifest(tmp_path / "packed")
+    (tmp_path / "packed" / "units").mkdir(parents=True)
+    manifest.save(name, grams.state(), {})
+    loaded = load_statistics(manifest, name)
+    assert torch.equal(loaded.tokens, grams.tokens)
+    for full, restored in ((grams.inputs, loaded.inputs), (grams.intermediate, loaded.intermediate)):
+        assert restored.dtype == torch.float32 and torch.equal(restored, restored.transpose(1, 2))
+        upper = torch.ones_like(full[0], dtype=torch.bool).triu()
+        assert torch.equal(restored[:, upper], full[:, upper].to(torch.bfloat16).float())  # the packing loses nothing
+        scale = full.diagonal(dim1=1, dim2=2).amax(-1)[:, None, None]
+        assert ((restored - full).abs() <= 2**-8 * scale).all()  # bf16 keeps 8 significant bits; |M_ij| <= max M_ii
+    old = Manifest(tmp_path / "full")  # saved before the packing: loads as it is
+    (tmp_path / "full" / "units").mkdir(parents=True)
+    old.save(name, {"tokens": grams.tokens, "inputs": grams.inputs, "intermediate": grams.intermediate}, {})
+    assert torch.equal(load_statistics(old, name).inputs, grams.inputs)
+    full_bytes, packed_bytes = 4 * E * (H * H + F_ * F_), 2 * E * (H * (H + 1) + F_ * (F_ + 1)) // 2
+    sizes = [m.path(name).stat().st_size - 8 * E for m in (old, manifest)]  # less the token counts
+    assert 0 <= sizes[0] - full_bytes < 512 and 0 <= sizes[1] - packed_bytes < 512  # a safetensors header besides
+    assert full_bytes / packed_bytes > 3.8  # 4d / (d + 1): 3.9 at d = 32, 4.0 at real sizes
