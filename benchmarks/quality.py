@@ -120,12 +120,16 @@ def peer_rows(original, ratio: float, calibration: torch.Tensor, loss) -> list[d
     return rows
 
 
-def run_testbed(name: str, setting: dict) -> dict:
+def testbed_setting(name: str, setting: dict):
+    """(original model, held-out loss function, original's loss, calibration windows) of a bundled testbed."""
     original, _ = load_testbed(torch.float32, TESTBEDS[name])
     text = read_split("validation")
     loss = lambda model: heldout_loss(model, text, max_tokens=setting["max_tokens"])
-    base = loss(original)
-    calibration = calibration_windows(setting["calibration_sequences"])
+    return original, loss, loss(original), calibration_windows(setting["calibration_sequences"])
+
+
+def run_testbed(name: str, setting: dict) -> dict:
+    original, loss, base, calibration = testbed_setting(name, setting)
     mean_model, mean_error = replace_experts(original, mean_only)
     rows = [{"method": "mean only", "target": None, "ratio": 1 / original.config.num_experts,
              "rel_error": mean_error, "loss": loss(mean_model), "seconds": 0.0}]

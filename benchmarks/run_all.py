@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import calibration, distillation, fit_speed, inference, param_count, quality, startup, streaming
+from benchmarks import budget, calibration, distillation, fit_speed, inference, param_count, quality, startup, streaming
 from benchmarks.common import machine
 
 
@@ -21,6 +21,7 @@ SECTIONS = {
     "streaming": (streaming, "6. Streaming, parallel compression of a checkpoint folder"),
     "startup": (startup, "7. Start-up cost of the loading hook"),
     "calibration": (calibration, "8. Cost of calibration, in memory and time"),
+    "budget": (budget, "9. Where the budget goes: rank allocation, several cores, a shared basis"),
 }
 # the figures a section's own markdown does not embed
 FIGURES = {"fit_speed": "![error against fit time](benchmarks/fit_speed.png)",

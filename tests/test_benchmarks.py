@@ -18,7 +18,7 @@ def test_benchmark_smoke_run_writes_report_and_plots(tmp_path):
     report = (tmp_path / "BENCHMARKS.md").read_text()
     for heading in ("Quality at equal storage", "Fit speed", "Inference speed", "parameter-count claim",
                     "Distillation of the compressed testbed", "Streaming, parallel compression",
-                    "Start-up cost of the loading hook", "Cost of calibration"):
+                    "Start-up cost of the loading hook", "Cost of calibration", "Where the budget goes"):
         assert heading in report
     assert "| per-expert SVD |" in report and "77,594,624" in report
     assert "| REAP pruning |" in report and "| HC-SMoE merging |" in report and "fine-grained testbed" in report

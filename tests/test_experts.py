@@ -42,20 +42,14 @@ def exact_pair(model_type: str, form: str = "wrapped", rank: int = 3):
     return original, compressed
 
 
+@pytest.mark.parametrize("form", ["wrapped", "delta", "basis"])
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
-def test_logits_match_original_for_exact_wrapper_experts(model_type):
-    original, compressed = exact_pair(model_type)
+def test_logits_match_original_for_experts_exactly_of_the_stored_form(model_type, form):
+    original, compressed = exact_pair(model_type, form)
     ids = token_ids()
     with torch.no_grad():
         expected, got = original(ids).logits, compressed(ids).logits
     assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
-
-
-def test_delta_form_logits_match_original():
-    original, compressed = exact_pair("qwen3_moe", form="delta")
-    ids = token_ids()
-    with torch.no_grad():
-        assert torch.allclose(compressed(ids).logits, original(ids).logits, atol=1e-4, rtol=0)
 
 
 def route(num_tokens=9, num_experts=4, top_k=2, hidden=32, seed=0):
@@ -66,7 +60,7 @@ def route(num_tokens=9, num_experts=4, top_k=2, hidden=32, seed=0):
     return x, index, weights
 
 
-@pytest.mark.parametrize("form", ["wrapped", "delta"])
+@pytest.mark.parametrize("form", ["wrapped", "delta", "basis"])
 def test_several_cores_match_reference(form):
     experts = find_experts(tiny_model("mixtral"))[0][1]
     shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts, form, num_cores=2)), num_cores=2)
@@ -75,12 +69,13 @@ def test_several_cores_match_reference(form):
         assert torch.allclose(shared(x, index, weights), shared.reference_forward(x, index, weights), atol=1e-5)
 
 
-def test_post_expert_norm_path_matches_reference():
+@pytest.mark.parametrize("form", ["wrapped", "basis"])
+def test_post_expert_norm_path_matches_reference(form):
     config = tiny_config("muse_spark").get_text_config()
     for key, value in dict(hidden_size=32, moe_hidden_size=32, moe_intermediate_size=16, num_local_experts=4).items():
         setattr(config, key, value)
     experts = MuseSparkExperts(config)
-    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts)))
+    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts, form)))
     with torch.no_grad():
         shared.post_expert_norm.weight.uniform_(0.5, 1.5)
     x, index, weights = route()
@@ -88,9 +83,10 @@ def test_post_expert_norm_path_matches_reference():
         assert torch.allclose(shared(x, index, weights), shared.reference_forward(x, index, weights), atol=1e-5)
 
 
-def test_unrouted_experts_and_no_tokens():
+@pytest.mark.parametrize("form", ["wrapped", "basis"])
+def test_unrouted_experts_and_no_tokens(form):
     experts = find_experts(tiny_model("qwen3_moe"))[0][1]
-    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts)))
+    shared = randomize(SharedCoreExperts.empty(experts, shared_spec(experts, form)))
     x, _, weights = route()
     index = torch.zeros(9, 2, dtype=torch.long)
     index[:, 1] = 3  # experts 1 and 2 get no token

@@ -284,3 +284,43 @@ def test_a_metric_of_the_wrong_shape_is_refused_before_any_work():
         fit.fit_als(W, 2, metric=metrics_like(E=6, in_f=24))
     with pytest.raises(ValueError, match="tol=-0.1 is negative"):
         fit.fit_als(W, 2, tol=-0.1)
+
+
+@pytest.mark.parametrize("shared", ["in", "out"])
+def test_data_free_basis_is_the_principal_components_of_the_deviations(shared):
+    W = experts_like().double()
+    k = 5
+    factors = fit.fit_basis(W, k, shared)
+    R = W - W.mean(0, keepdim=True)
+    # reference: the shared side's basis is the top-k left singular vectors of the deviations stacked along the other
+    stacked = torch.cat(list(R), 0) if shared == "in" else torch.cat(list(R), 1)  # [E*out, in] or [out, E*in]
+    P = torch.linalg.svd(stacked.T if shared == "in" else stacked, full_matrices=False)[0][:, :k]
+    expected = R @ P @ P.T if shared == "in" else P @ P.T @ R
+    assert factors["u" if shared == "out" else "v"].shape[0] == 1
+    assert torch.allclose(dense(factors), W.mean(0, keepdim=True) + expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("shared", ["in", "out"])
+def test_basis_in_a_metric_lowers_its_objective_every_round_and_identity_reproduces_data_free(shared):
+    W, M = experts_like().double(), metrics_like().double()
+    objectives = [metric_objective(W - dense(fit.fit_basis(W, 6, shared, iters, metric=M)), M).item()
+                  for iters in (1, 2, 3, 5)]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(objectives, objectives[1:])), objectives
+    identity = torch.eye(W.shape[-1], dtype=W.dtype).expand(W.shape[0], -1, -1)
+    assert torch.allclose(dense(fit.fit_basis(W, 6, shared, 2, metric=identity)), dense(fit.fit_basis(W, 6, shared)),
+                          atol=1e-8)
+
+
+def test_shared_output_basis_in_a_metric_is_the_best_around_its_core():
+    """Given the core, no other shared output basis of k columns does better in the metric (with an orthonormal
+    basis Q the best V_e^T is Q^T R_e, whatever M_e): the fit equals the eigenvector solution and beats random bases."""
+    W, M = experts_like().double(), metrics_like().double()
+    factors = fit.fit_basis(W, 4, "out", iters=1, metric=M)
+    R = W - factors["core"]
+    fitted = metric_objective(W - dense(factors), M)
+    U = torch.linalg.eigh(sum(R[e] @ M[e] @ R[e].T for e in range(W.shape[0])))[1][:, -4:]
+    assert torch.allclose(fitted, metric_objective(R - U @ U.T @ R, M), rtol=1e-9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        Q = torch.linalg.qr(torch.randn(W.shape[1], 4, generator=g, dtype=W.dtype))[0]
+        assert metric_objective(R - Q @ Q.T @ R, M) > fitted

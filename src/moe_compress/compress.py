@@ -11,6 +11,7 @@ import dataclasses
 import json
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,14 +20,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_compress import fit
+from moe_compress.allocation import Curve, allocate, error_curve
 from moe_compress.calibration import Calibration, observing, token_batches
 from moe_compress.calibration_stats import ExpertGrams, Regularisation
 from moe_compress.discovery import find_experts, projection_names, split_weights
 from moe_compress.checkpoint import attach_quantization_config
-from moe_compress.experts import SharedCoreExperts
+from moe_compress.experts import PROJECTION_FORMS, SharedCoreExperts, basis_side
+from moe_compress.grouping import expert_features, kmeans
 from moe_compress.sequential import capture
 
-METHODS = ("als", "adam", "delta")
+METHODS = ("als", "adam", "delta", "basis")
+ALLOCATIONS = ("global", "uniform")
 PROJECTIONS = ("gate", "up", "down")
 PROPAGATION = ("compressed", "original")
 
@@ -65,7 +69,9 @@ class CalibrationConfig:
 @dataclass(frozen=True)
 class CompressionConfig:
     """How to compress. Give `rank` (per projection overrides in `ranks`) or `target_ratio`, the kept fraction of
-    expert parameters, from which the largest rank that fits is chosen per projection."""
+    expert parameters. With target_ratio, rank_allocation="global" (its default) spends that budget over the whole
+    model where it lowers the error most (allocation.py); "uniform" takes the largest rank that fits in every
+    projection alike. `method="basis"` fits the shared-basis form (rank = its basis width k)."""
 
     rank: Optional[int] = None
     target_ratio: Optional[float] = None
@@ -78,6 +84,8 @@ class CompressionConfig:
     lr: float = 1e-3
     seed: int = 0
     device: Optional[str] = None
+    rank_allocation: Optional[str] = None  # "global" (default with target_ratio) or "uniform"
+    num_cores: int = 1  # cores per projection, each shared by a group of experts (k-means)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self):
@@ -101,10 +109,21 @@ class CompressionConfig:
         if min(self.als_iters, self.polish_steps, self.adam_steps, self.als_tol) < 0 or self.lr <= 0:
             raise ValueError("als_iters, als_tol, polish_steps and adam_steps must be >= 0 and lr > 0")
         object.__setattr__(self, "ranks", ranks or None)
+        allocation = self.rank_allocation or ("global" if self.target_ratio is not None else "uniform")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"rank_allocation={allocation!r} is unknown; use one of {list(ALLOCATIONS)}")
+        if allocation == "global" and self.target_ratio is None:
+            raise ValueError("rank_allocation=global spends a budget: give target_ratio=<kept fraction> instead of "
+                             "rank, or set rank_allocation=uniform")
+        object.__setattr__(self, "rank_allocation", allocation)
+        if not isinstance(self.num_cores, int) or self.num_cores < 1:
+            raise ValueError(f"num_cores={self.num_cores} is not a positive integer; use num_cores >= 1")
+        if self.num_cores > 1 and self.method == "basis":
+            raise ValueError("method=basis shares one basis and one core per projection; use num_cores=1 with it")
 
     @property
     def form(self) -> str:
-        return "delta" if self.method == "delta" else "wrapped"
+        return self.method if self.method in ("delta", "basis") else "wrapped"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,25 +133,41 @@ class RankTooLargeError(ValueError):
     pass
 
 
-def stored_params(num_experts: int, out_f: int, in_f: int, rank: int, num_cores: int = 1) -> int:
-    """Parameters stored for one projection: G*out*in cores + E*2r*(out+in) factors (both forms)."""
-    return num_cores * out_f * in_f + num_experts * 2 * rank * (out_f + in_f)
+def stored_params(num_experts: int, out_f: int, in_f: int, rank: int, num_cores: int = 1, form: str = "wrapped",
+                  projection: str = "up") -> int:
+    """Parameters stored for one projection: G*out*in cores + E*2r*(out+in) factors (wrapped, delta) or
+    k*(shared side + E*other side) (basis)."""
+    return PROJECTION_FORMS[form].stored_params(num_experts, out_f, in_f, rank, num_cores, projection)
 
 
-def max_rank(num_experts: int, out_f: int, in_f: int, budget: float) -> int:
+def max_rank(num_experts: int, out_f: int, in_f: int, budget: float, form: str = "wrapped",
+             projection: str = "up", num_cores: int = 1) -> int:
     """The largest rank whose storage stays under `budget` parameters (0 if none does)."""
-    return max(0, int((budget - out_f * in_f) // (num_experts * 2 * (out_f + in_f))))
+    base = stored_params(num_experts, out_f, in_f, 0, num_cores, form, projection)
+    step = stored_params(num_experts, out_f, in_f, 1, num_cores, form, projection) - base
+    return max(0, int((budget - base) // step))
+
+
+def rank_limit(config: CompressionConfig, projection: str, num_experts: int, out_f: int, in_f: int) -> int:
+    """The largest rank that stores less than the original."""
+    return max_rank(num_experts, out_f, in_f, num_experts * out_f * in_f - 1, config.form, projection,
+                    config.num_cores)
 
 
 def choose_rank(config: CompressionConfig, projection: str, num_experts: int, out_f: int, in_f: int) -> int:
     original = num_experts * out_f * in_f
     shape = f"E={num_experts}, {out_f}x{in_f}"
-    limit = max_rank(num_experts, out_f, in_f, original - 1)
+    if config.num_cores > num_experts:
+        raise ValueError(f"num_cores={config.num_cores} exceeds the {num_experts} experts of {projection}; use "
+                         f"num_cores <= {num_experts}")
+    limit = rank_limit(config, projection, num_experts, out_f, in_f)
     rank = (config.ranks or {}).get(projection, config.rank)
     if rank is None:
-        rank = max_rank(num_experts, out_f, in_f, config.target_ratio * original)
+        rank = max_rank(num_experts, out_f, in_f, config.target_ratio * original, config.form, projection,
+                        config.num_cores)
         if rank < 1:
-            smallest = stored_params(num_experts, out_f, in_f, 1) / original
+            smallest = stored_params(num_experts, out_f, in_f, 1, config.num_cores, config.form,
+                                     projection) / original
             raise RankTooLargeError(
                 f"target_ratio {config.target_ratio} is below what rank 1 stores for {projection} ({shape}); "
                 f"use target_ratio >= {smallest:.4f}"
@@ -223,10 +258,13 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def fit_projection(W: torch.Tensor, rank: int, config: CompressionConfig,
-                   metric: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """The fitted factors of one projection, W [E, out, in] in fp32 on the fit device; in the metric M [E, in, in]
-    of the experts' routed inputs when given (the Adam polish, which minimises the weight error, is then left out)."""
+def fit_projection(W: torch.Tensor, rank: int, config: CompressionConfig, metric: Optional[torch.Tensor] = None,
+                   projection: str = "up") -> dict[str, torch.Tensor]:
+    """The fitted factors of the projection named `projection`, W [E, out, in] in fp32 on the fit device; in the
+    metric M [E, in, in] of the experts' routed inputs when given (the Adam polish, which minimises the weight error,
+    is then left out)."""
+    if config.method == "basis":
+        return fit.fit_basis(W, rank, basis_side(projection), max(1, config.als_iters), metric=metric)
     if config.method == "delta":
         return fit.fit_delta(W, rank, max(1, config.als_iters), metric=metric)
     if config.method == "adam":
@@ -257,7 +295,7 @@ def plan(model: nn.Module, config: CompressionConfig) -> dict[str, dict]:
     for name, experts in found:
         parts = split_weights(experts)
         ranks = {p: choose_rank(config, p, *parts[p][0].shape) for p in projection_names(experts)}
-        specs[name] = {"form": config.form, "num_cores": 1, "ranks": ranks}
+        specs[name] = {"form": config.form, "num_cores": config.num_cores, "ranks": ranks}
     return specs
 
 
@@ -265,14 +303,42 @@ def _fit_device(config: CompressionConfig) -> torch.device:
     return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def expert_groups(W: torch.Tensor, num_cores: int, seed: int, metric: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which core serves each expert: [E] labels, all zero for one core, else k-means on the (whitened) weights."""
+    if num_cores == 1:
+        return torch.zeros(W.shape[0], dtype=torch.long, device=W.device)
+    return kmeans(expert_features(W, metric), num_cores, seed=seed).to(W.device)
+
+
+def fit_grouped(W: torch.Tensor, rank: int, config: CompressionConfig, metric: Optional[torch.Tensor],
+                projection: str, groups: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One fit per group of experts, each with its own core: cores [G, out, in], factors back in expert order."""
+    if not groups.any():  # one group: the fit as it is (a shared basis has no expert index to scatter by)
+        return fit_projection(W, rank, config, metric, projection)
+    parts = []
+    for g in range(int(groups.max()) + 1):
+        members = groups == g
+        parts.append((members, fit_projection(W[members], rank, config, None if metric is None else metric[members],
+                                              projection)))
+    factors = {"core": torch.cat([fitted["core"] for _, fitted in parts])}
+    for key in parts[0][1].keys() - {"core"}:
+        factors[key] = W.new_empty(W.shape[0], *parts[0][1][key].shape[1:])
+        for members, fitted in parts:
+            factors[key][members] = fitted[key]
+    return factors
+
+
 def fit_into(proj: nn.Module, W: torch.Tensor, bias: Optional[torch.Tensor], config: CompressionConfig,
-             device: torch.device, metric: Optional[torch.Tensor] = None) -> tuple[float, Optional[float]]:
-    """Fit W [E, out, in] (on `device`, in fp32) into the projection module `proj`, in place; its relative error, and
-    its relative error in the metric M [E, in, in] when given."""
+             device: torch.device, metric: Optional[torch.Tensor] = None,
+             projection: str = "up") -> tuple[float, Optional[float]]:
+    """Fit W [E, out, in] (on `device`, in fp32) into the projection module `proj` (named `projection`), in place;
+    its relative error, and its relative error in the metric M [E, in, in] when given."""
     W = W.to(device, torch.float32)
     metric = None if metric is None else metric.to(device)
-    factors = fit_projection(W, proj.rank, config, metric)
+    groups = expert_groups(W, proj.core.shape[0], config.seed, metric)
+    factors = fit_grouped(W, proj.rank, config, metric, projection, groups)
     with torch.no_grad():
+        proj.expert_core.copy_(groups)
         for key, value in factors.items():
             getattr(proj, key).copy_(value)
         if bias is not None:
@@ -291,11 +357,13 @@ def compress_module(model: nn.Module, name: str, spec: dict, config: Compression
         proj = shared.projections[proj_name]
         start = time.perf_counter()
         metric = None if grams is None else grams.metric(proj_name, config.calibration.regularisation)
-        error, output_error = fit_into(proj, W.detach(), bias, config, device, metric)
+        error, output_error = fit_into(proj, W.detach(), bias, config, device, metric, proj_name)
         E, out_f, in_f = W.shape
         report.rows.append(ProjectionStats(
-            name, proj_name, E, (out_f, in_f), proj.rank, error,
-            E * out_f * in_f, stored_params(E, out_f, in_f, proj.rank), time.perf_counter() - start, output_error,
+            name, proj_name, E, (out_f, in_f), proj.rank, error, E * out_f * in_f,
+            stored_params(E, out_f, in_f, proj.rank, config.num_cores, config.form, proj_name),
+            time.perf_counter() - start,
+            output_error,
         ))
         if bar is not None:
             bar.set_postfix_str(f"{name.split('.experts')[0][-20:]} {proj_name} err={error:.3f}")
@@ -316,26 +384,77 @@ def warn_starved(coverage: dict[str, list[int]], input_size: dict[str, int]) -> 
                       "calibration data (more or longer sequences) for them", UserWarning, stacklevel=3)
 
 
-def _compress_calibrated(model: nn.Module, specs: dict[str, dict], config: CompressionConfig,
-                         calibration: Calibration, report: CompressionReport, bar: tqdm) -> None:
-    """Layer by layer: statistics of each layer's experts on the inputs that reach it, fits, outputs passed on."""
+def observed_layers(model: nn.Module, specs: dict[str, dict], calibration: Calibration, batch_size: int,
+                    recompute: bool) -> Iterator[tuple[list[str], dict[str, ExpertGrams]]]:
+    """Layer by layer, the names of each decoder layer's experts modules in `specs` and their statistics on the
+    inputs that reach it. Before the next layer, the caller may replace them; with `recompute` the layer's outputs
+    passed on are then computed again, as it now is, otherwise they are the ones observed."""
     was_training = model.training
     model.eval()
     try:
-        inputs = capture(model, token_batches(calibration, config.calibration.batch_size))
+        inputs = capture(model, list(token_batches(calibration, batch_size)))
         for index in range(len(inputs.layers)):
             names = [name for name in inputs.experts_of(index, model) if name in specs]
             grams = {name: ExpertGrams(model.get_submodule(name)) for name in names}
             with observing(model, grams):
                 outputs = inputs.run(index)
-            for name in names:
-                compress_module(model, name, specs[name], config, report, grams[name], bar)
-                report.coverage[name] = grams[name].tokens.tolist()
-            recompute = names and config.calibration.propagate == "compressed"
-            inputs.advance(index, None if recompute else outputs)
+            yield names, grams
+            inputs.advance(index, None if recompute and names else outputs)
     finally:
         model.train(was_training)
+
+
+def _compress_calibrated(model: nn.Module, specs: dict[str, dict], config: CompressionConfig,
+                         calibration: Calibration, report: CompressionReport, bar: tqdm) -> None:
+    """Layer by layer: statistics of each layer's experts on the inputs that reach it, fits, outputs passed on."""
+    recompute = config.calibration.propagate == "compressed"
+    for names, grams in observed_layers(model, specs, calibration, config.calibration.batch_size, recompute):
+        for name in names:
+            compress_module(model, name, specs[name], config, report, grams[name], bar)
+            report.coverage[name] = grams[name].tokens.tolist()
     warn_starved(report.coverage, {name: model.get_submodule(name).projections["up"].shape[1] for name in specs})
+
+
+def module_curves(experts: nn.Module, name: str, spec: dict, config: CompressionConfig, device: torch.device,
+                  grams: Optional[ExpertGrams] = None) -> dict[tuple[str, str], Curve]:
+    """The error-versus-rank curve of each projection of one experts module (in the metric of `grams` when given)."""
+    curves = {}
+    for projection, (W, _) in split_weights(experts).items():
+        E, out_f, in_f = W.shape
+        W = W.detach().to(device, torch.float32)
+        metric = None if grams is None else grams.metric(projection, config.calibration.regularisation).to(device)
+        groups = expert_groups(W, spec.get("num_cores", 1), config.seed, metric)
+        curves[name, projection] = error_curve(W, config.form, projection, rank_limit(config, projection, *W.shape),
+                                               groups, metric)
+    return curves
+
+
+def allocate_ranks(specs: dict[str, dict], curves: dict[tuple[str, str], Curve],
+                   config: CompressionConfig, params_before: int) -> dict[str, dict]:
+    """`specs` with every projection's rank chosen by the global allocation within target_ratio * params_before."""
+    ranks = allocate(curves, config.target_ratio * params_before)
+    return {name: {**spec, "ranks": {p: ranks[name, p] for p in spec["ranks"]}} for name, spec in specs.items()}
+
+
+def _allocated(model: nn.Module, specs: dict[str, dict], config: CompressionConfig,
+               calibration: Optional[Calibration], progress: bool) -> dict[str, dict]:
+    """The specs with globally allocated ranks: every unit's curve, in the calibrated metric when there is data (one
+    statistics pass over the original layers, dropped as it goes; the fits then gather their own)."""
+    device = _fit_device(config)
+    curves = {}
+    with tqdm(total=len(specs), desc="rank curves", disable=not progress) as bar:
+        if calibration is None:
+            for name, spec in specs.items():
+                curves.update(module_curves(model.get_submodule(name), name, spec, config, device))
+                bar.update()
+        else:
+            for names, grams in observed_layers(model, specs, calibration, config.calibration.batch_size, False):
+                for name in names:
+                    curves.update(module_curves(model.get_submodule(name), name, specs[name], config, device,
+                                                grams[name]))
+                    bar.update()
+    params_before = sum(W.numel() for name in specs for W, _ in split_weights(model.get_submodule(name)).values())
+    return allocate_ranks(specs, curves, config, params_before)
 
 
 def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[Calibration] = None,
@@ -345,6 +464,10 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[
     `calibration`, token ids [N, L] (or an iterable of such batches), makes every fit minimise the error on the
     inputs each expert is routed in them (config.calibration says how the statistics are regularised)."""
     specs = plan(model, config)
+    if config.rank_allocation == "global":
+        if calibration is not None and not isinstance(calibration, torch.Tensor):
+            calibration = list(calibration)  # read twice: for the curves, then for the fits
+        specs = _allocated(model, specs, config, calibration, progress)
     report = CompressionReport(config)
     bar = tqdm(total=sum(len(s["ranks"]) for s in specs.values()), desc="compress", disable=not progress)
     if calibration is None:

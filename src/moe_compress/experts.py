@@ -180,6 +180,12 @@ class _Projection(nn.Module):
         one_hot = F.one_hot(core_grid, self.core.shape[0]).to(h.dtype)  # [T, K, G]
         return torch.einsum("tkg,tki,goi->to", one_hot, weighted, self.core)
 
+    @classmethod
+    def stored_params(cls, num_experts: int, out_features: int, in_features: int, rank: int, num_cores: int = 1,
+                      projection: str = "up") -> int:
+        """Parameters stored: G*out*in cores + E*2r*(out+in) factors (wrapped and delta alike)."""
+        return num_cores * out_features * in_features + num_experts * 2 * rank * (out_features + in_features)
+
     def add_bias(self, y: torch.Tensor, route: Route) -> torch.Tensor:
         return y if self.bias is None else y + self.bias[route.expert]
 
@@ -267,7 +273,75 @@ class DeltaProjection(_Projection):
         return self.core_reduce(h, route) + route.to_tokens(low_rank)
 
 
-PROJECTION_FORMS: dict[str, type[_Projection]] = {"wrapped": WrappedProjection, "delta": DeltaProjection}
+def basis_side(projection: str) -> str:
+    """The side whose basis the experts share: the one on the residual stream, the input of gate and up and the
+    output of down (each expert's intermediate neurons are its own, so nothing is shared on that side)."""
+    return "out" if projection == "down" else "in"
+
+
+class BasisProjection(_Projection):
+    """W_e = C + U_e V^T with one input basis V [in, k] for all experts (shared="in"), or W_e = C + U V_e^T with one
+    output basis U [out, k] (shared="out"); k is the rank. u: [E or 1, out, k], v: [1 or E, in, k].
+
+    The shared side costs k*(in or out) once, so at equal storage k is far larger than delta's 2r, and its product
+    runs once per token (V^T x before the pairs, U after the routing-weighted sum), like the core."""
+
+    form = "basis"
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, rank: int, num_cores: int = 1,
+                 bias: bool = False, shared: str = "in", **factory):
+        super().__init__(num_experts, out_features, in_features, num_cores, bias, **factory)
+        self.shared = shared
+        self.u = nn.Parameter(torch.empty(1 if shared == "out" else num_experts, out_features, rank, **factory))
+        self.v = nn.Parameter(torch.empty(1 if shared == "in" else num_experts, in_features, rank, **factory))
+
+    @classmethod
+    def stored_params(cls, num_experts: int, out_features: int, in_features: int, rank: int, num_cores: int = 1,
+                      projection: str = "up") -> int:
+        """G*out*in cores + k*(shared side + E*other side)."""
+        shared, own = ((in_features, out_features) if basis_side(projection) == "in"
+                       else (out_features, in_features))
+        return num_cores * out_features * in_features + rank * (shared + num_experts * own)
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[-1]
+
+    def dense(self) -> torch.Tensor:
+        return self.core[self.expert_core] + self.u @ self.v.transpose(1, 2)  # the shared factor broadcasts
+
+    def _pairs(self, core_x: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
+        if self.shared == "in":
+            return core_x + grouped_mm(x @ self.v[0], self.u.transpose(1, 2), route)
+        return core_x + grouped_mm(x, self.v, route) @ self.u[0].T
+
+    def expand(self, x: torch.Tensor, x_pairs: torch.Tensor, route: Route) -> torch.Tensor:
+        if self.shared == "out":
+            return super().expand(x, x_pairs, route)
+        z = (x @ self.v[0])[route.token]  # V^T x once per token: [S, k]
+        return self.add_bias(self.core_on_tokens(x, route) + grouped_mm(z, self.u.transpose(1, 2), route), route)
+
+    def reduce(self, h: torch.Tensor, route: Route) -> torch.Tensor:
+        weight = route.weight.unsqueeze(-1)
+        if self.shared == "in":
+            low_rank = grouped_mm(h @ self.v[0], self.u.transpose(1, 2), route)
+            return self.core_reduce(h, route) + route.to_tokens(self.add_bias(low_rank, route) * weight)
+        # sum_k w_k U V_{e_k}^T h_k = U (sum_k w_k V_{e_k}^T h_k): U once per token, on the weighted sum
+        y = self.core_reduce(h, route) + route.to_tokens(grouped_mm(h, self.v, route) * weight) @ self.u[0].T
+        if self.bias is not None:
+            y = y + route.to_tokens(self.bias[route.expert] * weight)
+        return y
+
+
+PROJECTION_FORMS: dict[str, type[_Projection]] = {"wrapped": WrappedProjection, "delta": DeltaProjection,
+                                                  "basis": BasisProjection}
+
+
+def make_projection(form: str, projection: str, num_experts: int, out_features: int, in_features: int, rank: int,
+                    num_cores: int = 1, bias: bool = False, **factory) -> _Projection:
+    """An unfitted projection of `form` for the expert projection named `projection` (gate, up or down)."""
+    extra = {"shared": basis_side(projection)} if form == "basis" else {}
+    return PROJECTION_FORMS[form](num_experts, out_features, in_features, rank, num_cores, bias, **extra, **factory)
 
 
 class SharedCoreExperts(nn.Module):
@@ -295,10 +369,9 @@ class SharedCoreExperts(nn.Module):
         projections = {}
         for name in projection_names(experts):
             W, bias = parts[name]
-            projections[name] = PROJECTION_FORMS[spec["form"]](
-                *W.shape, spec["ranks"][name], spec.get("num_cores", 1), bias is not None, dtype=W.dtype,
-                device=W.device,
-            )
+            projections[name] = make_projection(spec["form"], name, *W.shape, spec["ranks"][name],
+                                                spec.get("num_cores", 1), bias is not None, dtype=W.dtype,
+                                                device=W.device)
         return cls(cls.from_template(experts), projections).train(experts.training)
 
     @staticmethod

@@ -6,8 +6,10 @@ P = U_in, Q = V_in. Methods:
          can represent any rank-r delta first, and a conjugate-gradient refit of C after each round.
   adam   the seed recipe: C = mean, U = 0, V ~ N(0, 1), Adam on sum_e ||W_e - What_e||^2.
   delta  the additive baseline of equal storage, W_e ~ C + U_e V_e^T of rank 2r, by alternating SVD and mean.
+  basis  W_e ~ C + U_e V^T with one input basis V [in, k] shared by the experts (gate, up), or C + U V_e^T with one
+         output basis U [out, k] (down): the top-k principal directions of the experts' deviations from the core.
 
-als and delta also fit in a calibrated metric: given M [E, in, in] (M_e the Gram of the inputs routed to expert e,
+als, delta and basis also fit in a calibrated metric: given M [E, in, in] (M_e the Gram of the inputs routed to expert e,
 SPD), they minimise sum_e tr((W_e - What_e) M_e (W_e - What_e)^T), the output error on those inputs, instead of
 sum_e ||W_e - What_e||_F^2. C starts at the RegMean form (sum_e W_e M_e)(sum_e M_e)^-1 instead of the mean.
 """
@@ -309,4 +311,96 @@ def fit_delta(W: torch.Tensor, rank: int, iters: int = 3,
             C = (W - U @ V.mT).mean(0, keepdim=True)
         else:  # sum_e (W_e - U_e V_e^T) M_e = sum_e W_e M_e - sum_e U_e (V_e^T M_e): no [E, out, in] temporary
             C = prepared.solve(prepared.target - torch.einsum("eor,eri->oi", U, V.mT @ prepared.M))
+    return {"core": C, "u": U, "v": V}
+
+
+def _balance_shared(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale the columns of U [E or 1, out, k] and V [1 or E, in, k] to equal root-mean-square norms over experts:
+    every U_e V_e^T unchanged, both factors well scaled for bf16."""
+    def rms(X: torch.Tensor) -> torch.Tensor:
+        return X.square().sum(-2).mean(0).sqrt()  # [k]
+
+    scale = (rms(V) / rms(U).clamp_min(1e-30)).sqrt()
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    return U * scale, V / scale
+
+
+def _top_eigenvectors(gram: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.linalg.eigh(gram.double())[1][..., -k:].flip(-1).to(gram.dtype)
+
+
+def _basis_in_step(R: torch.Tensor, M: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given the shared input basis V [in, k]: each U_e = R_e M_e V (V^T M_e V)^-1 in closed form; then V refit by
+    conjugate gradient from where it is, on its normal equations sum_e (U_e^T U_e) V^T M_e = sum_e U_e^T R_e M_e,
+    preconditioned by their Kronecker approximation X -> (sum_e U_e^T U_e)^-1 X (sum_e M_e)^-1."""
+    MV = M @ V  # [E, in, k]
+    U = torch.linalg.solve((V.mT @ MV).double(), (R @ MV).mT.double()).mT.to(R.dtype)  # [E, out, k]
+    A = U.mT @ U  # [E, k, k]
+    rhs = torch.einsum("eok,eoi->ki", U, R @ M)  # [k, in]
+    left_inv, right_inv = _spd_inverse(A.sum(0)), _spd_inverse(M.sum(0))
+
+    def normal(X: torch.Tensor) -> torch.Tensor:  # sum_e A_e X M_e: [k, in]
+        return torch.einsum("ekl,eli->ki", A, X @ M)
+
+    X = V.mT.contiguous()
+    residual = rhs - normal(X)
+    z = left_inv @ residual @ right_inv
+    direction, rz = z, (residual * z).sum()
+    for _ in range(iters):  # CG lowers the quadratic objective at every step, from the current V
+        H_d = normal(direction)
+        curvature = (direction * H_d).sum()
+        step = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
+        X = X + step * direction
+        residual = residual - step * H_d
+        z = left_inv @ residual @ right_inv
+        rz_next = (residual * z).sum()
+        direction, rz = z + (rz_next / rz.clamp_min(1e-30)) * direction, rz_next
+    return U, X.mT
+
+
+def _principal_basis(R: torch.Tensor, rank: int, shared: str,
+                     M: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best shared basis of the deviations R [E, out, in] in closed form: U, V with U_e V_e^T the projection of
+    R_e on the top-k eigenvectors of sum_e R_e^T R_e (shared input side) or sum_e R_e M_e R_e^T (shared output side,
+    M_e = I without a metric; the input side has no closed form in a metric)."""
+    if shared == "out":
+        U = _top_eigenvectors(torch.einsum("eoi,epi->op", R if M is None else R @ M, R), rank).unsqueeze(0)
+        return U, R.mT @ U  # V_e = R_e^T U: [E, in, k]
+    V = _top_eigenvectors(torch.einsum("eoi,eoj->ij", R, R), rank).unsqueeze(0)
+    return R @ V, V
+
+
+def fit_basis(W: torch.Tensor, rank: int, shared: str = "in", iters: int = 3,
+              metric: torch.Tensor | None = None, solver_iters: int = 10) -> dict[str, torch.Tensor]:
+    """W_e ~ C + U_e V^T (shared="in", V: [1, in, k]) or C + U V_e^T (shared="out", U: [1, out, k]); k = rank.
+
+    Without a metric both are the principal components of the deviations R_e = W_e - mean (and the mean stays the
+    optimal core). In a metric M [E, in, in], a shared output basis is still closed form given C (the top
+    eigenvectors of sum_e R_e M_e R_e^T, V_e^T = U^T R_e); a shared input basis starts from the principal components
+    of R_e L (L L^T the experts' mean metric), mapped back by L^-T, and alternates U_e (closed form) and V (conjugate
+    gradient). Each of `iters` rounds then refits C in closed form: every step lowers the objective."""
+    if shared not in ("in", "out"):
+        raise ValueError(f"shared={shared!r} is not a side; use 'in' or 'out'")
+    if metric is None:
+        C = W.mean(0, keepdim=True)
+        U, V = _balance_shared(*_principal_basis(W - C, rank, shared))
+        return {"core": C, "u": U, "v": V}
+    E = W.shape[0]
+    prepared = Metric.of(W, metric)
+    C = prepared.regmean()
+    if shared == "in":
+        L = _cholesky(prepared.total / E).to(W.dtype)
+        V = _principal_basis((W - C) @ L, rank, "in")[1][0]
+        V = torch.linalg.solve_triangular(L.mT.double(), V.double(), upper=True).to(W.dtype)
+    for _ in range(max(1, iters)):
+        R = W - C
+        if shared == "out":
+            U, V_e = _principal_basis(R, rank, "out", prepared.M)
+            UVM = torch.einsum("ok,eki->oi", U[0], V_e.mT @ prepared.M)  # sum_e U V_e^T M_e
+        else:
+            U_e, V = _basis_in_step(R, prepared.M, V, solver_iters)
+            UVM = torch.einsum("eok,eki->oi", U_e, V.mT @ prepared.M)  # sum_e U_e V^T M_e
+        C = prepared.solve(prepared.target - UVM)
+    U, V = (U, V_e) if shared == "out" else (U_e, V.unsqueeze(0))
+    U, V = _balance_shared(U, V)
     return {"core": C, "u": U, "v": V}

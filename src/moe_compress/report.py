@@ -15,10 +15,29 @@ from moe_compress.evaluate import read_results
 from moe_compress.streaming import plot_errors
 
 if TYPE_CHECKING:
+    from moe_compress.compress import CompressionReport
     from moe_compress.pipeline import PipelineRun
 
 Scores = dict[str, dict[str, float]]
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
+
+
+FORMS = {
+    "wrapped": "one shared core C and per-expert low-rank wrappers, W_e ~ (I + U_out V_out^T) C (I + U_in V_in^T)",
+    "delta": "one shared core C and a per-expert low-rank term, W_e ~ C + U_e V_e^T",
+    "basis": "one shared core C and per-expert factors on a basis the experts share, W_e ~ C + U_e V^T (gate, up; "
+             "V shared) or C + U V_e^T (down; U shared)",
+}
+
+
+def rank_summary(report: CompressionReport) -> str:
+    """One line: the rank range of each projection over the layers, and how the ranks were chosen."""
+    ranks: dict[str, list[int]] = {}
+    for row in report.rows:
+        ranks.setdefault(row.projection, []).append(row.rank)
+    spans = ", ".join(f"{p} {min(r)}" + (f"-{max(r)}" if max(r) > min(r) else "") for p, r in ranks.items())
+    return (f"Ranks ({report.config.rank_allocation} allocation) over the layers: {spans}; each (layer, "
+            "projection)'s in the heat map's cells and in `compressed/compression_report.json`.")
 
 
 def _markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -64,8 +83,7 @@ def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
     lines = [
         f"# moe-compress pipeline: {model}",
         "",
-        "Every expert projection W_e of each MoE layer is replaced by one shared core C and per-expert low-rank "
-        "wrappers, W_e ~ (I + U_out V_out^T) C (I + U_in V_in^T), fitted zero-shot "
+        f"Every expert projection W_e of each MoE layer is replaced by {FORMS[settings.form]}, fitted zero-shot "
         f"(method `{settings.method}`) {fitted_to(settings.calibration)}, then distilled from the original model "
         "(the teacher).",
         "",
@@ -78,6 +96,8 @@ def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
         ]),
         "",
         f"Relative reconstruction error of the expert weights: **{report.rel_error:.4f}** (before distillation).",
+        "",
+        rank_summary(report),
         "",
         "![relative error by layer and projection](compressed/compression_error.png)",
         "",

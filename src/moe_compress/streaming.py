@@ -38,13 +38,15 @@ from moe_compress.folder_config import mark_dict, write_shim
 from moe_compress.checkpoint import QUANT_METHOD, _replace, attach_quantization_config, check_output_dir, \
     load_tokenizer, model_card
 from moe_compress.calibration import Calibration, token_batches
-from moe_compress.compress import CompressionConfig, CompressionReport, ProjectionStats, choose_rank, fit_into, \
-    stored_params, warn_starved
+from moe_compress.allocation import Curve
+from moe_compress.compress import CompressionConfig, CompressionReport, ProjectionStats, allocate_ranks, choose_rank, \
+    fit_into, module_curves, stored_params, warn_starved
 from moe_compress.data import DataConfig, calibration_sequences
 from moe_compress.layerwise import gather_statistics, load_statistics, statistics_dir
 from moe_compress.discovery import find_experts, projection_names, split_weights
-from moe_compress.experts import PROJECTION_FORMS
-from moe_compress.parallel import Manifest, barrier, distributed, fit_device, from_main, open_work_dir, share
+from moe_compress.experts import make_projection
+from moe_compress.parallel import Manifest, Ranks, barrier, distributed, fit_device, from_main, open_work_dir, share, \
+    write_atomically
 
 # Bytes per element of safetensors dtypes: a file lists its tensors widest first, so that each starts at a multiple of
 # its element size (safetensors' own writer does the same); the rest are 1 byte wide or narrower.
@@ -216,17 +218,18 @@ def plan(checkpoint: Checkpoint, config: CompressionConfig) -> dict[str, dict]:
     for experts in checkpoint.experts:
         parts = split_weights(experts.module)
         ranks = {p: choose_rank(config, p, *parts[p][0].shape) for p in projection_names(experts.module)}
-        specs[experts.name] = {"form": config.form, "num_cores": 1, "ranks": ranks}
+        specs[experts.name] = {"form": config.form, "num_cores": config.num_cores, "ranks": ranks}
     return specs
 
 
 def fit_unit(W: torch.Tensor, bias: torch.Tensor | None, rank: int, config: CompressionConfig,
-             device: torch.device, metric: torch.Tensor | None = None
+             device: torch.device, metric: torch.Tensor | None = None, projection: str = "up"
              ) -> tuple[dict[str, torch.Tensor], float, float | None]:
     """One projection's compressed tensors, in W's dtype on the CPU, their relative error, and their relative error
     in the calibrated metric M [E, in, in] when given; W: [E, out, in]."""
-    proj = PROJECTION_FORMS[config.form](*W.shape, rank, bias=bias is not None, dtype=W.dtype, device=device)
-    error, output_error = fit_into(proj, W, bias, config, device, metric)
+    proj = make_projection(config.form, projection, *W.shape, rank, config.num_cores, bias is not None,
+                           dtype=W.dtype, device=device)
+    error, output_error = fit_into(proj, W, bias, config, device, metric, projection)
     return {key: value.cpu() for key, value in proj.state_dict().items()}, error, output_error
 
 
@@ -242,10 +245,11 @@ def fit_and_record(experts: ExpertsOnDisk, projection: str, W: torch.Tensor, bia
         raise ValueError(f"{experts.name} ({projection}) holds NaN or Inf values; fix or re-download the checkpoint "
                          "before compressing")
     start = time.perf_counter()
-    state, error, output_error = fit_unit(W, bias, rank, config, device, metric)
+    state, error, output_error = fit_unit(W, bias, rank, config, device, metric, projection)
     E, out_f, in_f = W.shape
     stats = ProjectionStats(experts.name, projection, E, (out_f, in_f), rank, error, E * out_f * in_f,
-                            stored_params(E, out_f, in_f, rank), time.perf_counter() - start, output_error)
+                            stored_params(E, out_f, in_f, rank, config.num_cores, config.form, projection),
+                            time.perf_counter() - start, output_error)
     prefix = f"{experts.saved_as}.projections.{projection}"
     manifest.save(_unit(experts.name, projection), {f"{prefix}.{k}": v for k, v in state.items()},
                   dataclasses.asdict(stats))
@@ -272,6 +276,33 @@ def fit_share(checkpoint: Checkpoint, specs: dict[str, dict], units: list[tuple[
                                 f"err={stats.rel_error:.3f} {stats.seconds:.1f}s")
             bar.update()
         del parts
+
+
+def _allocated(checkpoint: Checkpoint, specs: dict[str, dict], config: CompressionConfig, device: torch.device,
+               work: Path, ranks: Ranks, statistics: Manifest | None, progress: bool) -> dict[str, dict]:
+    """The specs with globally allocated ranks. Each process takes the error curves of its share of the experts
+    modules (in the calibrated metric when there are statistics) and saves them in the work folder, where a rerun
+    finds them; the main process allocates and passes the ranks on."""
+    folder = work / "curves"
+    folder.mkdir(exist_ok=True)
+    mine = set(share(list(specs), ranks))
+    for experts in tqdm([e for e in checkpoint.experts if e.name in mine], desc="rank curves", unit="module",
+                        disable=not progress, position=ranks.local_rank):
+        path = folder / f"{experts.name}.json"
+        if path.exists():
+            continue
+        module = read_experts(checkpoint, experts, _params_of(experts.module, list(specs[experts.name]["ranks"])))
+        grams = None if statistics is None else load_statistics(statistics, experts.name)
+        curves = module_curves(module, experts.name, specs[experts.name], config, device, grams)
+        write_atomically(path, json.dumps({p: dataclasses.asdict(c) for (_, p), c in curves.items()}).encode())
+    barrier()
+    allocated = None
+    if ranks.is_main:
+        curves = {(name, p): Curve(**c) for name in specs
+                  for p, c in json.loads((folder / f"{name}.json").read_text()).items()}
+        params_before = sum(W.numel() for e in checkpoint.experts for W, _ in split_weights(e.module).values())
+        allocated = allocate_ranks(specs, curves, config, params_before)
+    return from_main(allocated)
 
 
 def _settings(checkpoint: Checkpoint, config: CompressionConfig) -> dict:
@@ -345,10 +376,14 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
     with distributed(device) as ranks:
         statistics = None if token_ids is None else _statistics(
             checkpoint, token_ids, config, output_dir, device, trust_remote_code, progress, ranks.is_main)
+        if ranks.is_main:
+            open_work_dir(work, _settings(checkpoint, config), overwrite)
+        barrier()
+        if config.rank_allocation == "global":
+            specs = _allocated(checkpoint, specs, config, device, work, ranks, statistics, progress)
         manifest = Manifest(work, ranks.rank)
         pending = None
         if ranks.is_main:
-            open_work_dir(work, _settings(checkpoint, config), overwrite)
             done = manifest.done([_unit(*u) for u in units])
             pending = [u for u in units if _unit(*u) not in done]
             if done and progress:
@@ -499,23 +534,26 @@ def assemble(checkpoint: Checkpoint, specs: dict[str, dict], config: Compression
 
 
 def layer_table(report: CompressionReport) -> list[dict]:
-    """Per experts module: the relative error of each projection and the parameters before and after."""
+    """Per experts module: the relative error and rank of each projection and the parameters before and after."""
     layers: dict[str, dict] = {}
     for row in report.rows:
-        layer = layers.setdefault(row.module, {"module": row.module, "rel_error": {}, "params_before": 0,
+        layer = layers.setdefault(row.module, {"module": row.module, "rel_error": {}, "rank": {}, "params_before": 0,
                                                "params_after": 0})
         layer["rel_error"][row.projection] = row.rel_error
+        layer["rank"][row.projection] = row.rank
         layer["params_before"] += row.params_before
         layer["params_after"] += row.params_after
     return list(layers.values())
 
 
 def plot_errors(report: CompressionReport, path: Path) -> None:
-    """A heat map of relative error by projection (rows) and layer (columns); values written in the cells of models
-    shallow enough to read them. The figure's size is capped: a 160-layer model's map stays small in memory too."""
+    """A heat map of relative error by projection (rows) and layer (columns); values and ranks written in the cells
+    of models shallow enough to read them. The figure's size is capped: a 160-layer model's map stays small in memory
+    too."""
     layers = layer_table(report)
     projections = [p for p in ("gate", "up", "down") if any(p in layer["rel_error"] for layer in layers)]
     errors = [[layer["rel_error"].get(p, float("nan")) for layer in layers] for p in projections]
+    ranks = [[layer["rank"].get(p) for layer in layers] for p in projections]
     labels = [layer["module"].removesuffix(".mlp.experts").removesuffix(".experts").removeprefix("model.")
               for layer in layers]
     fig = Figure(figsize=(min(16.0, 2.5 + 0.55 * len(layers)), 1.6 + 0.45 * len(projections)))  # no pyplot state
@@ -528,9 +566,11 @@ def plot_errors(report: CompressionReport, path: Path) -> None:
         for i, row in enumerate(errors):
             for j, value in enumerate(row):
                 dark = image.norm(value) < 0.6  # viridis runs from dark blue to bright yellow
-                ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
+                ax.text(j, i, f"{value:.3f}\nr={ranks[i][j]}", ha="center", va="center", fontsize=6,
+                        color="white" if dark else "black")
     fig.colorbar(image, ax=ax, label="relative error")
-    ax.set_title(f"{report.config.method}: error by layer and projection", fontsize=9)
+    ax.set_title(f"{report.config.method}, {report.config.rank_allocation} ranks: error by layer and projection",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

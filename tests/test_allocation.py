@@ -1,0 +1,151 @@
+"""Global rank allocation: the greedy split against brute force, the curves against the fits they stand for, and
+the allocation through compress and compress_checkpoint."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_calibrated_compression import calibration_ids
+from test_fit import experts_like, metrics_like
+
+from moe_compress import CompressionConfig, compress, compress_checkpoint, fit, load_compressed, streaming
+from moe_compress.allocation import Curve, allocate, error_curve
+from moe_compress.calibration import observe
+from moe_compress.calibration_stats import ExpertGrams
+from moe_compress.compress import module_curves
+from moe_compress.discovery import split_weights
+
+
+def convex_curve(rng: random.Random, length: int) -> list[float]:
+    """Decreasing, convex errors: a start minus the cumulative sum of decreasing gains."""
+    gains = sorted((rng.random() for _ in range(length - 1)), reverse=True)
+    start = sum(gains) + rng.random()
+    return [start - sum(gains[:r]) for r in range(length)]
+
+
+def brute_force(curves: dict[str, Curve], budget: float) -> float:
+    best = float("inf")
+    for ranks in itertools.product(*(range(1, len(c.errors)) for c in curves.values())):
+        cost = sum(c.base + r * c.step for c, r in zip(curves.values(), ranks))
+        if cost <= budget:
+            best = min(best, sum(c.errors[r] for c, r in zip(curves.values(), ranks)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_allocation_is_optimal_for_separable_convex_curves_of_equal_steps(seed):
+    rng = random.Random(seed)
+    curves = {f"u{i}": Curve(convex_curve(rng, 6), base=rng.randint(0, 5), step=3) for i in range(4)}
+    floor = sum(c.base + c.step for c in curves.values())
+    for budget in (floor, floor + 4, floor + 13, floor + 30, floor + 100):
+        ranks = allocate(curves, budget)
+        assert sum(curves[u].base + r * curves[u].step for u, r in ranks.items()) <= budget
+        assert sum(curves[u].errors[r] for u, r in ranks.items()) == pytest.approx(brute_force(curves, budget))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_never_exceeds_the_budget_and_spends_what_it_can(seed):
+    rng = random.Random(seed)
+    curves = {f"u{i}": Curve(convex_curve(rng, 12), base=rng.randint(0, 50), step=rng.randint(1, 40))
+              for i in range(5)}
+    budget = sum(c.base + c.step for c in curves.values()) + rng.randint(0, 300)
+    ranks = allocate(curves, budget)
+    spent = sum(curves[u].base + r * curves[u].step for u, r in ranks.items())
+    assert spent <= budget
+    # no unit could take one more step: each is at its last rank or its step no longer fits
+    assert all(r == len(curves[u].errors) - 1 or spent + curves[u].step > budget for u, r in ranks.items())
+
+
+def test_a_budget_below_rank_one_everywhere_is_refused():
+    curves = {"a": Curve([1.0, 0.5], base=10, step=5)}
+    with pytest.raises(ValueError, match="larger target_ratio"):
+        allocate(curves, 14)
+
+
+@pytest.mark.parametrize("with_metric", [False, True])
+def test_delta_curve_is_the_error_of_the_first_round_of_delta_at_each_rank(with_metric):
+    W = experts_like(E=5, out_f=20, in_f=12).double()
+    M = metrics_like(E=5, in_f=12).double() if with_metric else None
+    curve = error_curve(W, "delta", "up", 6, metric=M)
+    for rank in range(1, 7):
+        fitted = fit.fit_delta(W, rank, iters=1, metric=M)
+        expected = fit.relative_error(W, fitted["core"] + fitted["u"] @ fitted["v"].mT, M) ** 2
+        assert curve.errors[rank] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert curve.step == 5 * 2 * (20 + 12) and curve.base == 20 * 12
+
+
+@pytest.mark.parametrize("projection", ["up", "down"])
+def test_data_free_basis_curve_is_the_basis_fit_error(projection):
+    W = experts_like(E=5, out_f=20, in_f=12).double()
+    curve = error_curve(W, "basis", projection, 8)
+    for k in (1, 3, 8):
+        fitted = fit.fit_basis(W, k, "out" if projection == "down" else "in")
+        assert curve.errors[k] == pytest.approx(fit.relative_error(W, fitted["core"] + fitted["u"] @ fitted["v"].mT) ** 2,
+                                                rel=1e-6)
+
+
+def test_global_allocation_keeps_to_the_budget_and_lowers_the_summed_error():
+    uniform, globally = (compress(tiny_model("qwen3_moe"), CompressionConfig(target_ratio=0.4, method="delta",
+                                                                             rank_allocation=a), progress=False)
+                         for a in ("uniform", "global"))
+    assert globally.kept_fraction <= 0.4 and uniform.kept_fraction <= 0.4
+    assert len({r.rank for r in globally.rows}) > 1  # the units' curves differ, so do their ranks
+    summed = lambda report: sum(r.rel_error**2 for r in report.rows)  # what the allocation minimises, data-free
+    assert summed(globally) < summed(uniform)
+
+
+def test_global_allocation_needs_a_budget():
+    with pytest.raises(ValueError, match="target_ratio"):
+        CompressionConfig(rank=4, rank_allocation="global")
+    assert CompressionConfig(rank=4).rank_allocation == "uniform"
+    assert CompressionConfig(target_ratio=0.3).rank_allocation == "global"
+
+
+def test_streamed_global_allocation_equals_in_memory_and_a_rerun_reuses_its_curves(tmp_path, monkeypatch):
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
+    config = CompressionConfig(target_ratio=0.4, method="delta")
+    in_memory = tiny_model("qwen3_moe")
+    expected = compress(in_memory, config, progress=False)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed after the curves")
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming, "fit_share", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            compress_checkpoint(tmp_path / "model", tmp_path / "out", config, progress=False)
+    curves = sorted((tmp_path / ".out.moe-compress-work" / "curves").glob("*.json"))
+    assert len(curves) == len(expected.rows) // 3  # one file per experts module
+    computed = []
+    monkeypatch.setattr(streaming, "module_curves", lambda *args, **kw: computed.append(args[1]))
+    report = compress_checkpoint(tmp_path / "model", tmp_path / "out", config, progress=False)
+    assert computed == []  # the rerun read the saved curves
+    assert [(r.module, r.projection, r.rank) for r in report.rows] == \
+        [(r.module, r.projection, r.rank) for r in expected.rows]
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["modules"]
+    assert {name: spec["ranks"] for name, spec in saved.items()} == \
+        {name: {r.projection: r.rank for r in expected.rows if r.module == name} for name in saved}
+    loaded = load_compressed(tmp_path / "out")
+    for name, module in loaded.named_modules():
+        if hasattr(module, "projections"):
+            for projection, proj in module.projections.items():
+                reference = in_memory.get_submodule(name).projections[projection]
+                assert torch.allclose(proj.dense(), reference.dense(), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["delta", "basis"])
+def test_calibrated_global_allocation_spends_the_budget_on_the_calibrated_curves(method):
+    ids = calibration_ids()
+    config = CompressionConfig(target_ratio=0.4, method=method)
+    original = tiny_model("qwen3_moe")
+    observed = observe(original, ids, ExpertGrams, progress=False)  # each layer's own inputs: propagate=original
+    curves = {}
+    for name, grams in observed.items():
+        curves.update(module_curves(original.get_submodule(name), name, {}, config, torch.device("cpu"), grams))
+    params = sum(W.numel() for name in observed for W, _ in split_weights(original.get_submodule(name)).values())
+    expected = allocate(curves, 0.4 * params)
+    report = compress(tiny_model("qwen3_moe"), config, calibration=ids, progress=False)
+    assert {(r.module, r.projection): r.rank for r in report.rows} == expected
+    assert report.kept_fraction <= 0.4
