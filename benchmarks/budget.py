@@ -16,6 +16,7 @@ import time
 from benchmarks.common import table
 from benchmarks.quality import TESTBED_NAMES, testbed_setting
 from moe_compress import CompressionConfig, compress
+from moe_compress.compress import RankTooLargeError
 
 RUNS = [  # (method, rank allocation, cores, calibrated)
     ("als", "uniform", 1, True), ("als", "global", 1, True),
@@ -43,7 +44,12 @@ def run_testbed(name: str, setting: dict) -> dict:
             model = copy.deepcopy(original)
             config = CompressionConfig(target_ratio=ratio, method=method, rank_allocation=allocation, num_cores=cores)
             start = time.perf_counter()
-            report = compress(model, config, calibration=calibration if calibrated else None, progress=False)
+            try:
+                report = compress(model, config, calibration=calibration if calibrated else None, progress=False)
+            except RankTooLargeError:  # several cores alone can take more than the budget
+                print(f"budget: {name} {ratio} {label(method, allocation, cores, calibrated)}: does not fit",
+                      file=sys.stderr, flush=True)
+                continue
             seconds = time.perf_counter() - start
             rows.append({"target": ratio, "run": label(method, allocation, cores, calibrated),
                          "kept": report.kept_fraction, "rel_error": report.rel_error, "increase": loss(model) - base,

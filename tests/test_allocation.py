@@ -59,10 +59,11 @@ def test_allocation_never_exceeds_the_budget_and_spends_what_it_can(seed):
     assert all(r == len(curves[u].errors) - 1 or spent + curves[u].step > budget for u, r in ranks.items())
 
 
-def test_a_budget_below_rank_one_everywhere_is_refused():
-    curves = {"a": Curve([1.0, 0.5], base=10, step=5)}
+def test_a_budget_below_the_starting_ranks_is_refused_and_starts_are_kept():
+    curves = {"a": Curve([1.0, 0.5, 0.2, 0.1], base=10, step=5), "b": Curve([1.0, 0.9, 0.85, 0.8], base=10, step=5)}
     with pytest.raises(ValueError, match="larger target_ratio"):
         allocate(curves, 14)
+    assert allocate(curves, 40, start={"a": 1, "b": 2}) == {"a": 2, "b": 2}
 
 
 @pytest.mark.parametrize("with_metric", [False, True])
@@ -87,11 +88,12 @@ def test_data_free_basis_curve_is_the_basis_fit_error(projection):
                                                 rel=1e-6)
 
 
-def test_global_allocation_keeps_to_the_budget_and_lowers_the_summed_error():
+def test_global_allocation_spends_what_uniform_ranks_leave_and_lowers_the_summed_error():
     uniform, globally = (compress(tiny_model("qwen3_moe"), CompressionConfig(target_ratio=0.4, method="delta",
                                                                              rank_allocation=a), progress=False)
                          for a in ("uniform", "global"))
-    assert globally.kept_fraction <= 0.4 and uniform.kept_fraction <= 0.4
+    assert uniform.kept_fraction < globally.kept_fraction <= 0.4
+    assert all(g.rank >= u.rank for g, u in zip(globally.rows, uniform.rows))
     assert len({r.rank for r in globally.rows}) > 1  # the units' curves differ, so do their ranks
     summed = lambda report: sum(r.rel_error**2 for r in report.rows)  # what the allocation minimises, data-free
     assert summed(globally) < summed(uniform)
@@ -145,7 +147,9 @@ def test_calibrated_global_allocation_spends_the_budget_on_the_calibrated_curves
     for name, grams in observed.items():
         curves.update(module_curves(original.get_submodule(name), name, {}, config, torch.device("cpu"), grams))
     params = sum(W.numel() for name in observed for W, _ in split_weights(original.get_submodule(name)).values())
-    expected = allocate(curves, 0.4 * params)
+    uniform = compress(tiny_model("qwen3_moe"), CompressionConfig(target_ratio=0.4, method=method,
+                                                                  rank_allocation="uniform"), progress=False)
+    expected = allocate(curves, 0.4 * params, start={(r.module, r.projection): r.rank for r in uniform.rows})
     report = compress(tiny_model("qwen3_moe"), config, calibration=ids, progress=False)
     assert {(r.module, r.projection): r.rank for r in report.rows} == expected
     assert report.kept_fraction <= 0.4

@@ -431,8 +431,10 @@ def module_curves(experts: nn.Module, name: str, spec: dict, config: Compression
 
 def allocate_ranks(specs: dict[str, dict], curves: dict[tuple[str, str], Curve],
                    config: CompressionConfig, params_before: int) -> dict[str, dict]:
-    """`specs` with every projection's rank chosen by the global allocation within target_ratio * params_before."""
-    ranks = allocate(curves, config.target_ratio * params_before)
+    """`specs` (uniform ranks) with the budget they leave, target_ratio * params_before less what they store, spent
+    where the curves say it lowers the error most."""
+    uniform = {(name, p): r for name, spec in specs.items() for p, r in spec["ranks"].items()}
+    ranks = allocate(curves, config.target_ratio * params_before, start=uniform)
     return {name: {**spec, "ranks": {p: ranks[name, p] for p in spec["ranks"]}} for name, spec in specs.items()}
 
 
