@@ -117,3 +117,18 @@ def test_statistics_are_saved_packed_in_bf16_and_load_as_full_fp32_grams(tmp_pat
     sizes = [m.path(name).stat().st_size - 8 * E for m in (old, manifest)]  # less the token counts
     assert 0 <= sizes[0] - full_bytes < 512 and 0 <= sizes[1] - packed_bytes < 512  # a safetensors header besides
     assert full_bytes / packed_bytes > 3.8  # 4d / (d + 1): 3.9 at d = 32, 4.0 at real sizes
+
+
+def test_gate_and_up_share_one_metric_until_more_tokens_arrive():
+    model = tiny_model("qwen3_moe")
+    name = "model.layers.0.mlp.experts"
+    grams = {name: ExpertGrams(model.get_submodule(name))}
+    with observing(model, grams), torch.no_grad():
+        model(token_ids(2, 8))
+        gate = grams[name].metric("gate")
+        assert grams[name].metric("up") is gate and grams[name].metric("down").shape[-1] == 32
+        assert torch.equal(grams[name].metric("gate"), regularised(grams[name].inputs, grams[name].tokens,
+                                                                   Regularisation()))
+        model(token_ids(2, 8, seed=1))
+    assert torch.equal(grams[name].metric("up"), regularised(grams[name].inputs, grams[name].tokens, Regularisation()))
+    assert not torch.equal(grams[name].metric("up"), gate)

@@ -83,6 +83,7 @@ class ExpertGrams(RoutingCounts):
     def __call__(self, experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> None:
         super().__call__(experts, hidden_states, top_k_index, top_k_weights)
+        self.__dict__.pop("_last_metric", None)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
         for e in top_k_index.unique().tolist():
             token, slot = (top_k_index == e).nonzero(as_tuple=True)
@@ -97,8 +98,12 @@ class ExpertGrams(RoutingCounts):
         return self.intermediate if projection == "down" else self.inputs
 
     def metric(self, projection: str, regularisation: Regularisation = Regularisation()) -> torch.Tensor:
-        """The regularised metric of every expert for `projection`: [E, d, d], fp32."""
-        return regularised(self.gram(projection), self.tokens, regularisation)
+        """The regularised metric of every expert for `projection`: [E, d, d], fp32. Gate and up share theirs: the
+        last one made is kept until the statistics change."""
+        key = ("down" if projection == "down" else "inputs", regularisation)
+        if self.__dict__.get("_last_metric", (None,))[0] != key:
+            self._last_metric = key, regularised(self.gram(projection), self.tokens, regularisation)
+        return self._last_metric[1]
 
     def starved(self) -> list[int]:
         """Experts that received fewer tokens than their input size: their own statistics cannot be full rank."""
@@ -106,17 +111,20 @@ class ExpertGrams(RoutingCounts):
 
 
 def regularised(gram: torch.Tensor, tokens: torch.Tensor, regularisation: Regularisation) -> torch.Tensor:
-    """M_e + shrink * d * (sum_e M_e / sum_e n_e), then + damp * mean diag * I; computed in fp64."""
-    gram = gram.double()
-    d = gram.shape[-1]
-    layer = gram.sum(0) / tokens.sum().clamp_min(1).to(gram)  # the layer-wide Gram, per routed token: [d, d]
-    metric = gram + regularisation.shrink * d * layer
-    diagonal = metric.diagonal(dim1=-2, dim2=-1).mean(-1)  # [E]
-    # an expert with no tokens and no shrinkage would have no scale at all: fall back to the layer's
-    scale = torch.where(diagonal > 0, diagonal, layer.diagonal().mean().clamp_min(1e-12))
-    metric = metric + regularisation.damp * scale[:, None, None] * torch.eye(d, dtype=metric.dtype,
-                                                                             device=metric.device)
-    return metric.float()
+    """M_e + shrink * d * (sum_e M_e / sum_e n_e), then + damp * mean diag * I; computed in fp64 one expert at a time
+    (the whole [E, d, d] in fp64 is twice the statistics' size, and its passes over fresh memory took 4 s a module of
+    128 experts with d = 1024, more than the fit)."""
+    E, d, _ = gram.shape
+    layer = gram.sum(0, dtype=torch.float64) / tokens.sum().clamp_min(1)  # the layer-wide Gram, per routed token
+    # an expert with no tokens and no shrinkage would have no scale at all: it takes the layer's
+    fallback = layer.diagonal().mean().clamp_min(1e-12)
+    metric = torch.empty_like(gram, dtype=torch.float32)  # [E, d, d]
+    for e in range(E):
+        M = gram[e].double().add_(layer, alpha=regularisation.shrink * d)  # [d, d]
+        diagonal = M.diagonal().mean()
+        M.diagonal().add_(regularisation.damp * torch.where(diagonal > 0, diagonal, fallback))
+        metric[e] = M
+    return metric
 
 
 # Saved Grams keep the upper triangle of each (they are symmetric) in bf16: 2/(d + 1) of fp32 [E, d, d], about a
@@ -128,13 +136,19 @@ def regularised(gram: torch.Tensor, tokens: torch.Tensor, regularisation: Regula
 STORED_DTYPE = torch.bfloat16
 
 
+def _upper(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the upper triangle's entries sit in a flattened [d, d], row by row, and where their mirror images do."""
+    i, j = torch.triu_indices(d, d, device=device)
+    return i * d + j, j * d + i
+
+
 def pack(gram: torch.Tensor) -> torch.Tensor:
     """[E, d, d] symmetric -> [E, d(d+1)/2]: the upper triangle, row by row, in STORED_DTYPE."""
     E, d, _ = gram.shape
-    i, j = torch.triu_indices(d, d, device=gram.device)
-    packed = torch.empty(E, i.numel(), dtype=STORED_DTYPE, device=gram.device)
+    upper, _ = _upper(d, gram.device)
+    packed = torch.empty(E, upper.numel(), dtype=STORED_DTYPE, device=gram.device)
     for e in range(E):  # one expert at a time: no fp32 temporary of the whole packed tensor
-        packed[e] = gram[e, i, j]
+        packed[e] = gram[e].flatten().index_select(0, upper)
     return packed
 
 
@@ -142,9 +156,9 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     """[E, d(d+1)/2] -> [E, d, d] fp32, both triangles set to the packed values."""
     E, n = packed.shape
     d = (math.isqrt(8 * n + 1) - 1) // 2
-    i, j = torch.triu_indices(d, d, device=packed.device)
-    gram = torch.empty(E, d, d, device=packed.device)
+    upper, lower = _upper(d, packed.device)
+    gram = torch.empty(E, d * d, device=packed.device)
     for e in range(E):
-        gram[e, i, j] = packed[e].float()
-        gram[e, j, i] = packed[e].float()
-    return gram
+        values = packed[e].float()
+        gram[e].index_copy_(0, lower, values).index_copy_(0, upper, values)
+    return gram.view(E, d, d)
