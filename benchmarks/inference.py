@@ -1,9 +1,10 @@
 """Question 3: is the compressed experts module faster than the original one?
 
 The original is transformers' Qwen3MoeExperts with its default experts implementation (grouped_mm), the compressed one
-SharedCoreExperts at ranks 16 and 64, both fp32 with random weights (speed does not depend on the values), at
-Qwen3-30B-A3B shapes: E=128 experts, top-8, hidden 2048, expert width 768. Timing: medians of interleaved runs in one
-process. Memory: peak resident memory of a fresh process that builds one module and runs one forward.
+SharedCoreExperts in each form at the storage of wrapper ranks 16 and 64 (delta at the same rank; the shared basis at
+the width k that stores as much), all fp32 with random weights (speed does not depend on the values), at Qwen3-30B-A3B
+shapes: E=128 experts, top-8, hidden 2048, expert width 768. Timing: medians of interleaved runs in one process.
+Memory: peak resident memory of a fresh process that builds one module and runs one forward.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from benchmarks.common import in_fresh_process, interleaved_medians, peak_rss_mib, table
 from moe_compress import SharedCoreExperts
+from moe_compress.compress import max_rank, stored_params
 
-FULL = dict(num_experts=128, top_k=8, hidden=2048, width=768, tokens=(1, 64, 512), ranks=(16, 64), repeats=7)
-QUICK = dict(num_experts=8, top_k=2, hidden=64, width=32, tokens=(16,), ranks=(4,), repeats=2)
+FULL = dict(num_experts=128, top_k=8, hidden=2048, width=768, tokens=(1, 64, 512), ranks=(16, 64), repeats=7,
+            forms=("wrapped", "delta", "basis"))
+QUICK = dict(num_experts=8, top_k=2, hidden=64, width=32, tokens=(16,), ranks=(4,), repeats=2, forms=("basis",))
 
 
 def build(kind: str, shape: dict) -> torch.nn.Module:
@@ -26,8 +29,11 @@ def build(kind: str, shape: dict) -> torch.nn.Module:
     original = Qwen3MoeExperts(config)
     module = original
     if kind != "original":
-        rank = int(kind.removeprefix("rank "))
-        module = SharedCoreExperts.empty(original, {"form": "wrapped", "ranks": dict.fromkeys(("gate", "up", "down"), rank)})
+        form, rank = kind.split()[0], int(kind.split()[-1])
+        if form == "basis":  # the width that stores what the wrapper does at `rank` (gate, up and down alike)
+            E, F, H = shape["num_experts"], shape["width"], shape["hidden"]
+            rank = max_rank(E, F, H, stored_params(E, F, H, rank), "basis")
+        module = SharedCoreExperts.empty(original, {"form": form, "ranks": dict.fromkeys(("gate", "up", "down"), rank)})
         del original
     with torch.no_grad():
         for p in module.parameters():
@@ -52,7 +58,7 @@ def peak_memory(kind: str, tokens: int, shape: dict) -> tuple[float, float]:
 
 def run(quick: bool = False) -> dict:
     shape = QUICK if quick else FULL
-    kinds = ["original"] + [f"rank {r}" for r in shape["ranks"]]
+    kinds = ["original"] + [f"{form} rank {r}" for r in shape["ranks"] for form in shape["forms"]]
     modules = {kind: build(kind, shape) for kind in kinds}
     rows = []
     for tokens in shape["tokens"]:
@@ -73,7 +79,8 @@ def markdown(result: dict) -> str:
     rows = [[r["tokens"], r["module"], f"{r['ms']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x",
              f"{r['weights_mib']:,.0f}", f"{r['peak_rss_mib']:,.0f}"] for r in result["rows"]]
     return (f"E={s['num_experts']}, top-{s['top_k']}, hidden {s['hidden']}, width {s['width']}, fp32, "
-            f"median of {s['repeats']} interleaved runs.\n\n" + table(header, rows))
+            f"median of {s['repeats']} interleaved runs; `basis rank r` is the shared basis of the width that stores "
+            "what the wrapper stores at rank r.\n\n" + table(header, rows))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,13 @@ def test_what_trains(train, routers, expected):
     assert select_trainable(model, "all", False)[0] == total
 
 
+def test_the_shared_basis_trains_its_factors_shared_and_per_expert_alike():
+    model, _ = load_testbed()
+    mc.compress(model, mc.CompressionConfig(target_ratio=0.3, method="basis"), progress=False)
+    select_trainable(model, "wrappers", False)
+    assert {n.rsplit(".", 1)[1] for n, p in model.named_parameters() if p.requires_grad} == {"u", "v"}
+
+
 def test_bad_pairs_and_inputs_are_refused():
     student, _ = compressed_testbed()
     with pytest.raises(ValueError, match="not compressed by moe-compress"):
