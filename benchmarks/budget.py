@@ -100,6 +100,8 @@ def markdown(result: dict) -> str:
         "benchmarks/results/budget.json.",
         "",
         findings(result),
+        "",
+        "![loss increase of each run, both testbeds](benchmarks/budget.png)",
     ]
     for name, found in result["testbeds"].items():
         parts += ["", f"**{TESTBED_NAMES[name]}** (original {found['original_loss']:.4f} nats/byte)", ""]
@@ -107,3 +109,25 @@ def markdown(result: dict) -> str:
                            [[r["target"], r["run"], f"{r['kept']:.3f}", f"{r['rel_error']:.4f}",
                              f"{r['increase']:+.4f}", f"{r['seconds']:.1f}"] for r in found["rows"]]))
     return "\n".join(parts)
+
+
+def plot(result: dict, path) -> None:
+    """Horizontal bars per testbed: each run's loss increase at each kept fraction (linear: bars start at zero)."""
+    from matplotlib.figure import Figure
+
+    names = list(result["testbeds"])
+    fig = Figure(figsize=(11, 0.3 * len(RUNS) + 2))
+    for ax, name in zip(fig.subplots(1, len(names), sharey=True), names):
+        rows = result["testbeds"][name]["rows"]
+        runs = list(dict.fromkeys(r["run"] for r in rows))
+        for offset, ratio in enumerate(result["setting"]["ratios"]):
+            found = {r["run"]: r["increase"] for r in rows if r["target"] == ratio}
+            ax.barh([i + 0.4 * offset for i, run in enumerate(runs) if run in found],
+                    [found[run] for run in runs if run in found], height=0.4, label=f"kept {ratio}")
+        ax.set_yticks([i + 0.2 for i in range(len(runs))], runs, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("held-out loss increase (nats/byte), lower is better", fontsize=8)
+        ax.set_title(TESTBED_NAMES[name], fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
