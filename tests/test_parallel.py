@@ -12,18 +12,21 @@ from conftest import tiny_model
 from safetensors.torch import load_file
 
 import moe_compress as mc
+from moe_compress.layerwise import load_statistics
 from moe_compress.parallel import Manifest, Ranks, open_work_dir, share, write_atomically
 from moe_compress.streaming import compress_checkpoint
 
-RUN = textwrap.dedent("""
+CONFIG = {"rank": 2, "polish_steps": 20, "calibration": {"batch_size": 2}}  # calibrated: 3 batches of the 6 sequences
+CALIBRATION = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+RUN = textwrap.dedent(f"""
     import os, sys, torch
     torch.set_num_threads(1)
     import moe_compress as mc
     from moe_compress.streaming import compress_checkpoint
-    ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0)) if len(sys.argv) > 3 else None
-    report = compress_checkpoint(sys.argv[1], sys.argv[2], mc.CompressionConfig(rank=2, polish_steps=20),
-                                 calibration=ids)
-    print(f"rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)}: {len(report.rows)} rows")
+    CONFIG = {CONFIG!r}
+    ids = torch.load(sys.argv[3]) if len(sys.argv) > 3 else None  # calibration token ids
+    report = compress_checkpoint(sys.argv[1], sys.argv[2], mc.CompressionConfig(**CONFIG), calibration=ids)
+    print(f"rank {{os.environ.get('RANK', 0)}} of {{os.environ.get('WORLD_SIZE', 1)}}: {{len(report.rows)}} rows")
 """)
 
 
@@ -52,20 +55,36 @@ def test_two_gloo_processes_write_the_folder_one_process_writes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "run.py", "src", "two"]
 
 
-def test_two_gloo_processes_calibrate_once_and_write_the_folder_one_process_writes(tmp_path):
+def test_two_gloo_processes_calibrate_on_their_shares_of_the_batches_and_write_the_folder_one_process_writes(
+        tmp_path):
     tiny_model("qwen3_moe", num_hidden_layers=2).save_pretrained(tmp_path / "src")
     script = tmp_path / "run.py"
     script.write_text(RUN)
+    torch.save(CALIBRATION, tmp_path / "ids.pt")
+    stderr = {}
     for out, launcher in (("two", ["-m", "torch.distributed.run", "--nproc-per-node", "2"]), ("one", [])):
         result = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / "src"), str(tmp_path / out),
-                                 "calibrated"], capture_output=True, text=True)
+                                 str(tmp_path / "ids.pt")], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
-    (statistics,) = tmp_path.glob(".moe-compress-statistics-*")  # gathered once by rank 0, then reused
+        stderr[out] = result.stderr
+    for rank in (0, 1):  # 3 batches: rank 0 runs two of them through both layers, rank 1 the third
+        assert re.search(rf"calibration \[rank {rank}/2\]: 100%\|[^|]*\| 2/2 ", stderr["two"])
+    assert "calibration:" not in stderr["one"]  # no bar: gathered once by the two processes, then reused
+    (statistics,) = tmp_path.glob(".moe-compress-statistics-*")
     assert len(list((statistics / "units").glob("*.safetensors"))) == 2
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     coverage = json.loads((tmp_path / "two" / "compression_report.json").read_text())["coverage"]
     assert all(sum(tokens) == 6 * 16 * 2 for tokens in coverage.values())
+    compress_checkpoint(tmp_path / "src", tmp_path / "alone" / "out", mc.CompressionConfig(**CONFIG),
+                        calibration=CALIBRATION, progress=False)  # one process gathering the statistics alone
+    (alone,) = (tmp_path / "alone").glob(".moe-compress-statistics-*")
+    for name in ("model.layers.0.mlp.experts", "model.layers.1.mlp.experts"):
+        summed, single = (load_statistics(Manifest(folder), name) for folder in (statistics, alone))
+        assert torch.equal(summed.tokens, single.tokens)
+        for a, b in ((summed.inputs, single.inputs), (summed.intermediate, single.intermediate)):
+            scale = b.diagonal(dim1=1, dim2=2).amax(-1)[:, None, None]
+            assert ((a - b).abs() <= 2**-7 * scale).all()  # fp32 sums in another order: one bf16 step apart at most
 
 
 def test_share_gives_each_rank_a_contiguous_block_and_every_unit_once():

@@ -9,6 +9,9 @@ activations, are read from the checkpoint as the fits read them.
 Each experts module's statistics are saved atomically, with their checksums, in a folder of their own: a crash
 resumes from the first layer not saved, and a compression of the same model on the same calibration data at another
 size reuses them without calibrating again.
+
+Under torchrun the pass is data-parallel: every process runs its share of the batches through the layers, and since
+the statistics are sums over tokens, an all-reduce after each layer gives every process the whole; rank 0 saves them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -66,10 +70,20 @@ def load_statistics(manifest: Manifest, name: str) -> ExpertGrams:
     return ExpertGrams.from_state(load_file(manifest.path(name)))
 
 
+def _sum_over_ranks(stats: ExpertGrams, device: str) -> None:
+    """Each process's statistics replaced by their sum over all processes."""
+    for total in (stats.tokens, stats.inputs, stats.intermediate):
+        on_device = total.to(device)  # nccl reduces GPU tensors only
+        dist.all_reduce(on_device)
+        total.copy_(on_device)
+
+
 def gather_statistics(checkpoint, read_gate_up, batches: list[torch.Tensor], folder: Path, device: str,
                       trust_remote_code: bool = False, progress: bool = True) -> Manifest:
     """Every experts module's statistics in `folder` (a Manifest of units named by module); those already there and
-    verified are kept. `read_gate_up(experts_on_disk)` reads a module's gate and up weights from the checkpoint."""
+    verified are kept. `read_gate_up(experts_on_disk)` reads a module's gate and up weights from the checkpoint.
+    Under torch.distributed every process calls it, with the same batches: each runs its share of them."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     manifest = Manifest(folder)
     names = [experts.name for experts in checkpoint.experts]
     done = manifest.done(names)
@@ -79,13 +93,17 @@ def gather_statistics(checkpoint, read_gate_up, batches: list[torch.Tensor], fol
     on_disk = {experts.name: experts for experts in checkpoint.experts}
     with tempfile.TemporaryDirectory(dir=folder, prefix="offload-") as offload:
         model = offloaded_model(checkpoint.folder, checkpoint.model, Path(offload), device, trust_remote_code)
-        inputs = capture(model, batches)
-        for index in tqdm(range(len(inputs.layers)), desc="calibration", unit="layer", disable=not progress):
+        inputs = capture(model, batches[rank::world])
+        desc = "calibration" if world == 1 else f"calibration [rank {rank}/{world}]"
+        for index in tqdm(range(len(inputs.layers)), desc=desc, unit="layer", disable=not progress):
             names = [n for n in inputs.experts_of(index, model) if n not in done]
             grams = {n: ExpertGrams(model.get_submodule(n), split_weights(read_gate_up(on_disk[n]))) for n in names}
             with observing(model, grams):
                 outputs = inputs.run(index)
             for name, stats in grams.items():
-                manifest.save(name, stats.state(), {"tokens": int(stats.tokens.sum())})
+                if world > 1:
+                    _sum_over_ranks(stats, device)
+                if rank == 0:
+                    manifest.save(name, stats.state(), {"tokens": int(stats.tokens.sum())})
             inputs.advance(index, outputs)
     return manifest

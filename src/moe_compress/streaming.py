@@ -335,20 +335,18 @@ def calibration_token_ids(folder: Path, config: CompressionConfig,
 
 
 def _statistics(checkpoint: Checkpoint, token_ids: torch.Tensor, config: CompressionConfig, output_dir: Path,
-                device: torch.device, trust_remote_code: bool, progress: bool, is_main: bool) -> Manifest:
-    """The calibration statistics of every experts module, gathered by the main process (or found saved)."""
+                device: torch.device, trust_remote_code: bool, progress: bool) -> Manifest:
+    """The calibration statistics of every experts module, gathered by every process on its share (or found saved)."""
     if config.calibration.propagate != "original":
         raise ValueError("compressing a checkpoint folder gathers its statistics on the original layers' outputs; "
                          "set compression.calibration.propagate=original, or compress the loaded model with "
                          "moe_compress.compress(model, config, calibration)")
     source = {k: v for k, v in _settings(checkpoint, config).items() if k != "compression"}
     folder = statistics_dir(output_dir, source, dataclasses.asdict(config.calibration), token_ids)
-    if is_main:
-        inputs_side = lambda module: [p for p in projection_names(module) if p != "down"]  # up alone when gate-less
-        read = lambda experts: read_experts(checkpoint, experts,
-                                            _params_of(experts.module, inputs_side(experts.module)))
-        gather_statistics(checkpoint, read, list(token_ids.split(config.calibration.batch_size)), folder,
-                          str(device), trust_remote_code, progress)
+    inputs_side = lambda module: [p for p in projection_names(module) if p != "down"]  # up alone when gate-less
+    read = lambda experts: read_experts(checkpoint, experts, _params_of(experts.module, inputs_side(experts.module)))
+    gather_statistics(checkpoint, read, list(token_ids.split(config.calibration.batch_size)), folder, str(device),
+                      trust_remote_code, progress)  # every process: each gathers on its share of the batches
     barrier()
     return Manifest(folder)
 
@@ -375,7 +373,7 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
     token_ids = calibration_token_ids(checkpoint.folder, config, calibration)
     with distributed(device) as ranks:
         statistics = None if token_ids is None else _statistics(
-            checkpoint, token_ids, config, output_dir, device, trust_remote_code, progress, ranks.is_main)
+            checkpoint, token_ids, config, output_dir, device, trust_remote_code, progress)
         if ranks.is_main:
             open_work_dir(work, _settings(checkpoint, config), overwrite)
         barrier()
