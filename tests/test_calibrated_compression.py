@@ -4,6 +4,7 @@ coverage report, and the command line."""
 
 import copy
 import dataclasses
+import itertools
 import json
 import subprocess
 import sys
@@ -17,9 +18,12 @@ from moe_compress import fit
 from moe_compress.calibration import observe
 from moe_compress.calibration_stats import ExpertGrams
 from moe_compress.compress import fit_into
+from moe_compress.data import DataConfig, calibration_sequences
 from moe_compress.discovery import find_experts, split_weights
 from moe_compress.layerwise import load_statistics
 from moe_compress.parallel import Manifest
+from moe_compress.streaming import load_tokenizer
+from moe_compress.testbed import TESTBEDS
 
 VOCAB = 128
 
@@ -159,3 +163,18 @@ def test_the_command_calibrates_on_the_testbed_corpus(tmp_path):
     assert report["config"]["calibration"]["source"] == "testbed"
     assert all(sum(tokens) == 8 * 64 * 2 for tokens in report["coverage"].values())  # top-2 of 8 experts
     assert all(row["output_error"] is not None for row in report["rows"])
+
+
+def test_calibration_windows_of_local_text_are_spread_over_its_training_part_and_apart(tmp_path):
+    lines = [f"line {i:04d}: the quick brown fox jumps over the lazy dog\n" for i in range(400)]
+    (tmp_path / "corpus.txt").write_text("".join(lines))
+    train = "".join(lines[:360])  # the last tenth is held out
+    tokenizer = load_tokenizer(TESTBEDS["testbed"], "the testbed has its tokenizer")
+    config = DataConfig(source=str(tmp_path / "corpus.txt"), seq_len=64)
+    windows = calibration_sequences(config, tokenizer, 8)
+    assert windows.shape == (8, 64) and windows.dtype == torch.long
+    places = [train.index(tokenizer.decode(window)) for window in windows.tolist()]  # each one is training text
+    assert places == sorted(places) and all(b - a >= 64 for a, b in itertools.pairwise(places))  # apart
+    assert places[0] < len(train) / 8 <= places[1] and places[-1] >= len(train) * 7 / 8 - 64  # spread evenly
+    with pytest.raises(ValueError, match="fewer than 400 sequences of 64 tokens apart from one another"):
+        calibration_sequences(config, tokenizer, 400)
