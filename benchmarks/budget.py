@@ -5,18 +5,27 @@ data-free rows for reference): each form (als's wrapper, delta, basis) with unif
 allocation, and delta with 2 and 4 cores (k-means groups). Held-out loss increase over the original on the
 validation split, the kept fraction each run really stores (integer ranks leave some of the budget unspent), the
 weight-space relative error and the fit time (one run each: the fits are deterministic).
+
+Fit time at real scale (`python -m benchmarks.budget --fit-times`, stored beside): each projection shape of
+Qwen3-30B-A3B (128 experts; gate/up 768 x 2048, down 2048 x 768) fitted by delta and basis in a calibrated metric, at
+the storage of wrapper rank 16, on the synthetic experts and metrics of §2, in one fresh process; CPU seconds.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import sys
 import time
+from pathlib import Path
 
-from benchmarks.common import table
+from benchmarks.common import in_fresh_process, machine, table
+from benchmarks.fit_speed import clock, synthetic_experts, synthetic_metrics
 from benchmarks.quality import TESTBED_NAMES, testbed_setting
 from moe_compress import CompressionConfig, compress
-from moe_compress.compress import RankTooLargeError
+from moe_compress import fit
+from moe_compress.compress import RankTooLargeError, max_rank, stored_params
 
 RUNS = [  # (method, rank allocation, cores, calibrated)
     ("als", "uniform", 1, True), ("als", "global", 1, True),
@@ -30,6 +39,33 @@ RUNS = [  # (method, rank allocation, cores, calibrated)
 FULL = dict(ratios=(0.3, 0.5), runs=RUNS, calibration_sequences=64, max_tokens=None)
 QUICK = dict(ratios=(0.3,), runs=[("delta", "global", 1, True), ("basis", "uniform", 1, False),
                                   ("delta", "uniform", 2, False)], calibration_sequences=4, max_tokens=4096)
+
+
+FIT_TIMES = dict(experts=128, shapes={"gate/up": (768, 2048, "up"), "down": (2048, 768, "down")}, rank=16,
+                 tokens=(256, 4096), iters=3)
+QUICK_FIT_TIMES = dict(experts=8, shapes={"gate/up": (24, 40, "up"), "down": (40, 24, "down")}, rank=2,
+                       tokens=(16, 128), iters=2)
+
+
+def fit_times(settings: dict) -> list[dict]:
+    """Seconds (this process's CPU time, or wall time on a GPU) and metric error of delta and basis on each shape."""
+    rows = []
+    E, rank = settings["experts"], settings["rank"]
+    for name, (out_f, in_f, projection) in settings["shapes"].items():
+        W = synthetic_experts({"experts": E, "out": out_f, "inp": in_f})
+        M = synthetic_metrics(E, in_f, settings["tokens"])
+        width = max_rank(E, out_f, in_f, stored_params(E, out_f, in_f, rank), "basis", projection)
+        for form, fitted in (("delta", lambda: fit.fit_delta(W, rank, settings["iters"], metric=M)),
+                             ("basis", lambda: fit.fit_basis(W, width, "out" if projection == "down" else "in",
+                                                             settings["iters"], metric=M))):
+            start = clock()
+            factors = fitted()
+            seconds = clock() - start
+            W_hat = factors["core"] + factors["u"] @ factors["v"].mT
+            rows.append({"shape": f"{name} {out_f} x {in_f}", "form": form,
+                         "width": 2 * rank if form == "delta" else width, "seconds": seconds,
+                         "metric_error": fit.relative_error(W, W_hat, M)})
+    return rows
 
 
 def label(method: str, allocation: str, cores: int, calibrated: bool) -> str:
@@ -92,6 +128,15 @@ def findings(result: dict) -> str:
     return "\n".join(lines)
 
 
+def fit_times_markdown(part: dict) -> str:
+    meta = part["meta"]
+    return (f"Fit time at Qwen3-30B-A3B's shapes, calibrated (module docstring). Machine: {meta['machine']}. Command: "
+            f"`{meta['command']}` ({meta['seconds']:.0f} s, {meta['date']}).\n\n"
+            + table(["projection", "form", "columns per expert (delta 2r) / basis width k", "seconds", "metric error"],
+                    [[r["shape"], r["form"], r["width"], f"{r['seconds']:.1f}", f"{r['metric_error']:.4f}"]
+                     for r in part["rows"]]))
+
+
 def markdown(result: dict) -> str:
     parts = [
         "Held-out loss increase (nats/byte) over the original on the validation split; `kept` is what each run really "
@@ -102,6 +147,7 @@ def markdown(result: dict) -> str:
         findings(result),
         "",
         "![loss increase of each run, both testbeds](benchmarks/budget.png)",
+        *(["", fit_times_markdown(result["fit_times"])] if "fit_times" in result else []),
     ]
     for name, found in result["testbeds"].items():
         parts += ["", f"**{TESTBED_NAMES[name]}** (original {found['original_loss']:.4f} nats/byte)", ""]
@@ -131,3 +177,28 @@ def plot(result: dict, path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fit-times", action="store_true", help="run only the fit-time part and store it in "
+                        "benchmarks/results/budget.json beside the quality runs")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, printed, not stored")
+    args = parser.parse_args()
+    if not args.fit_times:
+        print(markdown(run(args.quick)))
+        return
+    started = time.time()
+    part = {"rows": in_fresh_process(fit_times, QUICK_FIT_TIMES if args.quick else FIT_TIMES)}
+    part["meta"] = {"machine": machine(), "seconds": time.time() - started, "date": time.strftime("%Y-%m-%d"),
+                    "command": "python -m benchmarks.budget --fit-times"}
+    if not args.quick:
+        path = Path(__file__).parent / "results" / "budget.json"
+        result = json.loads(path.read_text())
+        result["fit_times"] = part
+        path.write_text(json.dumps(result, indent=1, default=str))
+    print(fit_times_markdown(part))
+
+
+if __name__ == "__main__":
+    main()

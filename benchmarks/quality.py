@@ -2,12 +2,14 @@
 
 The upcycled testbed (8 experts copied from one dense MLP, then trained apart) and the fine-grained one (32 narrow
 experts trained from scratch, as Qwen3-MoE, OLMoE, DeepSeek and GPT-OSS are). At each kept fraction of expert
-parameters: each method of `compress` (seed `adam` at its specified steps, the default `als`, `delta`), data-free and,
-for `als` and `delta`, calibrated (fits in the metric of each expert's routed inputs), per-expert truncated SVD at the
-same storage, and the peers: REAP expert pruning and HC-SMoE expert merging (moe_compress.peers), which keep
-floor(kept * E) experts. Calibrated methods and peers read the same windows of the training split. Mean-only (every expert = the mean)
-is one point, at kept 1/E. Figures: held-out loss in nats per byte on the validation split and its increase over the
-original, relative reconstruction error of the expert weights where a method has one, fit time (median).
+parameters: each method of `compress` (seed `adam` at its specified steps, `als`'s wrapper, `delta`, the shared
+`basis`), data-free and, for als, delta and basis, calibrated (fits in the metric of each expert's routed inputs),
+all with the default global rank allocation; per-expert truncated SVD at the same storage; and the peers: REAP expert
+pruning and HC-SMoE expert merging (moe_compress.peers), which keep floor(kept * E) experts. Calibrated methods and
+peers read the same windows of the training split. Mean-only (every expert = the mean) is one point, at kept 1/E.
+The default, method=auto, is basis with calibration data and delta without. Figures: held-out loss in nats per byte
+on the validation split and its increase over the original, relative reconstruction error of the expert weights
+where a method has one, fit time (median).
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ from moe_compress.testbed import TESTBEDS, heldout_loss, load_testbed, read_spli
 
 TESTBED_NAMES = {"testbed": "upcycled testbed (8 experts of width 256, top-2)",
                  "testbed_fine": "fine-grained testbed, trained from scratch (32 experts of width 64, top-4)"}
-FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta"), calibrated=("als", "delta"),
-            repeats=3, adam_repeats=1, max_tokens=None, calibration_sequences=64)
-QUICK = dict(ratios=(0.3,), methods=("als", "delta"), calibrated=("delta",), repeats=1, adam_repeats=1,
+FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta", "basis"),
+            calibrated=("als", "delta", "basis"), repeats=3, adam_repeats=1, max_tokens=None, calibration_sequences=64)
+QUICK = dict(ratios=(0.3,), methods=("als", "delta", "basis"), calibrated=("basis",), repeats=1, adam_repeats=1,
              max_tokens=4096, calibration_sequences=4, adam_steps=5, polish_steps=5)
 CALIBRATION_LEN = 256
 PEERS = {"reap": prune_experts, "hc-smoe": merge_experts}
-LABELS = {"adam": "seed adam", "als": "default (als)", "delta": "delta (C + UV^T)", "reap": "REAP pruning",
-          "hc-smoe": "HC-SMoE merging", "als+calibration": "default (als), calibrated",
-          "delta+calibration": "delta, calibrated"}
+LABELS = {"adam": "seed adam", "als": "als (wrapper)", "delta": "delta (C + U_e V_e^T), the default without data",
+          "basis": "basis (C + U_e V^T)", "reap": "REAP pruning", "hc-smoe": "HC-SMoE merging",
+          "als+calibration": "als (wrapper), calibrated", "delta+calibration": "delta, calibrated",
+          "basis+calibration": "basis, calibrated: the default with data"}
 
 
 def replace_experts(model, transform) -> tuple[torch.nn.Module, float]:

@@ -51,7 +51,7 @@ def test_seed_gives_identical_results():
 
 
 def test_target_ratio_picks_the_largest_rank_that_fits():
-    config = mc.CompressionConfig(target_ratio=0.5)
+    config = mc.CompressionConfig(target_ratio=0.5, method="als")
     rank = choose_rank(config, "down", 8, 64, 32)
     original = 8 * 64 * 32
     assert stored_params(8, 64, 32, rank) <= 0.5 * original < stored_params(8, 64, 32, rank + 1)
@@ -103,3 +103,12 @@ def test_bfloat16_model_stays_bfloat16():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.isfinite(model(token_ids()).logits).all()
+
+
+def test_the_default_method_is_basis_with_calibration_data_and_delta_without():
+    assert mc.CompressionConfig(rank=2).method == "auto"
+    data_free = mc.compress(tiny_model(), mc.CompressionConfig(rank=2), progress=False)
+    ids = torch.randint(0, tiny_model().config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    calibrated = mc.compress(tiny_model(), mc.CompressionConfig(rank=2), calibration=ids, progress=False)
+    assert (data_free.config.method, calibrated.config.method) == ("delta", "basis")
+    assert mc.CompressionConfig(rank=2, num_cores=2).for_data(True).method == "delta"  # basis has one core

@@ -25,11 +25,11 @@ from moe_compress.calibration import Calibration, observing, token_batches
 from moe_compress.calibration_stats import ExpertGrams, Regularisation
 from moe_compress.discovery import find_experts, projection_names, split_weights
 from moe_compress.checkpoint import attach_quantization_config
-from moe_compress.experts import PROJECTION_FORMS, SharedCoreExperts, basis_side
+from moe_compress.experts import PROJECTION_FORMS, SharedCoreExperts
 from moe_compress.grouping import expert_features, kmeans
 from moe_compress.sequential import capture
 
-METHODS = ("als", "adam", "delta", "basis")
+METHODS = ("auto", "als", "adam", "delta", "basis")
 ALLOCATIONS = ("global", "uniform")
 PROJECTIONS = ("gate", "up", "down")
 PROPAGATION = ("compressed", "original")
@@ -71,12 +71,13 @@ class CompressionConfig:
     """How to compress. Give `rank` (per projection overrides in `ranks`) or `target_ratio`, the kept fraction of
     expert parameters. With target_ratio, rank_allocation="global" (its default) spends that budget over the whole
     model where it lowers the error most (allocation.py); "uniform" takes the largest rank that fits in every
-    projection alike. `method="basis"` fits the shared-basis form (rank = its basis width k)."""
+    projection alike. `method="basis"` fits the shared-basis form (rank = its basis width k); "auto" (the default) is
+    basis with calibration data and delta without, the best measured on both testbeds (BENCHMARKS §9)."""
 
     rank: Optional[int] = None
     target_ratio: Optional[float] = None
     ranks: Optional[dict[str, int]] = None
-    method: str = "als"
+    method: str = "auto"
     als_iters: int = 3
     als_tol: float = 0.0  # stop ALS early when a round improves the objective by less than this, relatively
     polish_steps: int = 0  # Adam steps after als, data-free: at Qwen3-30B-A3B's shape 100 cost 4x the fit for 0.3%
@@ -123,7 +124,18 @@ class CompressionConfig:
 
     @property
     def form(self) -> str:
+        if self.method == "auto":
+            raise ValueError("method=auto has no form until it knows whether there is calibration data; "
+                             "use config.for_data(calibrated)")
         return self.method if self.method in ("delta", "basis") else "wrapped"
+
+    def for_data(self, calibrated: bool) -> CompressionConfig:
+        """This config with method=auto made concrete: basis when the fits have calibration statistics, delta when
+        they are data-free (several cores: delta, the basis form has one core)."""
+        if self.method != "auto":
+            return self
+        method = "basis" if calibrated and self.num_cores == 1 else "delta"
+        return dataclasses.replace(self, method=method)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -259,12 +271,13 @@ class CompressionReport:
 
 
 def fit_projection(W: torch.Tensor, rank: int, config: CompressionConfig, metric: Optional[torch.Tensor] = None,
-                   projection: str = "up") -> dict[str, torch.Tensor]:
-    """The fitted factors of the projection named `projection`, W [E, out, in] in fp32 on the fit device; in the
-    metric M [E, in, in] of the experts' routed inputs when given (the Adam polish, which minimises the weight error,
-    is then left out)."""
+                   shared: str = "in") -> dict[str, torch.Tensor]:
+    """The fitted factors of one projection, W [E, out, in] in fp32 on the fit device; in the metric M [E, in, in] of
+    the experts' routed inputs when given (the Adam polish, which minimises the weight error, is then left out).
+    `shared` is the side whose basis the basis form shares."""
+    config = config.for_data(metric is not None)
     if config.method == "basis":
-        return fit.fit_basis(W, rank, basis_side(projection), max(1, config.als_iters), metric=metric)
+        return fit.fit_basis(W, rank, shared, max(1, config.als_iters), metric=metric)
     if config.method == "delta":
         return fit.fit_delta(W, rank, max(1, config.als_iters), metric=metric)
     if config.method == "adam":
@@ -311,15 +324,15 @@ def expert_groups(W: torch.Tensor, num_cores: int, seed: int, metric: Optional[t
 
 
 def fit_grouped(W: torch.Tensor, rank: int, config: CompressionConfig, metric: Optional[torch.Tensor],
-                projection: str, groups: torch.Tensor) -> dict[str, torch.Tensor]:
+                groups: torch.Tensor, shared: str = "in") -> dict[str, torch.Tensor]:
     """One fit per group of experts, each with its own core: cores [G, out, in], factors back in expert order."""
     if not groups.any():  # one group: the fit as it is (a shared basis has no expert index to scatter by)
-        return fit_projection(W, rank, config, metric, projection)
+        return fit_projection(W, rank, config, metric, shared)
     parts = []
     for g in range(int(groups.max()) + 1):
         members = groups == g
         parts.append((members, fit_projection(W[members], rank, config, None if metric is None else metric[members],
-                                              projection)))
+                                              shared)))
     factors = {"core": torch.cat([fitted["core"] for _, fitted in parts])}
     for key in parts[0][1].keys() - {"core"}:
         factors[key] = W.new_empty(W.shape[0], *parts[0][1][key].shape[1:])
@@ -329,14 +342,15 @@ def fit_grouped(W: torch.Tensor, rank: int, config: CompressionConfig, metric: O
 
 
 def fit_into(proj: nn.Module, W: torch.Tensor, bias: Optional[torch.Tensor], config: CompressionConfig,
-             device: torch.device, metric: Optional[torch.Tensor] = None,
-             projection: str = "up") -> tuple[float, Optional[float]]:
-    """Fit W [E, out, in] (on `device`, in fp32) into the projection module `proj` (named `projection`), in place;
-    its relative error, and its relative error in the metric M [E, in, in] when given."""
+             device: torch.device, metric: Optional[torch.Tensor] = None) -> tuple[float, Optional[float]]:
+    """Fit W [E, out, in] (on `device`, in fp32) into the projection module `proj`, in place; its relative error, and
+    its relative error in the metric M [E, in, in] when given. With method=auto, the form of `proj` decides."""
+    if config.method == "auto":
+        config = dataclasses.replace(config, method="als" if proj.form == "wrapped" else proj.form)
     W = W.to(device, torch.float32)
     metric = None if metric is None else metric.to(device)
     groups = expert_groups(W, proj.core.shape[0], config.seed, metric)
-    factors = fit_grouped(W, proj.rank, config, metric, projection, groups)
+    factors = fit_grouped(W, proj.rank, config, metric, groups, getattr(proj, "shared", "in"))
     with torch.no_grad():
         proj.expert_core.copy_(groups)
         for key, value in factors.items():
@@ -357,7 +371,7 @@ def compress_module(model: nn.Module, name: str, spec: dict, config: Compression
         proj = shared.projections[proj_name]
         start = time.perf_counter()
         metric = None if grams is None else grams.metric(proj_name, config.calibration.regularisation)
-        error, output_error = fit_into(proj, W.detach(), bias, config, device, metric, proj_name)
+        error, output_error = fit_into(proj, W.detach(), bias, config, device, metric)
         E, out_f, in_f = W.shape
         report.rows.append(ProjectionStats(
             name, proj_name, E, (out_f, in_f), proj.rank, error, E * out_f * in_f,
@@ -465,6 +479,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[
 
     `calibration`, token ids [N, L] (or an iterable of such batches), makes every fit minimise the error on the
     inputs each expert is routed in them (config.calibration says how the statistics are regularised)."""
+    config = config.for_data(calibration is not None)
     specs = plan(model, config)
     if config.rank_allocation == "global":
         if calibration is not None and not isinstance(calibration, torch.Tensor):

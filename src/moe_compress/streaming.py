@@ -229,7 +229,7 @@ def fit_unit(W: torch.Tensor, bias: torch.Tensor | None, rank: int, config: Comp
     in the calibrated metric M [E, in, in] when given; W: [E, out, in]."""
     proj = make_projection(config.form, projection, *W.shape, rank, config.num_cores, bias is not None,
                            dtype=W.dtype, device=device)
-    error, output_error = fit_into(proj, W, bias, config, device, metric, projection)
+    error, output_error = fit_into(proj, W, bias, config, device, metric)
     return {key: value.cpu() for key, value in proj.state_dict().items()}, error, output_error
 
 
@@ -362,6 +362,7 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
     layer by layer with the layers offloaded to disk (layerwise.py), and every fit minimises the error on the inputs
     its experts are routed; the statistics are kept beside output_dir for compressions at other sizes."""
     checkpoint = open_checkpoint(source, trust_remote_code)
+    config = config.for_data(calibration is not None or config.calibration.source is not None)
     specs = plan(checkpoint, config)
     output_dir = Path(output_dir)
     if output_dir.resolve() == checkpoint.folder.resolve():
