@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.common import in_fresh_process, machine, table
+from benchmarks.common import in_fresh_process, stored_part, table
 from benchmarks.fit_speed import clock, synthetic_experts, synthetic_metrics
 from benchmarks.quality import TESTBED_NAMES, testbed_setting
 from moe_compress import CompressionConfig, compress
@@ -188,15 +186,9 @@ def main() -> None:
     if not args.fit_times:
         print(markdown(run(args.quick)))
         return
-    started = time.time()
-    part = {"rows": in_fresh_process(fit_times, QUICK_FIT_TIMES if args.quick else FIT_TIMES)}
-    part["meta"] = {"machine": machine(), "seconds": time.time() - started, "date": time.strftime("%Y-%m-%d"),
-                    "command": "python -m benchmarks.budget --fit-times"}
-    if not args.quick:
-        path = Path(__file__).parent / "results" / "budget.json"
-        result = json.loads(path.read_text())
-        result["fit_times"] = part
-        path.write_text(json.dumps(result, indent=1, default=str))
+    settings = QUICK_FIT_TIMES if args.quick else FIT_TIMES
+    part = stored_part("budget", "fit_times", "python -m benchmarks.budget --fit-times",
+                       lambda: {"rows": in_fresh_process(fit_times, settings)}, store=not args.quick)
     print(fit_times_markdown(part))
 
 

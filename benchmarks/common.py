@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 import os
 import platform
 import resource
@@ -76,3 +78,18 @@ def plot_to(path, title: str, xlabel: str, ylabel: str, title_size: str | float 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def stored_part(section: str, key: str, command: str, fn: Callable[[], dict], store: bool) -> dict:
+    """A part of a section run on its own: fn()'s result with its meta (machine, time, command), stored under `key`
+    in benchmarks/results/<section>.json beside the section's other figures when `store`."""
+    started = time.time()
+    part = fn()
+    part["meta"] = {"machine": machine(), "seconds": time.time() - started, "date": time.strftime("%Y-%m-%d"),
+                    "command": command}
+    if store:
+        path = Path(__file__).parent / "results" / f"{section}.json"
+        result = json.loads(path.read_text())
+        result[key] = part
+        path.write_text(json.dumps(result, indent=1, default=str))
+    return part

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import in_fresh_process, machine, peak_rss_mib, plot_to, table
+from benchmarks.common import in_fresh_process, peak_rss_mib, plot_to, stored_part, table
 from moe_compress import fit
 from moe_compress.experts import wrapped_weights
 
@@ -285,15 +283,8 @@ def main() -> None:
     if not args.whitened:
         print(markdown(run(args.quick)))
         return
-    started = time.time()
-    part = run_whitened(args.quick)
-    part["meta"] = {"machine": machine(), "seconds": time.time() - started, "date": time.strftime("%Y-%m-%d"),
-                    "command": "python -m benchmarks.fit_speed --whitened"}
-    if not args.quick:
-        path = Path(__file__).parent / "results" / "fit_speed.json"
-        result = json.loads(path.read_text())
-        result["whitened"] = part
-        path.write_text(json.dumps(result, indent=1, default=str))
+    part = stored_part("fit_speed", "whitened", "python -m benchmarks.fit_speed --whitened",
+                       lambda: run_whitened(args.quick), store=not args.quick)
     print(markdown_whitened(part))
 
 
