@@ -112,3 +112,14 @@ def test_the_default_method_is_basis_with_calibration_data_and_delta_without():
     calibrated = mc.compress(tiny_model(), mc.CompressionConfig(rank=2), calibration=ids, progress=False)
     assert (data_free.config.method, calibrated.config.method) == ("delta", "basis")
     assert mc.CompressionConfig(rank=2, num_cores=2).for_data(True).method == "delta"  # basis has one core
+
+
+def test_a_rank_means_the_same_storage_in_every_form():
+    stored = {}
+    for method in ("als", "delta", "basis"):
+        report = mc.compress(tiny_model("qwen3_moe"), mc.CompressionConfig(rank=2, method=method), progress=False)
+        stored[method] = report.params_after
+    assert stored["als"] == stored["delta"]
+    assert 0.9 * stored["als"] < stored["basis"] <= stored["als"]  # the widest basis that stores no more
+    with pytest.raises(mc.RankTooLargeError, match="use rank <= "):
+        mc.compress(tiny_model("qwen3_moe"), mc.CompressionConfig(rank=40, method="basis"), progress=False)

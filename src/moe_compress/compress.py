@@ -71,7 +71,7 @@ class CompressionConfig:
     """How to compress. Give `rank` (per projection overrides in `ranks`) or `target_ratio`, the kept fraction of
     expert parameters. With target_ratio, rank_allocation="global" (its default) spends that budget over the whole
     model where it lowers the error most (allocation.py); "uniform" takes the largest rank that fits in every
-    projection alike. `method="basis"` fits the shared-basis form (rank = its basis width k); "auto" (the default) is
+    projection alike. `method="basis"` fits the shared-basis form (rank r: the width k that stores as much); "auto" (the default) is
     basis with calibration data and delta without, the best measured on both testbeds (BENCHMARKS §9)."""
 
     rank: Optional[int] = None
@@ -167,6 +167,8 @@ def rank_limit(config: CompressionConfig, projection: str, num_experts: int, out
 
 
 def choose_rank(config: CompressionConfig, projection: str, num_experts: int, out_f: int, in_f: int) -> int:
+    """The rank of one projection: from target_ratio, or the given rank. A rank r means the storage of rank r in every
+    form: the basis form gets the width k that stores as much (r and k are both checked against the original)."""
     original = num_experts * out_f * in_f
     shape = f"E={num_experts}, {out_f}x{in_f}"
     if config.num_cores > num_experts:
@@ -174,6 +176,13 @@ def choose_rank(config: CompressionConfig, projection: str, num_experts: int, ou
                          f"num_cores <= {num_experts}")
     limit = rank_limit(config, projection, num_experts, out_f, in_f)
     rank = (config.ranks or {}).get(projection, config.rank)
+    if rank is not None and config.form == "basis":
+        wrapped = dataclasses.replace(config, method="als")
+        if rank > rank_limit(wrapped, projection, num_experts, out_f, in_f):
+            limit = rank_limit(wrapped, projection, num_experts, out_f, in_f)
+        else:
+            stored = stored_params(num_experts, out_f, in_f, rank, config.num_cores)
+            rank = max_rank(num_experts, out_f, in_f, stored, "basis", projection, config.num_cores)
     if rank is None:
         rank = max_rank(num_experts, out_f, in_f, config.target_ratio * original, config.form, projection,
                         config.num_cores)
