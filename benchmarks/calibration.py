@@ -114,11 +114,11 @@ def memory_note(m: dict) -> str:
     E, H, F = m["experts"], m["hidden"], m["width"]
     gram_mib = 4 * E * (H * H + F * F) / 2**20
     saved_mib = 2 * E * (H * (H + 1) + F * (F + 1)) / 2 / 2**20
-    layers = rows[-1]["layers"] - rows[0]["layers"]
-    slope, free_slope = (peaks[-1] - peaks[0]) / layers, (free[-1] - free[0]) / layers
-    if abs(change) < 0.1:
+    if abs(change) < 0.1:  # one checkpoint alone (the smoke run) is flat too
         verdict = f"stays flat ({peaks[0]:,.0f} -> {peaks[-1]:,.0f} MiB)"
     else:
+        layers = rows[-1]["layers"] - rows[0]["layers"]
+        slope, free_slope = (peaks[-1] - peaks[0]) / layers, (free[-1] - free[0]) / layers
         verdict = (f"grows by {change:+.0%} ({peaks[0]:,.0f} -> {peaks[-1]:,.0f} MiB, {slope:.1f} MiB a layer "
                    f"against {free_slope:.1f} for data-free)")
     return (f"The calibrated peak {verdict} while the checkpoint grows {grown:.0f}x "
