@@ -8,7 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import budget, calibration, distillation, fit_speed, inference, param_count, quality, startup, streaming
+from benchmarks import (budget, calibration, distillation, fit_speed, inference, param_count, quality, startup,
+                        streaming, vllm_serving)
 from benchmarks.common import machine
 
 
@@ -22,6 +23,7 @@ SECTIONS = {
     "startup": (startup, "7. Start-up cost of the loading hook"),
     "calibration": (calibration, "8. Cost of calibration, in memory and time"),
     "budget": (budget, "9. Where the budget goes: rank allocation, several cores, a shared basis"),
+    "vllm_serving": (vllm_serving, "10. Serving with vLLM: tokens per second, compressed against original"),
 }
 # the figures a section's own markdown does not embed
 FIGURES = {"fit_speed": "![error against fit time](benchmarks/fit_speed.png)",

