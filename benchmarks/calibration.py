@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import statistics
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import in_fresh_process, table
+from benchmarks.common import in_fresh_process, stored_part, table
 from benchmarks.streaming import MEMORY, QUICK_MEMORY, _compress_run, model_config, write_checkpoint
 from moe_compress import CompressionConfig
 from moe_compress.layerwise import load_statistics
@@ -26,9 +27,11 @@ from moe_compress.streaming import _statistics, calibration_token_ids, open_chec
 from moe_compress.testbed import TESTBEDS
 
 RANDOM_CALIBRATION = [8, 128]  # sequences, tokens
-TIME = dict(repeats=3, settings={"target_ratio": 0.3}, testbeds=tuple(TESTBEDS),
+# one method for both runs: the default (auto) fits the shared basis with calibration data and delta without, which
+# would time two methods, not the calibration
+TIME = dict(repeats=3, settings={"target_ratio": 0.3, "method": "delta"}, testbeds=tuple(TESTBEDS),
             calibration={"source": "testbed", "num_sequences": 64, "seq_len": 256})
-QUICK_TIME = dict(repeats=1, settings={"target_ratio": 0.3, "polish_steps": 5}, testbeds=("testbed",),
+QUICK_TIME = dict(repeats=1, settings={"target_ratio": 0.3, "method": "delta"}, testbeds=("testbed",),
                   calibration={"source": "testbed", "num_sequences": 4, "seq_len": 64})
 # §6 goes to 160 layers; calibrated, each layer costs ~7 s here (statistics of 128 experts with d = 1024, their
 # regularisation and the fits in that metric), so 120 keeps the whole section near 40 minutes on 2 shared cores
@@ -95,13 +98,17 @@ def stage_rows(setting: dict) -> dict:
     return rows
 
 
+def time_part(setting: dict) -> dict:
+    return {**setting, "rows": time_rows(setting), "stages": stage_rows(setting)}
+
+
 def run(quick: bool = False) -> dict:
     memory, timing = (QUICK_MEMORY, QUICK_TIME) if quick else (MEMORY, TIME)
     layers = QUICK_MEMORY_LAYERS if quick else MEMORY_LAYERS
     with tempfile.TemporaryDirectory(prefix="calibration-memory-") as folder:
         rows = [memory_row(Path(folder) / str(n), memory, n) for n in layers]
     return {"memory": {**memory, "layers": layers, "rows": rows},
-            "time": {**timing, "rows": time_rows(timing), "stages": stage_rows(timing)}}
+            "time": time_part(timing)}
 
 
 def memory_note(m: dict) -> str:
@@ -157,9 +164,10 @@ def time_note(t: dict) -> str:
             "data-free compression is only about a second of fits, so these fixed costs weigh heavily here and little "
             "at real sizes, where the fit of one experts module takes minutes; with the machine this loaded, a second "
             "either way moves the ratio by half. "
-            "Before this round (the whole training text tokenized, each offloaded layer read from disk once per "
-            "batch, the regularisation in fp64 over [E, d, d] at once) the ratio was 2.57x on testbed and 2.49x on "
-            "testbed_fine (one run each, under another load).")
+            "This round took out of the calibrated run 1.7 s of tokenizing (the whole training text, for 64 windows) "
+            "and 0.3 s of disk reads (each offloaded layer read once per batch); what remains over 2x is the forward "
+            "itself, the Grams (the down projection's need each expert's intermediate activations recomputed) and "
+            "the coverage plot.")
 
 
 def markdown(result: dict) -> str:
@@ -180,7 +188,9 @@ def markdown(result: dict) -> str:
         + table(["layers", "checkpoint MiB", "data-free peak RSS MiB", "calibrated peak RSS MiB", "data-free s",
                  "calibrated s"], memory_rows)
         + f"\n\n{memory_note(m)}"
-        + f"\n\n**Time** on the bundled testbeds (settings {t['settings']}, calibration {t['calibration']}): "
+        + (f"\n\n**Time**, rerun on its own with `{t['meta']['command']}` ({t['meta']['seconds']:.0f} s, "
+           f"{t['meta']['date']})," if "meta" in t else "\n\n**Time**")
+        + f" on the bundled testbeds (settings {t['settings']}, calibration {t['calibration']}): "
         f"compress_checkpoint in fresh processes with 1 torch thread, median of {t['repeats']} runs taken in turns; "
         "the stages of the calibrated run (calibration text to token ids, statistics pass, metrics for the fits) "
         f"timed on their own, median of {t['repeats']} fresh processes. Goal: at most 2x data-free.\n\n"
@@ -190,5 +200,21 @@ def markdown(result: dict) -> str:
     )
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--time", action="store_true", help="run only the time part and store it in "
+                        "benchmarks/results/calibration.json beside the memory runs")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, printed, not stored")
+    args = parser.parse_args()
+    if not args.time:
+        print(markdown(run(args.quick)))
+        return
+    part = stored_part("calibration", "time", "python -m benchmarks.calibration --time",
+                       lambda: time_part(QUICK_TIME if args.quick else TIME), store=not args.quick)
+    print(table(["testbed", "data-free s", "calibrated s", "calibrated / data-free"],
+                [[name, f"{r['data-free']:.1f}", f"{r['calibrated']:.1f}", f"{r['ratio']:.2f}x"]
+                 for name, r in part["rows"].items()]))
+
+
 if __name__ == "__main__":
-    print(markdown(run()))
+    main()
