@@ -105,13 +105,18 @@ def test_bfloat16_model_stays_bfloat16():
         assert torch.isfinite(model(token_ids()).logits).all()
 
 
-def test_the_default_method_is_basis_with_calibration_data_and_delta_without():
+def test_the_default_method_is_basis_with_calibration_data_at_large_sizes_and_delta_otherwise():
     assert mc.CompressionConfig(rank=2).method == "auto"
-    data_free = mc.compress(tiny_model(), mc.CompressionConfig(rank=2), progress=False)
     ids = torch.randint(0, tiny_model().config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
-    calibrated = mc.compress(tiny_model(), mc.CompressionConfig(rank=2), calibration=ids, progress=False)
-    assert (data_free.config.method, calibrated.config.method) == ("delta", "basis")
-    assert mc.CompressionConfig(rank=2, num_cores=2).for_data(True).method == "delta"  # basis has one core
+    chosen = {}
+    for ratio in (0.38, 0.6):  # 4 experts of 32 x 32: rank 1 takes 0.375
+        for calibration in (None, ids):
+            report = mc.compress(tiny_model(), mc.CompressionConfig(target_ratio=ratio), calibration=calibration,
+                                 progress=False)
+            chosen[ratio, calibration is not None] = report.config.method
+    assert chosen == {(0.38, False): "delta", (0.38, True): "delta", (0.6, False): "delta", (0.6, True): "basis"}
+    assert mc.CompressionConfig(rank=2).for_data(True).method == "delta"
+    assert mc.CompressionConfig(target_ratio=0.5, num_cores=2).for_data(True).method == "delta"  # one core in basis
 
 
 def test_a_rank_means_the_same_storage_in_every_form():

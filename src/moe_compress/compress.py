@@ -30,6 +30,9 @@ from moe_compress.grouping import expert_features, kmeans
 from moe_compress.sequential import capture
 
 METHODS = ("auto", "als", "adam", "delta", "basis")
+# method=auto fits the shared basis, with calibration data, from this kept fraction on: on both testbeds calibrated
+# delta is better at kept 0.2-0.3 (by 2-19%) and the basis at 0.5-0.75 (by 20-67%) (BENCHMARKS §1)
+BASIS_FROM = 0.4
 ALLOCATIONS = ("global", "uniform")
 PROJECTIONS = ("gate", "up", "down")
 PROPAGATION = ("compressed", "original")
@@ -71,8 +74,9 @@ class CompressionConfig:
     """How to compress. Give `rank` (per projection overrides in `ranks`) or `target_ratio`, the kept fraction of
     expert parameters. With target_ratio, rank_allocation="global" (its default) spends that budget over the whole
     model where it lowers the error most (allocation.py); "uniform" takes the largest rank that fits in every
-    projection alike. `method="basis"` fits the shared-basis form (rank r: the width k that stores as much); "auto" (the default) is
-    basis with calibration data and delta without, the best measured on both testbeds (BENCHMARKS §9)."""
+    projection alike. `method="basis"` fits the shared-basis form (rank r: the width k that stores as much); "auto"
+    (the default) is basis with calibration data and target_ratio >= 0.4, else delta: the best measured on both
+    testbeds (BENCHMARKS §1)."""
 
     rank: Optional[int] = None
     target_ratio: Optional[float] = None
@@ -130,11 +134,12 @@ class CompressionConfig:
         return self.method if self.method in ("delta", "basis") else "wrapped"
 
     def for_data(self, calibrated: bool) -> CompressionConfig:
-        """This config with method=auto made concrete: basis when the fits have calibration statistics, delta when
-        they are data-free (several cores: delta, the basis form has one core)."""
+        """This config with method=auto made concrete: basis when the fits have calibration statistics and keep at
+        least BASIS_FROM of the expert parameters, delta otherwise (and with several cores: the basis has one)."""
         if self.method != "auto":
             return self
-        method = "basis" if calibrated and self.num_cores == 1 else "delta"
+        large = self.target_ratio is not None and self.target_ratio >= BASIS_FROM
+        method = "basis" if calibrated and large and self.num_cores == 1 else "delta"
         return dataclasses.replace(self, method=method)
 
     def to_dict(self) -> dict:
