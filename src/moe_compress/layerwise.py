@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -87,6 +88,12 @@ def onloaded(layer: nn.Module) -> Iterator[None]:
 
 def load_statistics(manifest: Manifest, name: str) -> ExpertGrams:
     return ExpertGrams.from_state(load_file(manifest.path(name)))
+
+
+def load_token_counts(manifest: Manifest, name: str) -> list[int]:
+    """The calibration tokens routed to each expert of one module, without reading its Grams."""
+    with safe_open(manifest.path(name), "pt") as f:
+        return f.get_tensor("tokens").tolist()
 
 
 def _sum_over_ranks(stats: ExpertGrams, device: str) -> None:

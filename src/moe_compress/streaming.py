@@ -42,7 +42,7 @@ from moe_compress.allocation import Curve
 from moe_compress.compress import CompressionConfig, CompressionReport, ProjectionStats, allocate_ranks, choose_rank, \
     fit_into, module_curves, stored_params, warn_starved
 from moe_compress.data import DataConfig, calibration_sequences
-from moe_compress.layerwise import gather_statistics, load_statistics, statistics_dir
+from moe_compress.layerwise import gather_statistics, load_statistics, load_token_counts, statistics_dir
 from moe_compress.discovery import find_experts, projection_names, split_weights
 from moe_compress.experts import make_projection
 from moe_compress.parallel import Manifest, Ranks, barrier, distributed, fit_device, from_main, open_work_dir, share, \
@@ -509,7 +509,7 @@ def assemble(checkpoint: Checkpoint, specs: dict[str, dict], config: Compression
     error heat map. Built in the work folder and renamed into place."""
     report = _verified_report(config, specs, manifest)
     if statistics is not None:
-        report.coverage = {name: load_statistics(statistics, name).tokens.tolist() for name in specs}
+        report.coverage = {name: load_token_counts(statistics, name) for name in specs}
         warn_starved(report.coverage, {e.name: split_weights(e.module)["up"][0].shape[-1] for e in checkpoint.experts})
     staging = manifest.folder / "assembled"
     shutil.rmtree(staging, ignore_errors=True)
