@@ -13,12 +13,11 @@ the storage of wrapper rank 16, on the synthetic experts and metrics of §2, in 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
 
-from benchmarks.common import in_fresh_process, stored_part, table
+from benchmarks.common import in_fresh_process, part_cli, table
 from benchmarks.fit_speed import clock, synthetic_experts, synthetic_metrics
 from benchmarks.quality import TESTBED_NAMES, testbed_setting
 from moe_compress import CompressionConfig, compress
@@ -178,18 +177,9 @@ def plot(result: dict, path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fit-times", action="store_true", help="run only the fit-time part and store it in "
-                        "benchmarks/results/budget.json beside the quality runs")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, printed, not stored")
-    args = parser.parse_args()
-    if not args.fit_times:
-        print(markdown(run(args.quick)))
-        return
-    settings = QUICK_FIT_TIMES if args.quick else FIT_TIMES
-    part = stored_part("budget", "fit_times", "python -m benchmarks.budget --fit-times",
-                       lambda: {"rows": in_fresh_process(fit_times, settings)}, store=not args.quick)
-    print(fit_times_markdown(part))
+    part_cli(__doc__, "budget", "fit_times", run, markdown,
+             lambda quick: {"rows": in_fresh_process(fit_times, QUICK_FIT_TIMES if quick else FIT_TIMES)},
+             fit_times_markdown)
 
 
 if __name__ == "__main__":

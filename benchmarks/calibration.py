@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import in_fresh_process, stored_part, table
+from benchmarks.common import in_fresh_process, part_cli, table
 from benchmarks.streaming import MEMORY, QUICK_MEMORY, _compress_run, model_config, write_checkpoint
 from moe_compress import CompressionConfig
 from moe_compress.layerwise import load_statistics
@@ -200,20 +199,15 @@ def markdown(result: dict) -> str:
     )
 
 
+def time_markdown(part: dict) -> str:
+    return table(["testbed", "data-free s", "calibrated s", "calibrated / data-free"],
+                 [[name, f"{r['data-free']:.1f}", f"{r['calibrated']:.1f}", f"{r['ratio']:.2f}x"]
+                  for name, r in part["rows"].items()])
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--time", action="store_true", help="run only the time part and store it in "
-                        "benchmarks/results/calibration.json beside the memory runs")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, printed, not stored")
-    args = parser.parse_args()
-    if not args.time:
-        print(markdown(run(args.quick)))
-        return
-    part = stored_part("calibration", "time", "python -m benchmarks.calibration --time",
-                       lambda: time_part(QUICK_TIME if args.quick else TIME), store=not args.quick)
-    print(table(["testbed", "data-free s", "calibrated s", "calibrated / data-free"],
-                [[name, f"{r['data-free']:.1f}", f"{r['calibrated']:.1f}", f"{r['ratio']:.2f}x"]
-                 for name, r in part["rows"].items()]))
+    part_cli(__doc__, "calibration", "time", run, markdown, lambda quick: time_part(QUICK_TIME if quick else TIME),
+             time_markdown)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -93,3 +94,21 @@ def stored_part(section: str, key: str, command: str, fn: Callable[[], dict], st
         result[key] = part
         path.write_text(json.dumps(result, indent=1, default=str))
     return part
+
+
+def part_cli(doc: str, section: str, key: str, run: Callable[[bool], dict], markdown: Callable[[dict], str],
+             part: Callable[[bool], dict], part_markdown: Callable[[dict], str]) -> None:
+    """The command line of a section with a part that also runs alone: `python -m benchmarks.<section>` prints the
+    whole section; `--<key>` runs only the part and stores it beside the section's figures (stored_part); `--quick`
+    takes tiny sizes, printed, not stored."""
+    flag = key.replace("_", "-")
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument(f"--{flag}", action="store_true", help=f"run only the {flag} part and store it in "
+                        f"benchmarks/results/{section}.json beside the section's other figures")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, printed, not stored")
+    args = parser.parse_args()
+    if not getattr(args, key):
+        print(markdown(run(args.quick)))
+        return
+    print(part_markdown(stored_part(section, key, f"python -m benchmarks.{section} --{flag}",
+                                    lambda: part(args.quick), store=not args.quick)))

@@ -18,14 +18,13 @@ and stores it in benchmarks/results/fit_speed.json beside the other part's figur
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import time
 
 import torch
 
-from benchmarks.common import in_fresh_process, peak_rss_mib, plot_to, stored_part, table
+from benchmarks.common import in_fresh_process, part_cli, peak_rss_mib, plot_to, table
 from moe_compress import fit
 from moe_compress.experts import wrapped_weights
 
@@ -275,17 +274,7 @@ def markdown_whitened(part: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--whitened", action="store_true", help="run only the whitened part and store it in "
-                        "benchmarks/results/fit_speed.json beside the other part's figures")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, printed, not stored")
-    args = parser.parse_args()
-    if not args.whitened:
-        print(markdown(run(args.quick)))
-        return
-    part = stored_part("fit_speed", "whitened", "python -m benchmarks.fit_speed --whitened",
-                       lambda: run_whitened(args.quick), store=not args.quick)
-    print(markdown_whitened(part))
+    part_cli(__doc__, "fit_speed", "whitened", run, markdown, run_whitened, markdown_whitened)
 
 
 if __name__ == "__main__":
