@@ -2,9 +2,10 @@
 
 On both bundled testbeds at kept 0.3 and 0.5 of the expert parameters, calibrated on the windows of §1 (and a few
 data-free rows for reference): each form (als's wrapper, delta, basis) with uniform ranks and with the global
-allocation, and delta with 2 and 4 cores (k-means groups). Held-out loss increase over the original on the
-validation split, the kept fraction each run really stores (integer ranks leave some of the budget unspent), the
-weight-space relative error and the fit time (one run each: the fits are deterministic).
+allocation, and delta with 2, 4 and auto cores (k-means groups; auto picks 1, 2 or 4 per module by the error
+curves). Held-out loss increase over the original on the validation split, the kept fraction each run really stores
+(integer ranks leave some of the budget unspent), the weight-space relative error and the fit time (one run each: the
+fits are deterministic).
 
 Fit time at real scale (`python -m benchmarks.budget --fit-times`, stored beside): each projection shape of
 Qwen3-30B-A3B (128 experts; gate/up 768 x 2048, down 2048 x 768) fitted by delta and basis in a calibrated metric, at
@@ -28,7 +29,7 @@ RUNS = [  # (method, rank allocation, cores, calibrated)
     ("als", "uniform", 1, True), ("als", "global", 1, True),
     ("delta", "uniform", 1, True), ("delta", "global", 1, True),
     ("basis", "uniform", 1, True), ("basis", "global", 1, True),
-    ("delta", "global", 2, True), ("delta", "global", 4, True),
+    ("delta", "global", 2, True), ("delta", "global", 4, True), ("delta", "global", "auto", True),
     ("als", "uniform", 1, False), ("als", "global", 1, False),
     ("delta", "uniform", 1, False), ("delta", "global", 1, False),
     ("basis", "uniform", 1, False), ("basis", "global", 1, False),
@@ -66,7 +67,7 @@ def fit_times(settings: dict) -> list[dict]:
 
 
 def label(method: str, allocation: str, cores: int, calibrated: bool) -> str:
-    return f"{method}, {allocation}{f', {cores} cores' if cores > 1 else ''}{'' if calibrated else ', data-free'}"
+    return f"{method}, {allocation}{f', {cores} cores' if cores != 1 else ''}{'' if calibrated else ', data-free'}"
 
 
 def run_testbed(name: str, setting: dict) -> dict:
@@ -113,7 +114,7 @@ def findings(result: dict) -> str:
                 if uniform and best and uniform["increase"] > 0:
                     parts.append(f"{method} global/uniform {best['increase'] / uniform['increase']:.2f}x")
             one = _find(rows, ratio, "delta, global")
-            for cores in (2, 4):
+            for cores in (2, 4, "auto"):
                 several = _find(rows, ratio, f"delta, global, {cores} cores")
                 if one and several and one["increase"] > 0:
                     parts.append(f"{cores} cores/1 {several['increase'] / one['increase']:.2f}x")

@@ -44,7 +44,11 @@ def main() -> None:
         result = SECTIONS[name][0].run(quick=args.quick)
         result["meta"] = {"machine": machine(), "seconds": time.time() - started, "date": time.strftime("%Y-%m-%d"),
                           "command": f"python -m benchmarks.run_all --only {name}" + (" --quick" if args.quick else "")}
-        (folder / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+        path = folder / f"{name}.json"
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        # parts of a section that run alone (stored_part: they carry their own meta) outlive a rerun of the rest
+        result.update({k: v for k, v in previous.items() if k not in result and isinstance(v, dict) and "meta" in v})
+        path.write_text(json.dumps(result, indent=1, default=str))
         print(f"{name} done in {result['meta']['seconds']:.0f} s", flush=True)
     write_report(args.out)
 

@@ -15,7 +15,7 @@ from moe_compress import CompressionConfig, compress, compress_checkpoint, fit, 
 from moe_compress.allocation import Curve, allocate, error_curve
 from moe_compress.calibration import observe
 from moe_compress.calibration_stats import ExpertGrams
-from moe_compress.compress import module_curves
+from moe_compress.compress import module_curves, plan
 from moe_compress.discovery import split_weights
 
 
@@ -144,9 +144,10 @@ def test_calibrated_global_allocation_spends_the_budget_on_the_calibrated_curves
     config = CompressionConfig(target_ratio=0.4, method=method)
     original = tiny_model("qwen3_moe")
     observed = observe(original, ids, ExpertGrams, progress=False)  # each layer's own inputs: propagate=original
-    curves = {}
+    curves, specs = {}, plan(original, config.for_data(True))
     for name, grams in observed.items():
-        curves.update(module_curves(original.get_submodule(name), name, {}, config, torch.device("cpu"), grams))
+        curves.update(module_curves(original.get_submodule(name), name, specs[name], config.for_data(True),
+                                    torch.device("cpu"), grams)[0])
     params = sum(W.numel() for name in observed for W, _ in split_weights(original.get_submodule(name)).values())
     uniform = compress(tiny_model("qwen3_moe"), CompressionConfig(target_ratio=0.4, method=method,
                                                                   rank_allocation="uniform"), progress=False)

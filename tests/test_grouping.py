@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model, token_ids
 
-from moe_compress import CompressionConfig, SharedCoreExperts, compress, find_experts, load_compressed, save_compressed
+from moe_compress import (CompressionConfig, SharedCoreExperts, compress, compress_checkpoint, find_experts,
+                          load_compressed, save_compressed)
 from moe_compress.discovery import join_weights, split_weights
 from moe_compress.grouping import expert_features, kmeans
 
@@ -80,3 +81,25 @@ def test_several_cores_are_refused_for_the_shared_basis_and_beyond_the_experts()
         CompressionConfig(rank=2, method="basis", num_cores=2)
     with pytest.raises(ValueError, match="num_cores"):
         compress(tiny_model("qwen3_moe"), CompressionConfig(rank=1, num_cores=64), progress=False)
+
+
+def test_auto_cores_take_several_for_planted_families_and_streaming_chooses_alike(tmp_path):
+    groups = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1])
+    model = planted_model(groups[: find_experts(tiny_model("qwen3_moe"))[0][1].num_experts])
+    model.save_pretrained(tmp_path / "model")
+    config = CompressionConfig(target_ratio=0.8, method="delta", num_cores="auto")
+    single = compress(copy.deepcopy(model), CompressionConfig(target_ratio=0.8, method="delta"), progress=False)
+    report = compress(model, config, progress=False)
+    chosen = {name: spec["num_cores"] for name, spec in model.config.quantization_config.modules.items()}
+    assert all(k > 1 for k in chosen.values()) and report.rel_error < 0.2 * single.rel_error
+    assert report.kept_fraction <= 0.8
+    streamed = compress_checkpoint(tmp_path / "model", tmp_path / "out", config, progress=False)
+    assert [(r.module, r.projection, r.rank) for r in streamed.rows] == \
+        [(r.module, r.projection, r.rank) for r in report.rows]
+    saved = load_compressed(tmp_path / "out").config.quantization_config.modules
+    assert {name: spec["num_cores"] for name, spec in saved.items()} == chosen
+
+
+def test_auto_cores_need_a_budget():
+    with pytest.raises(ValueError, match="target_ratio"):
+        CompressionConfig(rank=2, num_cores="auto")

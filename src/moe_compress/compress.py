@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ METHODS = ("auto", "als", "adam", "delta", "basis")
 # method=auto fits the shared basis, with calibration data, from this kept fraction on: on both testbeds calibrated
 # delta is better at kept 0.2-0.3 (by 2-19%) and the basis at 0.5-0.75 (by 20-67%) (BENCHMARKS §1)
 BASIS_FROM = 0.4
+CORE_CHOICES = (1, 2, 4)  # what num_cores="auto" chooses among, per experts module
 ALLOCATIONS = ("global", "uniform")
 PROJECTIONS = ("gate", "up", "down")
 PROPAGATION = ("compressed", "original")
@@ -90,7 +91,7 @@ class CompressionConfig:
     seed: int = 0
     device: Optional[str] = None
     rank_allocation: Optional[str] = None  # "global" (default with target_ratio) or "uniform"
-    num_cores: int = 1  # cores per projection, each shared by a group of experts (k-means)
+    num_cores: Any = 1  # cores per projection, each shared by a k-means group of experts; or "auto" (1, 2 or 4)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self):
@@ -121,10 +122,18 @@ class CompressionConfig:
             raise ValueError("rank_allocation=global spends a budget: give target_ratio=<kept fraction> instead of "
                              "rank, or set rank_allocation=uniform")
         object.__setattr__(self, "rank_allocation", allocation)
-        if not isinstance(self.num_cores, int) or self.num_cores < 1:
-            raise ValueError(f"num_cores={self.num_cores} is not a positive integer; use num_cores >= 1")
-        if self.num_cores > 1 and self.method == "basis":
+        if self.num_cores == "auto":
+            if self.target_ratio is None:
+                raise ValueError("num_cores=auto chooses within a budget: give target_ratio=<kept fraction>")
+        elif not isinstance(self.num_cores, int) or self.num_cores < 1:
+            raise ValueError(f"num_cores={self.num_cores} is not a positive integer or auto; use num_cores >= 1")
+        elif self.num_cores > 1 and self.method == "basis":
             raise ValueError("method=basis shares one basis and one core per projection; use num_cores=1 with it")
+
+    @property
+    def cores(self) -> int:
+        """Cores per projection before num_cores=auto has chosen (it starts from one)."""
+        return 1 if self.num_cores == "auto" else self.num_cores
 
     @property
     def form(self) -> str:
@@ -139,7 +148,7 @@ class CompressionConfig:
         if self.method != "auto":
             return self
         large = self.target_ratio is not None and self.target_ratio >= BASIS_FROM
-        method = "basis" if calibrated and large and self.num_cores == 1 else "delta"
+        method = "basis" if calibrated and large and self.num_cores in (1, "auto") else "delta"
         return dataclasses.replace(self, method=method)
 
     def to_dict(self) -> dict:
@@ -165,10 +174,11 @@ def max_rank(num_experts: int, out_f: int, in_f: int, budget: float, form: str =
     return max(0, int((budget - base) // step))
 
 
-def rank_limit(config: CompressionConfig, projection: str, num_experts: int, out_f: int, in_f: int) -> int:
-    """The largest rank that stores less than the original."""
+def rank_limit(config: CompressionConfig, projection: str, num_experts: int, out_f: int, in_f: int,
+               num_cores: Optional[int] = None) -> int:
+    """The largest rank that stores less than the original (with `num_cores` cores, config.cores when None)."""
     return max_rank(num_experts, out_f, in_f, num_experts * out_f * in_f - 1, config.form, projection,
-                    config.num_cores)
+                    num_cores or config.cores)
 
 
 def choose_rank(config: CompressionConfig, projection: str, num_experts: int, out_f: int, in_f: int) -> int:
@@ -176,7 +186,7 @@ def choose_rank(config: CompressionConfig, projection: str, num_experts: int, ou
     form: the basis form gets the width k that stores as much (r and k are both checked against the original)."""
     original = num_experts * out_f * in_f
     shape = f"E={num_experts}, {out_f}x{in_f}"
-    if config.num_cores > num_experts:
+    if config.cores > num_experts:
         raise ValueError(f"num_cores={config.num_cores} exceeds the {num_experts} experts of {projection}; use "
                          f"num_cores <= {num_experts}")
     limit = rank_limit(config, projection, num_experts, out_f, in_f)
@@ -186,13 +196,13 @@ def choose_rank(config: CompressionConfig, projection: str, num_experts: int, ou
         if rank > rank_limit(wrapped, projection, num_experts, out_f, in_f):
             limit = rank_limit(wrapped, projection, num_experts, out_f, in_f)
         else:
-            stored = stored_params(num_experts, out_f, in_f, rank, config.num_cores)
-            rank = max_rank(num_experts, out_f, in_f, stored, "basis", projection, config.num_cores)
+            stored = stored_params(num_experts, out_f, in_f, rank, config.cores)
+            rank = max_rank(num_experts, out_f, in_f, stored, "basis", projection, config.cores)
     if rank is None:
         rank = max_rank(num_experts, out_f, in_f, config.target_ratio * original, config.form, projection,
-                        config.num_cores)
+                        config.cores)
         if rank < 1:
-            smallest = stored_params(num_experts, out_f, in_f, 1, config.num_cores, config.form,
+            smallest = stored_params(num_experts, out_f, in_f, 1, config.cores, config.form,
                                      projection) / original
             raise RankTooLargeError(
                 f"target_ratio {config.target_ratio} is below what rank 1 stores for {projection} ({shape}); "
@@ -322,7 +332,7 @@ def plan(model: nn.Module, config: CompressionConfig) -> dict[str, dict]:
     for name, experts in found:
         parts = split_weights(experts)
         ranks = {p: choose_rank(config, p, *parts[p][0].shape) for p in projection_names(experts)}
-        specs[name] = {"form": config.form, "num_cores": config.num_cores, "ranks": ranks}
+        specs[name] = {"form": config.form, "num_cores": config.cores, "ranks": ranks}
     return specs
 
 
@@ -389,7 +399,7 @@ def compress_module(model: nn.Module, name: str, spec: dict, config: Compression
         E, out_f, in_f = W.shape
         report.rows.append(ProjectionStats(
             name, proj_name, E, (out_f, in_f), proj.rank, error, E * out_f * in_f,
-            stored_params(E, out_f, in_f, proj.rank, config.num_cores, config.form, proj_name),
+            stored_params(E, out_f, in_f, proj.rank, proj.core.shape[0], config.form, proj_name),
             time.perf_counter() - start,
             output_error,
         ))
@@ -444,17 +454,29 @@ def _compress_calibrated(model: nn.Module, specs: dict[str, dict], config: Compr
 
 
 def module_curves(experts: nn.Module, name: str, spec: dict, config: CompressionConfig, device: torch.device,
-                  grams: Optional[ExpertGrams] = None) -> dict[tuple[str, str], Curve]:
-    """The error-versus-rank curve of each projection of one experts module (in the metric of `grams` when given)."""
-    curves = {}
+                  grams: Optional[ExpertGrams] = None) -> tuple[dict[tuple[str, str], Curve], dict]:
+    """The error-versus-rank curve of each projection of one experts module (in the metric of `grams` when given),
+    and its spec. With num_cores="auto" the spec takes, of CORE_CHOICES, the count of cores whose curves sum lowest at
+    the uniform ranks it affords within target_ratio (each core costs out*in), and those ranks."""
+    parts = {}
     for projection, (W, _) in split_weights(experts).items():
-        E, out_f, in_f = W.shape
-        W = W.detach().to(device, torch.float32)
         metric = None if grams is None else grams.metric(projection, config.calibration.regularisation).to(device)
-        groups = expert_groups(W, spec.get("num_cores", 1), config.seed, metric)
-        curves[name, projection] = error_curve(W, config.form, projection, rank_limit(config, projection, *W.shape),
-                                               groups, metric)
-    return curves
+        parts[projection] = (W.detach().to(device, torch.float32), metric)
+    E = next(iter(parts.values()))[0].shape[0]
+    auto = config.num_cores == "auto" and config.form != "basis"
+    best = None
+    for cores in [k for k in CORE_CHOICES if k <= E] if auto else [spec["num_cores"]]:
+        ranks = {p: max_rank(*W.shape, config.target_ratio * W.numel(), config.form, p, cores)
+                 for p, (W, _) in parts.items()} if auto else spec["ranks"]
+        if min(ranks.values()) < 1:
+            continue  # the cores alone take the budget
+        curves = {(name, p): error_curve(W, config.form, p, rank_limit(config, p, *W.shape, cores),
+                                         expert_groups(W, cores, config.seed, metric), metric)
+                  for p, (W, metric) in parts.items()}
+        score = sum(c.errors[min(ranks[p], len(c.errors) - 1)] for (_, p), c in curves.items())
+        if best is None or score < best[0]:
+            best = (score, curves, {**spec, "num_cores": cores, "ranks": ranks})
+    return best[1], best[2]
 
 
 def allocate_ranks(specs: dict[str, dict], curves: dict[tuple[str, str], Curve],
@@ -466,23 +488,33 @@ def allocate_ranks(specs: dict[str, dict], curves: dict[tuple[str, str], Curve],
     return {name: {**spec, "ranks": {p: ranks[name, p] for p in spec["ranks"]}} for name, spec in specs.items()}
 
 
+def curves_decide(config: CompressionConfig) -> bool:
+    """Whether the specs wait for the error curves: global ranks, or cores chosen per module."""
+    return config.rank_allocation == "global" or config.num_cores == "auto"
+
+
 def _allocated(model: nn.Module, specs: dict[str, dict], config: CompressionConfig,
                calibration: Optional[Calibration], progress: bool) -> dict[str, dict]:
-    """The specs with globally allocated ranks: every unit's curve, in the calibrated metric when there is data (one
-    statistics pass over the original layers, dropped as it goes; the fits then gather their own)."""
+    """The specs as the curves decide them (cores with num_cores=auto, then global ranks): every unit's curve, in the
+    calibrated metric when there is data (one statistics pass over the original layers, dropped as it goes; the fits
+    then gather their own)."""
     device = _fit_device(config)
-    curves = {}
+    curves, specs = {}, dict(specs)
+
+    def take(name: str, grams: Optional[ExpertGrams] = None) -> None:
+        found, specs[name] = module_curves(model.get_submodule(name), name, specs[name], config, device, grams)
+        curves.update(found)
+        bar.update()
     with tqdm(total=len(specs), desc="rank curves", disable=not progress) as bar:
         if calibration is None:
-            for name, spec in specs.items():
-                curves.update(module_curves(model.get_submodule(name), name, spec, config, device))
-                bar.update()
+            for name in list(specs):
+                take(name)
         else:
             for names, grams in observed_layers(model, specs, calibration, config.calibration.batch_size, False):
                 for name in names:
-                    curves.update(module_curves(model.get_submodule(name), name, specs[name], config, device,
-                                                grams[name]))
-                    bar.update()
+                    take(name, grams[name])
+    if config.rank_allocation != "global":
+        return specs
     params_before = sum(W.numel() for name in specs for W, _ in split_weights(model.get_submodule(name)).values())
     return allocate_ranks(specs, curves, config, params_before)
 
@@ -495,7 +527,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[
     inputs each expert is routed in them (config.calibration says how the statistics are regularised)."""
     config = config.for_data(calibration is not None)
     specs = plan(model, config)
-    if config.rank_allocation == "global":
+    if curves_decide(config):
         if calibration is not None and not isinstance(calibration, torch.Tensor):
             calibration = list(calibration)  # read twice: for the curves, then for the fits
         specs = _allocated(model, specs, config, calibration, progress)

@@ -40,7 +40,7 @@ from moe_compress.checkpoint import QUANT_METHOD, _replace, attach_quantization_
 from moe_compress.calibration import Calibration, token_batches
 from moe_compress.allocation import Curve
 from moe_compress.compress import CompressionConfig, CompressionReport, ProjectionStats, allocate_ranks, choose_rank, \
-    fit_into, module_curves, stored_params, warn_starved
+    curves_decide, fit_into, module_curves, stored_params, warn_starved
 from moe_compress.data import DataConfig, calibration_sequences
 from moe_compress.layerwise import gather_statistics, load_statistics, load_token_counts, statistics_dir
 from moe_compress.discovery import find_experts, projection_names, split_weights
@@ -218,16 +218,16 @@ def plan(checkpoint: Checkpoint, config: CompressionConfig) -> dict[str, dict]:
     for experts in checkpoint.experts:
         parts = split_weights(experts.module)
         ranks = {p: choose_rank(config, p, *parts[p][0].shape) for p in projection_names(experts.module)}
-        specs[experts.name] = {"form": config.form, "num_cores": config.num_cores, "ranks": ranks}
+        specs[experts.name] = {"form": config.form, "num_cores": config.cores, "ranks": ranks}
     return specs
 
 
 def fit_unit(W: torch.Tensor, bias: torch.Tensor | None, rank: int, config: CompressionConfig,
-             device: torch.device, metric: torch.Tensor | None = None, projection: str = "up"
+             device: torch.device, metric: torch.Tensor | None = None, projection: str = "up", num_cores: int = 1
              ) -> tuple[dict[str, torch.Tensor], float, float | None]:
     """One projection's compressed tensors, in W's dtype on the CPU, their relative error, and their relative error
     in the calibrated metric M [E, in, in] when given; W: [E, out, in]."""
-    proj = make_projection(config.form, projection, *W.shape, rank, config.num_cores, bias is not None,
+    proj = make_projection(config.form, projection, *W.shape, rank, num_cores, bias is not None,
                            dtype=W.dtype, device=device)
     error, output_error = fit_into(proj, W, bias, config, device, metric)
     return {key: value.cpu() for key, value in proj.state_dict().items()}, error, output_error
@@ -239,16 +239,16 @@ def _unit(name: str, projection: str) -> str:
 
 def fit_and_record(experts: ExpertsOnDisk, projection: str, W: torch.Tensor, bias: torch.Tensor | None, rank: int,
                    config: CompressionConfig, device: torch.device, manifest: Manifest,
-                   metric: torch.Tensor | None = None) -> ProjectionStats:
+                   metric: torch.Tensor | None = None, num_cores: int = 1) -> ProjectionStats:
     """Fit one unit and record it; its tensors are named as save_pretrained names the compressed module's."""
     if not torch.isfinite(W.sum(dtype=torch.float32)):  # one pass, no copy: any NaN or Inf spreads to the sum
         raise ValueError(f"{experts.name} ({projection}) holds NaN or Inf values; fix or re-download the checkpoint "
                          "before compressing")
     start = time.perf_counter()
-    state, error, output_error = fit_unit(W, bias, rank, config, device, metric, projection)
+    state, error, output_error = fit_unit(W, bias, rank, config, device, metric, projection, num_cores)
     E, out_f, in_f = W.shape
     stats = ProjectionStats(experts.name, projection, E, (out_f, in_f), rank, error, E * out_f * in_f,
-                            stored_params(E, out_f, in_f, rank, config.num_cores, config.form, projection),
+                            stored_params(E, out_f, in_f, rank, num_cores, config.form, projection),
                             time.perf_counter() - start, output_error)
     prefix = f"{experts.saved_as}.projections.{projection}"
     manifest.save(_unit(experts.name, projection), {f"{prefix}.{k}": v for k, v in state.items()},
@@ -271,7 +271,8 @@ def fit_share(checkpoint: Checkpoint, specs: dict[str, dict], units: list[tuple[
         for projection in wanted[experts.name]:
             rank = specs[experts.name]["ranks"][projection]
             metric = None if grams is None else grams.metric(projection, config.calibration.regularisation)
-            stats = fit_and_record(experts, projection, *parts[projection], rank, config, device, manifest, metric)
+            stats = fit_and_record(experts, projection, *parts[projection], rank, config, device, manifest, metric,
+                                   specs[experts.name]["num_cores"])
             bar.set_postfix_str(f"{experts.name.removesuffix('.experts')[-24:]} {projection} "
                                 f"err={stats.rel_error:.3f} {stats.seconds:.1f}s")
             bar.update()
@@ -280,9 +281,10 @@ def fit_share(checkpoint: Checkpoint, specs: dict[str, dict], units: list[tuple[
 
 def _allocated(checkpoint: Checkpoint, specs: dict[str, dict], config: CompressionConfig, device: torch.device,
                work: Path, ranks: Ranks, statistics: Manifest | None, progress: bool) -> dict[str, dict]:
-    """The specs with globally allocated ranks. Each process takes the error curves of its share of the experts
-    modules (in the calibrated metric when there are statistics) and saves them in the work folder, where a rerun
-    finds them; the main process allocates and passes the ranks on."""
+    """The specs as the curves decide them (cores with num_cores=auto, then global ranks). Each process takes the
+    error curves of its share of the experts modules (in the calibrated metric when there are statistics) and saves
+    them with the module's spec in the work folder, where a rerun finds them; the main process allocates and passes
+    the specs on."""
     folder = work / "curves"
     folder.mkdir(exist_ok=True)
     mine = set(share(list(specs), ranks))
@@ -293,15 +295,18 @@ def _allocated(checkpoint: Checkpoint, specs: dict[str, dict], config: Compressi
             continue
         module = read_experts(checkpoint, experts, _params_of(experts.module, list(specs[experts.name]["ranks"])))
         grams = None if statistics is None else load_statistics(statistics, experts.name)
-        curves = module_curves(module, experts.name, specs[experts.name], config, device, grams)
-        write_atomically(path, json.dumps({p: dataclasses.asdict(c) for (_, p), c in curves.items()}).encode())
+        curves, spec = module_curves(module, experts.name, specs[experts.name], config, device, grams)
+        write_atomically(path, json.dumps({"spec": spec, "curves": {p: dataclasses.asdict(c)
+                                                                    for (_, p), c in curves.items()}}).encode())
     barrier()
     allocated = None
     if ranks.is_main:
-        curves = {(name, p): Curve(**c) for name in specs
-                  for p, c in json.loads((folder / f"{name}.json").read_text()).items()}
-        params_before = sum(W.numel() for e in checkpoint.experts for W, _ in split_weights(e.module).values())
-        allocated = allocate_ranks(specs, curves, config, params_before)
+        saved = {name: json.loads((folder / f"{name}.json").read_text()) for name in specs}
+        allocated = {name: found["spec"] for name, found in saved.items()}
+        if config.rank_allocation == "global":
+            curves = {(name, p): Curve(**c) for name, found in saved.items() for p, c in found["curves"].items()}
+            params_before = sum(W.numel() for e in checkpoint.experts for W, _ in split_weights(e.module).values())
+            allocated = allocate_ranks(allocated, curves, config, params_before)
     return from_main(allocated)
 
 
@@ -378,7 +383,7 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
         if ranks.is_main:
             open_work_dir(work, _settings(checkpoint, config), overwrite)
         barrier()
-        if config.rank_allocation == "global":
+        if curves_decide(config):
             specs = _allocated(checkpoint, specs, config, device, work, ranks, statistics, progress)
         manifest = Manifest(work, ranks.rank)
         pending = None
