@@ -37,7 +37,7 @@ def vllm_loads(name: str, renames: dict) -> tuple[str, str]:
     raise AssertionError(f"{name} has no expert index vLLM would match")
 
 
-@pytest.mark.parametrize("form", ["wrapped", "delta"])
+@pytest.mark.parametrize("form", ["wrapped", "delta", "basis"])
 def test_every_saved_tensor_reaches_its_own_layer_parameter(form):
     experts, spec = compressed_experts(form)
     saved = {f"model.layers.0.mlp.experts.{k}": v for k, v in experts.state_dict().items()}
@@ -55,7 +55,7 @@ def test_every_saved_tensor_reaches_its_own_layer_parameter(form):
     assert rename(once, renames) == once == "model.layers.0.mlp.experts.0.up_proj.up_core"
 
 
-@pytest.mark.parametrize("form,num_cores", [("wrapped", 1), ("delta", 1), ("wrapped", 2)])
+@pytest.mark.parametrize("form,num_cores", [("wrapped", 1), ("delta", 1), ("basis", 1), ("wrapped", 2)])
 def test_routed_forward_matches_shared_core_experts(form, num_cores):
     experts, spec = compressed_experts(form, num_cores)
     projections = new_projections(spec, experts.num_experts, H, F, "silu", False, torch.float32, "x")
@@ -74,7 +74,7 @@ def test_routed_forward_matches_shared_core_experts(form, num_cores):
 
 
 @pytest.mark.parametrize("spec,activation,message", [
-    ({"form": "basis", "ranks": {"gate": 3, "up": 3, "down": 3}}, "silu", "form 'basis' cannot be served"),
+    ({"form": "lowrank", "ranks": {"gate": 3, "up": 3, "down": 3}}, "silu", "form 'lowrank' cannot be served"),
     ({"form": "wrapped", "ranks": {"gate": 3, "up": 3, "down": 3}}, "swigluoai", "activation 'swigluoai'"),
     ({"form": "wrapped", "ranks": {"up": 3, "down": 3}}, "silu", "the folder has projections ['down', 'up']"),
 ])

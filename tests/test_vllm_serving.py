@@ -41,9 +41,9 @@ SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(C
                "--hf-overrides", json.dumps({"max_position_embeddings": CONTEXT + 2})]
 
 
-@pytest.fixture(scope="module", params=["als", "delta"])
+@pytest.fixture(scope="module", params=["als", "delta", "basis"])
 def compressed(request, tmp_path_factory) -> Path:
-    """The fine-grained testbed compressed to 0.3 of its expert parameters (wrapped form by als, or delta)."""
+    """The fine-grained testbed compressed to 0.3 of its expert parameters, in the form of each method."""
     model, tokenizer = load_testbed(path=FINE_TESTBED_DIR)
     report = moe_compress.compress(model, moe_compress.CompressionConfig(target_ratio=0.3, method=request.param))
     return moe_compress.save_compressed(model, tmp_path_factory.mktemp(request.param) / "model", tokenizer=tokenizer,

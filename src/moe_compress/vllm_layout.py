@@ -24,9 +24,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moe_compress.experts import PROJECTION_FORMS, Route, _Projection
+from moe_compress.experts import Route, _Projection, make_projection
 
-SUPPORTED_FORMS = ("wrapped", "delta")
+SUPPORTED_FORMS = ("wrapped", "delta", "basis")
 # vLLM's shard ids: w1 gate, w3 up (both in w13), w2 down; an ungated experts module's up projection is vLLM's w1
 SHARD = {"gate": "w1", "up": "w3", "down": "w2"}
 # vLLM's MoE activations (MoEActivation values) in plain torch: gated ones multiply by up, "_no_mul" ones do not
@@ -69,8 +69,8 @@ def new_projections(spec: dict, num_experts: int, hidden: int, intermediate: int
                          f"{sorted(names)}; check that the folder was compressed from this architecture")
     projections = {}
     for name in names:
-        proj = PROJECTION_FORMS[form](num_experts, *shapes[name], spec["ranks"][name], spec.get("num_cores", 1),
-                                      bias, dtype=dtype)
+        proj = make_projection(form, name, num_experts, *shapes[name], spec["ranks"][name],
+                               spec.get("num_cores", 1), bias, dtype=dtype)
         projections[name] = proj.eval().requires_grad_(False)
     return projections
 
