@@ -357,7 +357,8 @@ class SharedCoreExperts(nn.Module):
         self.__dict__["template"] = template  # a plain attribute: no weights, and not a submodule to save or move
         self.projections = nn.ModuleDict(projections)
         self.act_fn = getattr(template, "act_fn", None)
-        self.post_expert_norm = template.post_expert_norm if template.has_post_expert_norm else None
+        # transformers before 5.20 has no post-expert norms and no flag for them
+        self.post_expert_norm = template.post_expert_norm if getattr(template, "has_post_expert_norm", False) else None
         self.num_experts = projections["down"].num_experts
         self.has_gate = template.has_gate
 

@@ -42,8 +42,9 @@ def register() -> None:
 def check_version() -> None:
     minor = ".".join(vllm_version.split(".")[:2])
     if minor not in SUPPORTED_VLLM:
-        raise RuntimeError(f"moe-compress's vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)}, not {vllm_version} "
-                           f"(its MoE interfaces change between minor versions); pip install 'vllm=={SUPPORTED_VLLM[-1]}.*'")
+        raise RuntimeError(f"moe-compress's vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)}, not "
+                           f"{vllm_version} (its MoE interfaces change between minor versions); "
+                           f"pip install 'vllm=={SUPPORTED_VLLM[-1]}.*'")
 
 
 class SharedCoreVllmConfig(QuantizationConfig):
