@@ -53,7 +53,7 @@ def test_help_lists_stages_and_cfg_prints_the_resolved_config(tmp_path):
     assert result.returncode == 0 and "compress" in result.stdout and "usage: moe-compress" in result.stdout
     result = cli("compress", "model=m", "output_dir=o", "compression.rank=8", "compression.target_ratio=null",
                  "--cfg", "job", cwd=tmp_path)
-    assert result.returncode == 0 and "rank: 8" in result.stdout and "method: als" in result.stdout
+    assert result.returncode == 0 and "rank: 8" in result.stdout and "method: auto" in result.stdout
     assert "rank_allocation: null" in result.stdout and "num_cores: 1" in result.stdout
     assert cli("frobnicate").returncode == 1
 

@@ -42,7 +42,7 @@ def test_chunked_loss_and_gradient_equal_the_plain_formula(chunk):
 
 def compressed_testbed():
     model, tokenizer = load_testbed()
-    mc.compress(model, mc.CompressionConfig(target_ratio=0.3, polish_steps=20), progress=False)
+    mc.compress(model, mc.CompressionConfig(target_ratio=0.3, method="als", polish_steps=20), progress=False)
     return model, tokenizer
 
 
