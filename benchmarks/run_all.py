@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from benchmarks import (budget, calibration, distillation, fit_speed, inference, param_count, quality, startup,
@@ -25,6 +27,9 @@ SECTIONS = {
     "budget": (budget, "9. Where the budget goes: rank allocation, several cores, a shared basis"),
     "vllm_serving": (vllm_serving, "10. Serving with vLLM: tokens per second, compressed against original"),
 }
+# seconds of each section's smoke run on 2 cores (--quick), for --jobs to start the longest first
+SMOKE_SECONDS = {"distillation": 52, "streaming": 46, "calibration": 35, "fit_speed": 22, "inference": 12,
+                 "quality": 11, "budget": 6, "startup": 2}
 # the figures a section's own markdown does not embed
 FIGURES = {"fit_speed": "![error against fit time](benchmarks/fit_speed.png)",
            "distillation": "![distillation loss curve](benchmarks/distillation.png)"}
@@ -36,21 +41,35 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for BENCHMARKS.md and benchmarks/*")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to (re)run; the others "
                         "are taken from their last saved results")
+    parser.add_argument("--jobs", type=int, default=1, help="sections run at once, in that many processes; "
+                        "they then slow each other down, so only for smoke runs")
     args = parser.parse_args()
-    folder = args.out / "benchmarks" / "results"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in args.only.split(","):
-        started = time.time()
-        result = SECTIONS[name][0].run(quick=args.quick)
-        result["meta"] = {"machine": machine(), "seconds": time.time() - started, "date": time.strftime("%Y-%m-%d"),
-                          "command": f"python -m benchmarks.run_all --only {name}" + (" --quick" if args.quick else "")}
-        path = folder / f"{name}.json"
-        previous = json.loads(path.read_text()) if path.exists() else {}
-        # parts of a section that run alone (stored_part: they carry their own meta) outlive a rerun of the rest
-        result.update({k: v for k, v in previous.items() if k not in result and isinstance(v, dict) and "meta" in v})
-        path.write_text(json.dumps(result, indent=1, default=str))
-        print(f"{name} done in {result['meta']['seconds']:.0f} s", flush=True)
+    names = args.only.split(",")
+    if args.jobs > 1 and len(names) > 1:
+        # longest first, so that the processes end together; each process imports torch once for its sections
+        order = sorted(names, key=lambda name: -SMOKE_SECONDS.get(name, 0))
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(run_section, order, [args.quick] * len(order), [args.out] * len(order)))
+    else:
+        for name in names:
+            run_section(name, args.quick, args.out)
     write_report(args.out)
+
+
+def run_section(name: str, quick: bool, out: Path) -> None:
+    """Run one section and store its figures in benchmarks/results/<name>.json under `out`."""
+    folder = out / "benchmarks" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result = SECTIONS[name][0].run(quick=quick)
+    result["meta"] = {"machine": machine(), "seconds": time.time() - started, "date": time.strftime("%Y-%m-%d"),
+                      "command": f"python -m benchmarks.run_all --only {name}" + (" --quick" if quick else "")}
+    path = folder / f"{name}.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    # parts of a section that run alone (stored_part: they carry their own meta) outlive a rerun of the rest
+    result.update({k: v for k, v in previous.items() if k not in result and isinstance(v, dict) and "meta" in v})
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(f"{name} done in {result['meta']['seconds']:.0f} s", flush=True)
 
 
 def write_report(out: Path) -> None:

@@ -10,10 +10,10 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # every section at tiny sizes, several in fresh processes: the suite's longest test
+@pytest.mark.timeout(600)  # every section at tiny sizes, two at a time, several in fresh processes: the longest test
 def test_benchmark_smoke_run_writes_report_and_plots(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True)
+    command = [sys.executable, "-m", "benchmarks.run_all", "--quick", "--jobs", "2", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "BENCHMARKS.md").read_text()
     for heading in ("Quality at equal storage", "Fit speed", "Inference speed", "parameter-count claim",
