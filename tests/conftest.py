@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+# One torch thread per process, here and in every process a test starts (they inherit the environment): the suite runs
+# on 2 cores, where tests that start two processes would otherwise run four threads, whatever the launching shell set
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 VOCAB = 128
 SMALL = dict(
