@@ -192,9 +192,9 @@ def choose_rank(config: CompressionConfig, projection: str, num_experts: int, ou
     limit = rank_limit(config, projection, num_experts, out_f, in_f)
     rank = (config.ranks or {}).get(projection, config.rank)
     if rank is not None and config.form == "basis":
-        wrapped = dataclasses.replace(config, method="als")
-        if rank > rank_limit(wrapped, projection, num_experts, out_f, in_f):
-            limit = rank_limit(wrapped, projection, num_experts, out_f, in_f)
+        wrapped_limit = rank_limit(dataclasses.replace(config, method="als"), projection, num_experts, out_f, in_f)
+        if rank > wrapped_limit:
+            limit = wrapped_limit
         else:
             stored = stored_params(num_experts, out_f, in_f, rank, config.cores)
             rank = max_rank(num_experts, out_f, in_f, stored, "basis", projection, config.cores)
