@@ -106,7 +106,7 @@ def test_global_allocation_needs_a_budget():
     assert CompressionConfig(target_ratio=0.3).rank_allocation == "global"
 
 
-@pytest.mark.parametrize("method", ["delta", "basis"])
+@pytest.mark.parametrize("method", ["delta", "basis", "mixed"])
 def test_streamed_global_allocation_equals_in_memory_and_a_rerun_reuses_its_curves(tmp_path, monkeypatch, method):
     tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
     config = CompressionConfig(target_ratio=0.4, method=method)

@@ -105,7 +105,7 @@ def test_bfloat16_model_stays_bfloat16():
         assert torch.isfinite(model(token_ids()).logits).all()
 
 
-def test_the_default_method_is_basis_with_calibration_data_at_large_sizes_and_delta_otherwise():
+def test_the_default_method_is_basis_or_mixed_with_calibration_data_and_delta_without():
     assert mc.CompressionConfig(rank=2).method == "auto"
     ids = torch.randint(0, tiny_model().config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     chosen = {}
@@ -114,17 +114,23 @@ def test_the_default_method_is_basis_with_calibration_data_at_large_sizes_and_de
             report = mc.compress(tiny_model(), mc.CompressionConfig(target_ratio=ratio), calibration=calibration,
                                  progress=False)
             chosen[ratio, calibration is not None] = report.config.method
-    assert chosen == {(0.38, False): "delta", (0.38, True): "delta", (0.6, False): "delta", (0.6, True): "basis"}
-    assert mc.CompressionConfig(rank=2).for_data(True).method == "delta"
+    assert chosen == {(0.38, False): "delta", (0.38, True): "mixed", (0.6, False): "delta", (0.6, True): "basis"}
+    assert mc.CompressionConfig(rank=2).for_data(True).method == "mixed"
     assert mc.CompressionConfig(target_ratio=0.5, num_cores=2).for_data(True).method == "delta"  # one core in basis
 
 
 def test_a_rank_means_the_same_storage_in_every_form():
     stored = {}
-    for method in ("als", "delta", "basis"):
-        report = mc.compress(tiny_model("qwen3_moe"), mc.CompressionConfig(rank=2, method=method), progress=False)
+    for method in ("als", "delta", "basis", "mixed"):
+        model = tiny_model("qwen3_moe")
+        report = mc.compress(model, mc.CompressionConfig(rank=2, method=method), progress=False)
         stored[method] = report.params_after
     assert stored["als"] == stored["delta"]
-    assert 0.9 * stored["als"] < stored["basis"] <= stored["als"]  # the widest basis that stores no more
+    assert 0.9 * stored["als"] < stored["basis"] <= stored["mixed"] <= stored["als"]  # the widest basis storing no more
+    # mixed: the shared input basis for gate and up, delta for down
+    shared = next(m for m in model.modules() if isinstance(m, mc.SharedCoreExperts))
+    forms = {p: type(proj).__name__ for p, proj in shared.projections.items()}
+    assert forms == {"gate": "BasisProjection", "up": "BasisProjection", "down": "DeltaProjection"}
+    assert shared.projections["up"].shared == "in"
     with pytest.raises(mc.RankTooLargeError, match="use rank <= "):
         mc.compress(tiny_model("qwen3_moe"), mc.CompressionConfig(rank=40, method="basis"), progress=False)

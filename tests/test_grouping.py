@@ -77,8 +77,9 @@ def test_two_cores_find_two_planted_families_and_round_trip(tmp_path):
 
 
 def test_several_cores_are_refused_for_the_shared_basis_and_beyond_the_experts():
-    with pytest.raises(ValueError, match="num_cores=1"):
-        CompressionConfig(rank=2, method="basis", num_cores=2)
+    for method in ("basis", "mixed"):
+        with pytest.raises(ValueError, match=f"method={method} shares one basis .* use num_cores=1"):
+            CompressionConfig(rank=2, method=method, num_cores=2)
     with pytest.raises(ValueError, match="num_cores"):
         compress(tiny_model("qwen3_moe"), CompressionConfig(rank=1, num_cores=64), progress=False)
 

@@ -9,6 +9,7 @@ from conftest import tiny_model
 from test_experts import randomize, shared_spec
 
 from moe_compress import SharedCoreExperts, find_experts
+from moe_compress.compress import MIXED_FORMS
 from moe_compress.vllm_layout import checkpoint_renames, layer_tensors, new_projections, routed_forward
 
 H, F = 32, 16  # hidden (conftest's tiny models), expert width
@@ -16,7 +17,7 @@ H, F = 32, 16  # hidden (conftest's tiny models), expert width
 
 def compressed_experts(form: str, num_cores: int = 1) -> SharedCoreExperts:
     _, experts = find_experts(tiny_model("qwen3_moe", moe_intermediate_size=H // 2))[0]
-    spec = shared_spec(experts, form, rank=3, num_cores=num_cores)
+    spec = shared_spec(experts, MIXED_FORMS if form == "mixed" else form, rank=3, num_cores=num_cores)
     return randomize(SharedCoreExperts.empty(experts, spec), num_cores=num_cores), spec
 
 
@@ -37,7 +38,7 @@ def vllm_loads(name: str, renames: dict) -> tuple[str, str]:
     raise AssertionError(f"{name} has no expert index vLLM would match")
 
 
-@pytest.mark.parametrize("form", ["wrapped", "delta", "basis"])
+@pytest.mark.parametrize("form", ["wrapped", "delta", "basis", "mixed"])
 def test_every_saved_tensor_reaches_its_own_layer_parameter(form):
     experts, spec = compressed_experts(form)
     saved = {f"model.layers.0.mlp.experts.{k}": v for k, v in experts.state_dict().items()}
@@ -55,7 +56,8 @@ def test_every_saved_tensor_reaches_its_own_layer_parameter(form):
     assert rename(once, renames) == once == "model.layers.0.mlp.experts.0.up_proj.up_core"
 
 
-@pytest.mark.parametrize("form,num_cores", [("wrapped", 1), ("delta", 1), ("basis", 1), ("wrapped", 2)])
+@pytest.mark.parametrize("form,num_cores", [("wrapped", 1), ("delta", 1), ("basis", 1), ("mixed", 1),
+                                                 ("wrapped", 2)])
 def test_routed_forward_matches_shared_core_experts(form, num_cores):
     experts, spec = compressed_experts(form, num_cores)
     projections = new_projections(spec, experts.num_experts, H, F, "silu", False, torch.float32, "x")
@@ -75,6 +77,8 @@ def test_routed_forward_matches_shared_core_experts(form, num_cores):
 
 @pytest.mark.parametrize("spec,activation,message", [
     ({"form": "lowrank", "ranks": {"gate": 3, "up": 3, "down": 3}}, "silu", "form 'lowrank' cannot be served"),
+    ({"form": {"gate": "basis", "up": "basis", "down": "lowrank"}, "ranks": {"gate": 3, "up": 3, "down": 3}}, "silu",
+     "'down': 'lowrank'}"),
     ({"form": "wrapped", "ranks": {"gate": 3, "up": 3, "down": 3}}, "swigluoai", "activation 'swigluoai'"),
     ({"form": "wrapped", "ranks": {"up": 3, "down": 3}}, "silu", "the folder has projections ['down', 'up']"),
 ])

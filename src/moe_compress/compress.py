@@ -25,13 +25,16 @@ from moe_compress.calibration import Calibration, observing, token_batches
 from moe_compress.calibration_stats import ExpertGrams, Regularisation
 from moe_compress.discovery import find_experts, projection_names, split_weights
 from moe_compress.checkpoint import attach_quantization_config
-from moe_compress.experts import PROJECTION_FORMS, SharedCoreExperts
+from moe_compress.experts import PROJECTION_FORMS, SharedCoreExperts, form_of
 from moe_compress.grouping import expert_features, kmeans
 from moe_compress.sequential import capture
 
-METHODS = ("auto", "als", "adam", "delta", "basis")
-# method=auto fits the shared basis, with calibration data, from this kept fraction on: on both testbeds calibrated
-# delta is better at kept 0.2-0.3 (by 2-19%) and the basis at 0.5-0.75 (by 20-67%) (BENCHMARKS §1)
+METHODS = ("auto", "als", "adam", "delta", "basis", "mixed")
+# method=mixed: the shared input basis for gate and up, which read the residual stream every expert reads, and a
+# per-expert delta for down, whose input is each expert's own (BENCHMARKS §9)
+MIXED_FORMS = {"gate": "basis", "up": "basis", "down": "delta"}
+# method=auto fits the shared basis, with calibration data, from this kept fraction on, and mixed below it
+# (BENCHMARKS §1)
 BASIS_FROM = 0.4
 CORE_CHOICES = (1, 2, 4)  # what num_cores="auto" chooses among, per experts module
 ALLOCATIONS = ("global", "uniform")
@@ -75,9 +78,9 @@ class CompressionConfig:
     """How to compress. Give `rank` (per projection overrides in `ranks`) or `target_ratio`, the kept fraction of
     expert parameters. With target_ratio, rank_allocation="global" (its default) spends that budget over the whole
     model where it lowers the error most (allocation.py); "uniform" takes the largest rank that fits in every
-    projection alike. `method="basis"` fits the shared-basis form (rank r: the width k that stores as much); "auto"
-    (the default) is basis with calibration data and target_ratio >= 0.4, else delta: the best measured on both
-    testbeds (BENCHMARKS §1)."""
+    projection alike. `method="basis"` fits the shared-basis form (rank r: the width k that stores as much);
+    "mixed" the shared input basis for gate and up and delta for down; "auto" (the default) is basis with calibration
+    data and target_ratio >= 0.4, mixed with calibration data below, else delta: the best measured (BENCHMARKS §1)."""
 
     rank: Optional[int] = None
     target_ratio: Optional[float] = None
@@ -127,8 +130,9 @@ class CompressionConfig:
                 raise ValueError("num_cores=auto chooses within a budget: give target_ratio=<kept fraction>")
         elif not isinstance(self.num_cores, int) or self.num_cores < 1:
             raise ValueError(f"num_cores={self.num_cores} is not a positive integer or auto; use num_cores >= 1")
-        elif self.num_cores > 1 and self.method == "basis":
-            raise ValueError("method=basis shares one basis and one core per projection; use num_cores=1 with it")
+        elif self.num_cores > 1 and self.method in ("basis", "mixed"):
+            raise ValueError(f"method={self.method} shares one basis and one core per projection; use num_cores=1 "
+                             "with it")
 
     @property
     def cores(self) -> int:
@@ -136,20 +140,28 @@ class CompressionConfig:
         return 1 if self.num_cores == "auto" else self.num_cores
 
     @property
-    def form(self) -> str:
+    def form(self) -> str | dict[str, str]:
+        """The form of every projection, or {projection: form} for method=mixed: a spec's "form"."""
         if self.method == "auto":
             raise ValueError("method=auto has no form until it knows whether there is calibration data; "
                              "use config.for_data(calibrated)")
+        if self.method == "mixed":
+            return dict(MIXED_FORMS)
         return self.method if self.method in ("delta", "basis") else "wrapped"
 
+    def form_of(self, projection: str) -> str:
+        return form_of(self.form, projection)
+
     def for_data(self, calibrated: bool) -> CompressionConfig:
-        """This config with method=auto made concrete: basis when the fits have calibration statistics and keep at
-        least BASIS_FROM of the expert parameters, delta otherwise (and with several cores: the basis has one)."""
+        """This config with method=auto made concrete. With calibration statistics: basis when the fits keep at least
+        BASIS_FROM of the expert parameters, mixed below; delta without them, or with several cores (a basis has one
+        core)."""
         if self.method != "auto":
             return self
+        if not calibrated or self.num_cores not in (1, "auto"):
+            return dataclasses.replace(self, method="delta")
         large = self.target_ratio is not None and self.target_ratio >= BASIS_FROM
-        method = "basis" if calibrated and large and self.num_cores in (1, "auto") else "delta"
-        return dataclasses.replace(self, method=method)
+        return dataclasses.replace(self, method="basis" if large else "mixed")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -177,7 +189,7 @@ def max_rank(num_experts: int, out_f: int, in_f: int, budget: float, form: str =
 def rank_limit(config: CompressionConfig, projection: str, num_experts: int, out_f: int, in_f: int,
                num_cores: Optional[int] = None) -> int:
     """The largest rank that stores less than the original (with `num_cores` cores, config.cores when None)."""
-    return max_rank(num_experts, out_f, in_f, num_experts * out_f * in_f - 1, config.form, projection,
+    return max_rank(num_experts, out_f, in_f, num_experts * out_f * in_f - 1, config.form_of(projection), projection,
                     num_cores or config.cores)
 
 
@@ -191,7 +203,7 @@ def choose_rank(config: CompressionConfig, projection: str, num_experts: int, ou
                          f"num_cores <= {num_experts}")
     limit = rank_limit(config, projection, num_experts, out_f, in_f)
     rank = (config.ranks or {}).get(projection, config.rank)
-    if rank is not None and config.form == "basis":
+    if rank is not None and config.form_of(projection) == "basis":
         wrapped_limit = rank_limit(dataclasses.replace(config, method="als"), projection, num_experts, out_f, in_f)
         if rank > wrapped_limit:
             limit = wrapped_limit
@@ -199,10 +211,10 @@ def choose_rank(config: CompressionConfig, projection: str, num_experts: int, ou
             stored = stored_params(num_experts, out_f, in_f, rank, config.cores)
             rank = max_rank(num_experts, out_f, in_f, stored, "basis", projection, config.cores)
     if rank is None:
-        rank = max_rank(num_experts, out_f, in_f, config.target_ratio * original, config.form, projection,
-                        config.cores)
+        rank = max_rank(num_experts, out_f, in_f, config.target_ratio * original, config.form_of(projection),
+                        projection, config.cores)
         if rank < 1:
-            smallest = stored_params(num_experts, out_f, in_f, 1, config.cores, config.form,
+            smallest = stored_params(num_experts, out_f, in_f, 1, config.cores, config.form_of(projection),
                                      projection) / original
             raise RankTooLargeError(
                 f"target_ratio {config.target_ratio} is below what rank 1 stores for {projection} ({shape}); "
@@ -369,7 +381,7 @@ def fit_into(proj: nn.Module, W: torch.Tensor, bias: Optional[torch.Tensor], con
              device: torch.device, metric: Optional[torch.Tensor] = None) -> tuple[float, Optional[float]]:
     """Fit W [E, out, in] (on `device`, in fp32) into the projection module `proj`, in place; its relative error, and
     its relative error in the metric M [E, in, in] when given. With method=auto, the form of `proj` decides."""
-    if config.method == "auto":
+    if config.method in ("auto", "mixed"):
         config = dataclasses.replace(config, method="als" if proj.form == "wrapped" else proj.form)
     W = W.to(device, torch.float32)
     metric = None if metric is None else metric.to(device)
@@ -399,7 +411,7 @@ def compress_module(model: nn.Module, name: str, spec: dict, config: Compression
         E, out_f, in_f = W.shape
         report.rows.append(ProjectionStats(
             name, proj_name, E, (out_f, in_f), proj.rank, error, E * out_f * in_f,
-            stored_params(E, out_f, in_f, proj.rank, proj.core.shape[0], config.form, proj_name),
+            stored_params(E, out_f, in_f, proj.rank, proj.core.shape[0], proj.form, proj_name),
             time.perf_counter() - start,
             output_error,
         ))
@@ -463,14 +475,14 @@ def module_curves(experts: nn.Module, name: str, spec: dict, config: Compression
         metric = None if grams is None else grams.metric(projection, config.calibration.regularisation).to(device)
         parts[projection] = (W.detach().to(device, torch.float32), metric)
     E = next(iter(parts.values()))[0].shape[0]
-    auto = config.num_cores == "auto" and config.form != "basis"
+    auto = config.num_cores == "auto" and "basis" not in map(config.form_of, parts)
     best = None
     for cores in [k for k in CORE_CHOICES if k <= E] if auto else [spec["num_cores"]]:
-        ranks = {p: max_rank(*W.shape, config.target_ratio * W.numel(), config.form, p, cores)
+        ranks = {p: max_rank(*W.shape, config.target_ratio * W.numel(), config.form_of(p), p, cores)
                  for p, (W, _) in parts.items()} if auto else spec["ranks"]
         if min(ranks.values()) < 1:
             continue  # the cores alone take the budget
-        curves = {(name, p): error_curve(W, config.form, p, rank_limit(config, p, *W.shape, cores),
+        curves = {(name, p): error_curve(W, config.form_of(p), p, rank_limit(config, p, *W.shape, cores),
                                          expert_groups(W, cores, config.seed, metric), metric)
                   for p, (W, metric) in parts.items()}
         score = sum(c.errors[min(ranks[p], len(c.errors) - 1)] for (_, p), c in curves.items())

@@ -337,6 +337,11 @@ PROJECTION_FORMS: dict[str, type[_Projection]] = {"wrapped": WrappedProjection, 
                                                   "basis": BasisProjection}
 
 
+def form_of(form: str | dict[str, str], projection: str) -> str:
+    """The form of `projection` under a spec's form: one form for every projection, or one per projection."""
+    return form if isinstance(form, str) else form[projection]
+
+
 def make_projection(form: str, projection: str, num_experts: int, out_features: int, in_features: int, rank: int,
                     num_cores: int = 1, bias: bool = False, **factory) -> _Projection:
     """An unfitted projection of `form` for the expert projection named `projection` (gate, up or down)."""
@@ -364,13 +369,14 @@ class SharedCoreExperts(nn.Module):
 
     @classmethod
     def empty(cls, experts: nn.Module, spec: dict) -> SharedCoreExperts:
-        """An unfitted replacement for `experts`, shaped by `spec` ({"form", "num_cores", "ranks"}); its parameters
+        """An unfitted replacement for `experts`, shaped by `spec` ({"form", "num_cores", "ranks"}; the form may be
+        one per projection); its parameters
         take the experts' dtype and device (meta while transformers loads a checkpoint)."""
         parts = split_weights(experts)
         projections = {}
         for name in projection_names(experts):
             W, bias = parts[name]
-            projections[name] = make_projection(spec["form"], name, *W.shape, spec["ranks"][name],
+            projections[name] = make_projection(form_of(spec["form"], name), name, *W.shape, spec["ranks"][name],
                                                 spec.get("num_cores", 1), bias is not None, dtype=W.dtype,
                                                 device=W.device)
         return cls(cls.from_template(experts), projections).train(experts.training)

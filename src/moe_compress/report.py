@@ -27,6 +27,8 @@ FORMS = {
     "delta": "one shared core C and a per-expert low-rank term, W_e ~ C + U_e V_e^T",
     "basis": "one shared core C and per-expert factors on a basis the experts share, W_e ~ C + U_e V^T (gate, up; "
              "V shared) or C + U V_e^T (down; U shared)",
+    "mixed": "one shared core C per projection, with per-expert factors on an input basis the experts share for gate "
+             "and up (W_e ~ C + U_e V^T) and a per-expert low-rank term for down (W_e ~ C + U_e V_e^T)",
 }
 
 
@@ -80,10 +82,11 @@ def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
     after_bytes = folder_bytes(run.compressed)
     size = lambda n: f"{n / 2**20:,.1f} MiB" if n is not None else "(hub model: not measured)"
     settings = report.config
+    form = FORMS["mixed" if settings.method == "mixed" else settings.form]
     lines = [
         f"# moe-compress pipeline: {model}",
         "",
-        f"Every expert projection W_e of each MoE layer is replaced by {FORMS[settings.form]}, fitted zero-shot "
+        f"Every expert projection W_e of each MoE layer is replaced by {form}, fitted zero-shot "
         f"(method `{settings.method}`) {fitted_to(settings.calibration)}, then distilled from the original model "
         "(the teacher).",
         "",

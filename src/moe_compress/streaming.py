@@ -227,7 +227,7 @@ def fit_unit(W: torch.Tensor, bias: torch.Tensor | None, rank: int, config: Comp
              ) -> tuple[dict[str, torch.Tensor], float, float | None]:
     """One projection's compressed tensors, in W's dtype on the CPU, their relative error, and their relative error
     in the calibrated metric M [E, in, in] when given; W: [E, out, in]."""
-    proj = make_projection(config.form, projection, *W.shape, rank, num_cores, bias is not None,
+    proj = make_projection(config.form_of(projection), projection, *W.shape, rank, num_cores, bias is not None,
                            dtype=W.dtype, device=device)
     error, output_error = fit_into(proj, W, bias, config, device, metric)
     return {key: value.cpu() for key, value in proj.state_dict().items()}, error, output_error
@@ -248,7 +248,7 @@ def fit_and_record(experts: ExpertsOnDisk, projection: str, W: torch.Tensor, bia
     state, error, output_error = fit_unit(W, bias, rank, config, device, metric, projection, num_cores)
     E, out_f, in_f = W.shape
     stats = ProjectionStats(experts.name, projection, E, (out_f, in_f), rank, error, E * out_f * in_f,
-                            stored_params(E, out_f, in_f, rank, num_cores, config.form, projection),
+                            stored_params(E, out_f, in_f, rank, num_cores, config.form_of(projection), projection),
                             time.perf_counter() - start, output_error)
     prefix = f"{experts.saved_as}.projections.{projection}"
     manifest.save(_unit(experts.name, projection), {f"{prefix}.{k}": v for k, v in state.items()},

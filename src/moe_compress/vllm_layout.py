@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moe_compress.experts import Route, _Projection, make_projection
+from moe_compress.experts import Route, _Projection, form_of, make_projection
 
 SUPPORTED_FORMS = ("wrapped", "delta", "basis")
 # vLLM's shard ids: w1 gate, w3 up (both in w13), w2 down; an ungated experts module's up projection is vLLM's w1
@@ -59,7 +59,7 @@ def new_projections(spec: dict, num_experts: int, hidden: int, intermediate: int
         raise ValueError(f"{where}: activation {activation!r} is not served by moe-compress's vLLM plugin (it serves "
                          f"{', '.join(ACTIVATIONS)}, gated or _no_mul); serve a dense copy (`moe-compress export`)")
     form = spec.get("form")
-    if form not in SUPPORTED_FORMS:
+    if not set([form] if isinstance(form, str) else form.values()) <= set(SUPPORTED_FORMS):
         raise ValueError(f"{where}: form {form!r} cannot be served by moe-compress's vLLM plugin (it serves "
                          f"{', '.join(SUPPORTED_FORMS)}); serve a dense copy (`moe-compress export`) instead")
     shapes = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
@@ -69,7 +69,7 @@ def new_projections(spec: dict, num_experts: int, hidden: int, intermediate: int
                          f"{sorted(names)}; check that the folder was compressed from this architecture")
     projections = {}
     for name in names:
-        proj = make_projection(form, name, num_experts, *shapes[name], spec["ranks"][name],
+        proj = make_projection(form_of(form, name), name, num_experts, *shapes[name], spec["ranks"][name],
                                spec.get("num_cores", 1), bias, dtype=dtype)
         projections[name] = proj.eval().requires_grad_(False)
     return projections
