@@ -1,9 +1,10 @@
 """Question 9: where should the parameter budget go? Rank allocation, several cores, and the shared-basis form.
 
 On both bundled testbeds at kept 0.3 and 0.5 of the expert parameters, calibrated on the windows of §1 (and a few
-data-free rows for reference): each form (als's wrapper, delta, basis) with uniform ranks and with the global
-allocation, and delta with 2, 4 and auto cores (k-means groups; auto picks 1, 2 or 4 per module by the error
-curves). Held-out loss increase over the original on the validation split, the kept fraction each run really stores
+data-free rows for reference): each form (als's wrapper, delta, basis, and mixed: basis for gate and up, delta for
+down) with uniform ranks and with the global allocation, and delta with 2, 4 and auto cores (k-means groups; auto
+picks 1, 2 or 4 per module by the error curves); then every assignment of delta or basis to gate, up and down, each
+projection taken from that form's globally allocated fit. Held-out loss increase over the original on the validation split, the kept fraction each run really stores
 (integer ranks leave some of the budget unspent), the weight-space relative error and the fit time (one run each: the
 fits are deterministic).
 
@@ -15,27 +16,31 @@ the storage of wrapper rank 16, on the synthetic experts and metrics of §2, in 
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 import time
+
+import torch
 
 from benchmarks.common import in_fresh_process, part_cli, table
 from benchmarks.fit_speed import clock, synthetic_experts, synthetic_metrics
 from benchmarks.quality import TESTBED_NAMES, testbed_setting
-from moe_compress import CompressionConfig, compress
+from moe_compress import CompressionConfig, SharedCoreExperts, compress
 from moe_compress import fit
-from moe_compress.compress import RankTooLargeError, max_rank, stored_params
+from moe_compress.compress import BASIS_FROM, RankTooLargeError, max_rank, stored_params
 
 RUNS = [  # (method, rank allocation, cores, calibrated)
     ("als", "uniform", 1, True), ("als", "global", 1, True),
     ("delta", "uniform", 1, True), ("delta", "global", 1, True),
     ("basis", "uniform", 1, True), ("basis", "global", 1, True),
+    ("mixed", "uniform", 1, True), ("mixed", "global", 1, True),
     ("delta", "global", 2, True), ("delta", "global", 4, True), ("delta", "global", "auto", True),
     ("als", "uniform", 1, False), ("als", "global", 1, False),
     ("delta", "uniform", 1, False), ("delta", "global", 1, False),
     ("basis", "uniform", 1, False), ("basis", "global", 1, False),
 ]
 FULL = dict(ratios=(0.3, 0.5), runs=RUNS, calibration_sequences=64, max_tokens=None)
-QUICK = dict(ratios=(0.3,), runs=[("delta", "global", 1, True), ("basis", "uniform", 1, False),
+QUICK = dict(ratios=(0.3,), runs=[("delta", "global", 1, True), ("basis", "global", 1, True),
                                   ("delta", "uniform", 2, False)], calibration_sequences=4, max_tokens=4096)
 
 
@@ -70,10 +75,26 @@ def label(method: str, allocation: str, cores: int, calibrated: bool) -> str:
     return f"{method}, {allocation}{f', {cores} cores' if cores != 1 else ''}{'' if calibrated else ', data-free'}"
 
 
+def form_combinations(fitted: dict[str, torch.nn.Module], loss, base: float) -> dict[str, float]:
+    """Loss increase of every assignment of delta or basis to (gate, up, down), each projection taken from that form's
+    fitted model (both calibrated, global ranks, so each stores about the same)."""
+    found = {}
+    for forms in itertools.product(("delta", "basis"), repeat=3):
+        model = copy.deepcopy(fitted["delta"])
+        for name, module in model.named_modules():
+            if isinstance(module, SharedCoreExperts):
+                for projection, form in zip(("gate", "up", "down"), forms):
+                    module.projections[projection] = copy.deepcopy(
+                        fitted[form].get_submodule(name).projections[projection])
+        found["/".join(forms)] = loss(model) - base
+    return found
+
+
 def run_testbed(name: str, setting: dict) -> dict:
     original, loss, base, calibration = testbed_setting(name, setting)
-    rows = []
+    rows, combinations = [], {}
     for ratio in setting["ratios"]:
+        fitted = {}
         for method, allocation, cores, calibrated in setting["runs"]:
             model = copy.deepcopy(original)
             config = CompressionConfig(target_ratio=ratio, method=method, rank_allocation=allocation, num_cores=cores)
@@ -90,7 +111,11 @@ def run_testbed(name: str, setting: dict) -> dict:
                          "seconds": seconds, "ranks": [r.rank for r in report.rows]})
             print(f"budget: {name} {ratio} {rows[-1]['run']}: {rows[-1]['increase']:+.4f}", file=sys.stderr,
                   flush=True)
-    return {"original_loss": base, "rows": rows}
+            if allocation == "global" and cores == 1 and calibrated and method in ("delta", "basis"):
+                fitted[method] = model
+        if len(fitted) == 2:
+            combinations[str(ratio)] = form_combinations(fitted, loss, base)
+    return {"original_loss": base, "rows": rows, "combinations": combinations}
 
 
 def run(quick: bool = False) -> dict:
@@ -109,7 +134,7 @@ def findings(result: dict) -> str:
         rows = found["rows"]
         for ratio in result["setting"]["ratios"]:
             parts = []
-            for method in ("als", "delta", "basis"):
+            for method in ("als", "delta", "basis", "mixed"):
                 uniform, best = _find(rows, ratio, f"{method}, uniform"), _find(rows, ratio, f"{method}, global")
                 if uniform and best and uniform["increase"] > 0:
                     parts.append(f"{method} global/uniform {best['increase'] / uniform['increase']:.2f}x")
@@ -118,6 +143,11 @@ def findings(result: dict) -> str:
                 several = _find(rows, ratio, f"delta, global, {cores} cores")
                 if one and several and one["increase"] > 0:
                     parts.append(f"{cores} cores/1 {several['increase'] / one['increase']:.2f}x")
+            default = _find(rows, ratio, f"{'basis' if ratio >= BASIS_FROM else 'mixed'}, global")
+            before = _find(rows, ratio, "delta, uniform")  # the default when this question was asked
+            if default and before:
+                parts.append(f"the default ({default['run']}) against uniform delta "
+                             f"{default['increase'] / before['increase']:.2f}x")
             calibrated = [r for r in rows if r["target"] == ratio and "data-free" not in r["run"]]
             if calibrated:
                 best = min(calibrated, key=lambda r: r["increase"])
@@ -135,6 +165,20 @@ def fit_times_markdown(part: dict) -> str:
                      for r in part["rows"]]))
 
 
+def combinations_markdown(result: dict) -> str:
+    """One row per testbed and kept fraction, one column per assignment of forms to gate/up/down."""
+    names = list(next(iter(next(iter(result["testbeds"].values()))["combinations"].values()), {}))
+    rows = []
+    for name, found in result["testbeds"].items():
+        for ratio, increases in found["combinations"].items():
+            best = min(increases.values())
+            rows.append([TESTBED_NAMES[name].split(" (")[0], ratio] + [
+                f"**{v:+.4f}**" if v == best else f"{v:+.4f}" for v in increases.values()])
+    return ("Which form for which projection: the loss increase of every assignment of delta or basis to gate/up/down "
+            "(each projection taken from that form's calibrated fit with global ranks; best in bold). "
+            "`method=mixed` is basis/basis/delta.\n\n" + table(["testbed", "kept", *names], rows))
+
+
 def markdown(result: dict) -> str:
     parts = [
         "Held-out loss increase (nats/byte) over the original on the validation split; `kept` is what each run really "
@@ -147,6 +191,7 @@ def markdown(result: dict) -> str:
         "![loss increase of each run, both testbeds](benchmarks/budget.png)",
         *(["", fit_times_markdown(result["fit_times"])] if "fit_times" in result else []),
     ]
+    parts += ["", combinations_markdown(result)]
     for name, found in result["testbeds"].items():
         parts += ["", f"**{TESTBED_NAMES[name]}** (original {found['original_loss']:.4f} nats/byte)", ""]
         parts.append(table(["kept target", "run", "kept", "rel. error", "loss increase", "fit s"],

@@ -2,8 +2,9 @@
 
 The original is transformers' Qwen3MoeExperts with its default experts implementation (grouped_mm), the compressed one
 SharedCoreExperts in each form at the storage of wrapper ranks 16 and 64 (delta at the same rank; the shared basis at
-the width k that stores as much), all fp32 with random weights (speed does not depend on the values), at Qwen3-30B-A3B
-shapes: E=128 experts, top-8, hidden 2048, expert width 768. Timing: medians of interleaved runs in one process.
+the width k that stores as much; mixed: that basis for gate and up, delta for down), all fp32 with random weights
+(speed does not depend on the values), at Qwen3-30B-A3B shapes: E=128 experts, top-8, hidden 2048, expert width 768.
+Timing: medians of interleaved runs in one process.
 Memory: peak resident memory of a fresh process that builds one module and runs one forward.
 """
 
@@ -15,11 +16,11 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from benchmarks.common import in_fresh_process, interleaved_medians, peak_rss_mib, table
 from moe_compress import SharedCoreExperts
-from moe_compress.compress import max_rank, stored_params
+from moe_compress.compress import MIXED_FORMS, PROJECTIONS, max_rank, stored_params
 
 FULL = dict(num_experts=128, top_k=8, hidden=2048, width=768, tokens=(1, 64, 512), ranks=(16, 64), repeats=7,
-            forms=("wrapped", "delta", "basis"))
-QUICK = dict(num_experts=8, top_k=2, hidden=64, width=32, tokens=(16,), ranks=(4,), repeats=2, forms=("basis",))
+            forms=("wrapped", "delta", "basis", "mixed"))
+QUICK = dict(num_experts=8, top_k=2, hidden=64, width=32, tokens=(16,), ranks=(4,), repeats=2, forms=("mixed",))
 
 
 def build(kind: str, shape: dict) -> torch.nn.Module:
@@ -30,10 +31,12 @@ def build(kind: str, shape: dict) -> torch.nn.Module:
     module = original
     if kind != "original":
         form, rank = kind.split()[0], int(kind.split()[-1])
-        if form == "basis":  # the width that stores what the wrapper does at `rank` (gate, up and down alike)
-            E, F, H = shape["num_experts"], shape["width"], shape["hidden"]
-            rank = max_rank(E, F, H, stored_params(E, F, H, rank), "basis")
-        module = SharedCoreExperts.empty(original, {"form": form, "ranks": dict.fromkeys(("gate", "up", "down"), rank)})
+        forms = MIXED_FORMS if form == "mixed" else dict.fromkeys(PROJECTIONS, form)
+        E, F, H = shape["num_experts"], shape["width"], shape["hidden"]
+        # a basis gets the width that stores what the wrapper does at `rank` (gate, up and down alike)
+        ranks = {p: max_rank(E, F, H, stored_params(E, F, H, rank), "basis") if f == "basis" else rank
+                 for p, f in forms.items()}
+        module = SharedCoreExperts.empty(original, {"form": forms, "ranks": ranks})
         del original
     with torch.no_grad():
         for p in module.parameters():
@@ -80,7 +83,8 @@ def markdown(result: dict) -> str:
              f"{r['weights_mib']:,.0f}", f"{r['peak_rss_mib']:,.0f}"] for r in result["rows"]]
     return (f"E={s['num_experts']}, top-{s['top_k']}, hidden {s['hidden']}, width {s['width']}, fp32, "
             f"median of {s['repeats']} interleaved runs; `basis rank r` is the shared basis of the width that stores "
-            "what the wrapper stores at rank r.\n\n" + table(header, rows))
+            "what the wrapper stores at rank r; `mixed rank r` that basis for gate and up and delta for down.\n\n"
+            + table(header, rows))
 
 
 if __name__ == "__main__":
