@@ -41,7 +41,7 @@ SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(C
                "--hf-overrides", json.dumps({"max_position_embeddings": CONTEXT + 2})]
 
 
-@pytest.fixture(scope="module", params=["als", "delta", "basis"])
+@pytest.fixture(scope="module", params=["als", "delta", "basis", "mixed"])
 def compressed(request, tmp_path_factory) -> Path:
     """The fine-grained testbed compressed to 0.3 of its expert parameters, in the form of each method."""
     model, tokenizer = load_testbed(path=FINE_TESTBED_DIR)

@@ -7,8 +7,9 @@ loads them from the folder (moe_compress.vllm_layout says how the names are mapp
 torch with SharedCoreExperts' algebra. Every other layer (attention, router, norms, embeddings) stays vLLM's own.
 
 Supported: vLLM 0.32 (the MoE interfaces, RoutedExperts and FusedMoEMethodBase.apply, change between minor
-versions), forms wrapped, delta and basis, one GPU or CPU process per model copy (data parallel without expert
-parallel is fine). Tensor and expert parallelism are refused with a one-line error, as are other forms and activations.
+versions), forms wrapped, delta and basis (one for all projections or one per projection, as mixed has), one GPU or
+CPU process per model copy (data parallel without expert parallel is fine). Tensor and expert parallelism are refused
+with a one-line error, as are other forms and activations.
 
 This module imports vLLM; nothing else in the package does, so moe-compress works where vLLM is not installed.
 """
