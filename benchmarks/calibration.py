@@ -78,7 +78,7 @@ def stages(name: str, setting: dict) -> dict:
         start = time.perf_counter()
         token_ids = calibration_token_ids(checkpoint.folder, config, None)
         read = time.perf_counter()
-        manifest = _statistics(checkpoint, token_ids, config, Path(folder) / "out", torch.device("cpu"), False, False)
+        manifest = _statistics(checkpoint, token_ids, config, Path(folder) / "out", torch.device("cpu"), False)
         gathered = time.perf_counter()
         for experts in checkpoint.experts:
             grams = load_statistics(manifest, experts.name)

@@ -115,7 +115,10 @@ def regularised(gram: torch.Tensor, tokens: torch.Tensor, regularisation: Regula
     (the whole [E, d, d] in fp64 is twice the statistics' size, and its passes over fresh memory took 4 s a module of
     128 experts with d = 1024, more than the fit)."""
     E, d, _ = gram.shape
-    layer = gram.sum(0, dtype=torch.float64) / tokens.sum().clamp_min(1)  # the layer-wide Gram, per routed token
+    layer = torch.zeros(d, d, dtype=torch.float64, device=gram.device)
+    for M_e in gram:  # gram.sum(0, dtype=float64) casts the whole [E, d, d] to fp64 first: 1 GiB at E = 128, d = 1024
+        layer += M_e
+    layer /= tokens.sum().clamp_min(1)  # the layer-wide Gram, per routed token
     # an expert with no tokens and no shrinkage would have no scale at all: it takes the layer's
     fallback = layer.diagonal().mean().clamp_min(1e-12)
     metric = torch.empty_like(gram, dtype=torch.float32)  # [E, d, d]

@@ -2,9 +2,11 @@
 
 The model is loaded with its decoder layers offloaded to disk (accelerate, through transformers' device_map): the
 embeddings and what follows the layers stay in memory, and each layer's weights are read for its own forward and
-dropped after it. The calibration batches go through the layers one at a time (sequential.py), each layer on the
-previous layer's original outputs; the experts' gate and up weights, which the statistics need for the intermediate
-activations, are read from the checkpoint as the fits read them.
+dropped after it. Memory stays that of one layer whatever the depth: the load reads each checkpoint tensor with its
+file opened for that read alone, and the heap's freed pages go back to the system after each layer. The calibration
+batches go through the layers one at a time (sequential.py), each layer on the previous layer's original outputs; the
+experts' gate and up weights, which the statistics need for the intermediate activations, are read from the checkpoint
+as the fits read them.
 
 Each experts module's statistics are saved atomically, with their checksums, in a folder of their own: a crash
 resumes from the first layer not saved, and a compression of the same model on the same calibration data at another
@@ -16,6 +18,7 @@ the statistics are sums over tokens, an all-reduce after each layer gives every 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import tempfile
@@ -29,7 +32,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 from moe_compress.calibration import observing
 from moe_compress.calibration_stats import ExpertGrams
@@ -62,11 +64,44 @@ def _offload_map(model: nn.Module, device: str) -> dict[str, str]:
     return device_map
 
 
-def offloaded_model(folder: Path, skeleton: nn.Module, offload_folder: Path, device: str,
-                    trust_remote_code: bool) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(
-        folder, device_map=_offload_map(skeleton, device), offload_folder=offload_folder, dtype="auto",
-        trust_remote_code=trust_remote_code).eval()
+class _ReadOnDemand:
+    """A checkpoint tensor as transformers' loader takes it, read when the loader asks ([...]) with its file opened for
+    that read alone. from_pretrained keeps every shard it reads memory-mapped until the whole model is loaded, and the
+    pages it read stay resident until then: its peak grew by every offloaded layer's size (25 MiB a layer, 3 GiB at
+    120 layers in BENCHMARKS.md §8). Opening the file per tensor costs about 0.5 ms a tensor."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+
+    def __getitem__(self, index) -> torch.Tensor:
+        with safe_open(self.path, "pt") as f:
+            return f.get_slice(self.key)[index]
+
+    @property
+    def dtype(self) -> torch.dtype:  # read by dtype="auto" when the config names none: the first tensor, once
+        return self[...].dtype
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def offloaded_model(checkpoint, offload_folder: Path, device: str) -> nn.Module:
+    """The checkpoint's model with its decoder layers offloaded to `offload_folder` (see _ReadOnDemand); its class is
+    the meta-device model's, so remote code runs only where open_checkpoint allowed it."""
+    state = {key: _ReadOnDemand(checkpoint.path(key), key) for key in checkpoint.files}
+    return type(checkpoint.model).from_pretrained(
+        None, config=checkpoint.config, state_dict=state, device_map=_offload_map(checkpoint.model, device),
+        offload_folder=offload_folder, dtype="auto").eval()
+
+
+def _release_free_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). A layer's pass frees
+    tensors whose sizes follow the tokens each expert is routed, which glibc keeps resident for reuse and rarely
+    reuses: at 128 experts of 1024 x 32, resident memory grew 6 MiB a layer without this, and stayed under the fits
+    after the pass."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 @contextmanager
@@ -105,7 +140,7 @@ def _sum_over_ranks(stats: ExpertGrams, device: str) -> None:
 
 
 def gather_statistics(checkpoint, read_gate_up, batches: list[torch.Tensor], folder: Path, device: str,
-                      trust_remote_code: bool = False, progress: bool = True) -> Manifest:
+                      progress: bool = True) -> Manifest:
     """Every experts module's statistics in `folder` (a Manifest of units named by module); those already there and
     verified are kept. `read_gate_up(experts_on_disk)` reads a module's gate and up weights from the checkpoint.
     Under torch.distributed every process calls it, with the same batches: each runs its share of them."""
@@ -118,7 +153,7 @@ def gather_statistics(checkpoint, read_gate_up, batches: list[torch.Tensor], fol
     (folder / "units").mkdir(parents=True, exist_ok=True)
     on_disk = {experts.name: experts for experts in checkpoint.experts}
     with tempfile.TemporaryDirectory(dir=folder, prefix="offload-") as offload:
-        model = offloaded_model(checkpoint.folder, checkpoint.model, Path(offload), device, trust_remote_code)
+        model = offloaded_model(checkpoint, Path(offload), device)
         inputs = capture(model, batches[rank::world])
         desc = "calibration" if world == 1 else f"calibration [rank {rank}/{world}]"
         for index in tqdm(range(len(inputs.layers)), desc=desc, unit="layer", disable=not progress):
@@ -132,4 +167,6 @@ def gather_statistics(checkpoint, read_gate_up, batches: list[torch.Tensor], fol
                 if rank == 0:
                     manifest.save(name, stats.state(), {"tokens": int(stats.tokens.sum())})
             inputs.advance(index, outputs)
+            del grams, outputs
+            _release_free_heap()
     return manifest

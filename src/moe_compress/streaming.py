@@ -276,7 +276,7 @@ def fit_share(checkpoint: Checkpoint, specs: dict[str, dict], units: list[tuple[
             bar.set_postfix_str(f"{experts.name.removesuffix('.experts')[-24:]} {projection} "
                                 f"err={stats.rel_error:.3f} {stats.seconds:.1f}s")
             bar.update()
-        del parts
+        del parts, grams, metric  # before the next module's are read: one module's Grams and metric in memory at a time
 
 
 def _allocated(checkpoint: Checkpoint, specs: dict[str, dict], config: CompressionConfig, device: torch.device,
@@ -340,7 +340,7 @@ def calibration_token_ids(folder: Path, config: CompressionConfig,
 
 
 def _statistics(checkpoint: Checkpoint, token_ids: torch.Tensor, config: CompressionConfig, output_dir: Path,
-                device: torch.device, trust_remote_code: bool, progress: bool) -> Manifest:
+                device: torch.device, progress: bool) -> Manifest:
     """The calibration statistics of every experts module, gathered by every process on its share (or found saved)."""
     if config.calibration.propagate != "original":
         raise ValueError("compressing a checkpoint folder gathers its statistics on the original layers' outputs; "
@@ -351,7 +351,7 @@ def _statistics(checkpoint: Checkpoint, token_ids: torch.Tensor, config: Compres
     inputs_side = lambda module: [p for p in projection_names(module) if p != "down"]  # up alone when gate-less
     read = lambda experts: read_experts(checkpoint, experts, _params_of(experts.module, inputs_side(experts.module)))
     gather_statistics(checkpoint, read, list(token_ids.split(config.calibration.batch_size)), folder, str(device),
-                      trust_remote_code, progress)  # every process: each gathers on its share of the batches
+                      progress)  # every process: each gathers on its share of the batches
     barrier()
     return Manifest(folder)
 
@@ -379,7 +379,7 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
     token_ids = calibration_token_ids(checkpoint.folder, config, calibration)
     with distributed(device) as ranks:
         statistics = None if token_ids is None else _statistics(
-            checkpoint, token_ids, config, output_dir, device, trust_remote_code, progress)
+            checkpoint, token_ids, config, output_dir, device, progress)
         if ranks.is_main:
             open_work_dir(work, _settings(checkpoint, config), overwrite)
         barrier()
