@@ -4,9 +4,13 @@ On both bundled testbeds at kept 0.3 and 0.5 of the expert parameters, calibrate
 data-free rows for reference): each form (als's wrapper, delta, basis, and mixed: basis for gate and up, delta for
 down) with uniform ranks and with the global allocation, and delta with 2, 4 and auto cores (k-means groups; auto
 picks 1, 2 or 4 per module by the error curves); then every assignment of delta or basis to gate, up and down, each
-projection taken from that form's globally allocated fit. Held-out loss increase over the original on the validation split, the kept fraction each run really stores
-(integer ranks leave some of the budget unspent), the weight-space relative error and the fit time (one run each: the
-fits are deterministic).
+projection taken from that form's globally allocated fit. Held-out loss increase over the original on the validation
+split, the kept fraction each run really stores (integer ranks leave some of the budget unspent), the weight-space
+relative error and the fit time (one run each: the fits are deterministic).
+
+How far any rank allocation could go (`oracle`): on the fine testbed at kept 0.3 with the default form, each unit's
+rank one step up and one step down from the uniform ranks with the loss measured each time, and the best set of those
+steps within the budget by the measured marginals, measured in turn.
 
 Fit time at real scale (`python -m benchmarks.budget --fit-times`, stored beside): each projection shape of
 Qwen3-30B-A3B (128 experts; gate/up 768 x 2048, down 2048 x 768) fitted by delta and basis in a calibrated metric, at
@@ -21,13 +25,16 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from benchmarks.common import in_fresh_process, part_cli, table
 from benchmarks.fit_speed import clock, synthetic_experts, synthetic_metrics
 from benchmarks.quality import TESTBED_NAMES, testbed_setting
 from moe_compress import CompressionConfig, SharedCoreExperts, compress
 from moe_compress import fit
-from moe_compress.compress import BASIS_FROM, RankTooLargeError, max_rank, stored_params
+from moe_compress.compress import (BASIS_FROM, CompressionReport, RankTooLargeError, _compress_calibrated, max_rank,
+                                   plan, stored_params)
+from moe_compress.discovery import split_weights
 
 RUNS = [  # (method, rank allocation, cores, calibrated)
     ("als", "uniform", 1, True), ("als", "global", 1, True),
@@ -40,6 +47,7 @@ RUNS = [  # (method, rank allocation, cores, calibrated)
     ("basis", "uniform", 1, False), ("basis", "global", 1, False),
 ]
 FULL = dict(ratios=(0.3, 0.5), runs=RUNS, calibration_sequences=64, max_tokens=None)
+ORACLE = dict(testbed="testbed_fine", ratio=0.3, method="mixed")
 QUICK = dict(ratios=(0.3,), runs=[("delta", "global", 1, True), ("basis", "global", 1, True),
                                   ("delta", "uniform", 2, False)], calibration_sequences=4, max_tokens=4096)
 
@@ -118,9 +126,59 @@ def run_testbed(name: str, setting: dict) -> dict:
     return {"original_loss": base, "rows": rows, "combinations": combinations}
 
 
+def with_ranks(original: torch.nn.Module, config: CompressionConfig, calibration: torch.Tensor,
+               ranks: dict[tuple[str, str], int]) -> torch.nn.Module:
+    """A calibrated copy of `original` compressed with the given rank of each (layer, projection)."""
+    model = copy.deepcopy(original)
+    specs = plan(model, config)
+    for (name, projection), rank in ranks.items():
+        specs[name]["ranks"][projection] = rank
+    with tqdm(disable=True) as bar:
+        _compress_calibrated(model, specs, config, calibration, CompressionReport(config), bar)
+    return model
+
+
+def oracle(setting: dict) -> dict:
+    """How far any rank allocation could go: from the uniform ranks, each unit one step up and one step down (a step
+    stores about what one delta rank stores), loss measured; the best set of steps within the budget by those measured
+    marginals (summed as if independent, every choice of -1/0/+1 per unit tried), then measured itself."""
+    original, loss, base, calibration = testbed_setting(setting["testbed"], FULL)
+    config = CompressionConfig(target_ratio=setting["ratio"], method=setting["method"]).for_data(True)
+    specs = plan(original, config)
+    shapes = {(name, p): W.shape for name in specs for p, (W, _) in split_weights(original.get_submodule(name)).items()}
+    uniform = {(name, p): r for name, spec in specs.items() for p, r in spec["ranks"].items()}
+    stored = lambda unit, rank, form=None: stored_params(*shapes[unit], rank, 1, form or config.form_of(unit[1]),
+                                                         unit[1])
+    step = {u: max(1, round((stored(u, 1, "delta") - stored(u, 0, "delta")) / (stored(u, 1) - stored(u, 0))))
+            for u in uniform}
+    increase = lambda ranks: loss(with_ranks(original, config, calibration, ranks)) - base
+    at_uniform = increase(uniform)
+    units = list(uniform)
+    options = []  # per unit: (sign, measured change of the loss increase, parameters spent)
+    for u in units:
+        up = {**uniform, u: uniform[u] + step[u]}
+        options.append([(0, 0.0, 0), (1, increase(up) - at_uniform, stored(u, up[u]) - stored(u, uniform[u]))])
+        if uniform[u] > step[u]:
+            down = {**uniform, u: uniform[u] - step[u]}
+            options[-1].append((-1, increase(down) - at_uniform, stored(u, down[u]) - stored(u, uniform[u])))
+    room = setting["ratio"] * sum(E * o * i for E, o, i in shapes.values()) - sum(stored(u, uniform[u]) for u in units)
+    best = (0.0, [0] * len(units))
+    for choice in itertools.product(*options):
+        if sum(spent for _, _, spent in choice) <= room:
+            best = min(best, (sum(change for _, change, _ in choice), [sign for sign, _, _ in choice]))
+    chosen = {u: uniform[u] + sign * step[u] for u, sign in zip(units, best[1])}
+    return {**setting, "uniform": at_uniform, "uniform_ranks": list(uniform.values()), "steps": list(step.values()),
+            "marginals": {f"{u[0]}.{u[1]} {sign:+d}": change for u, found in zip(units, options)
+                          for sign, change, _ in found[1:]},
+            "predicted": at_uniform + best[0], "chosen_ranks": list(chosen.values()), "measured": increase(chosen)}
+
+
 def run(quick: bool = False) -> dict:
     setting = QUICK if quick else FULL
-    return {"setting": setting, "testbeds": {name: run_testbed(name, setting) for name in TESTBED_NAMES}}
+    result = {"setting": setting, "testbeds": {name: run_testbed(name, setting) for name in TESTBED_NAMES}}
+    if not quick:  # 25 calibrated compressions of the fine testbed: not for the smoke run
+        result["oracle"] = oracle(ORACLE)
+    return result
 
 
 def _find(rows: list[dict], ratio: float, run: str) -> dict | None:
@@ -179,6 +237,21 @@ def combinations_markdown(result: dict) -> str:
             "`method=mixed` is basis/basis/delta.\n\n" + table(["testbed", "kept", *names], rows))
 
 
+def oracle_markdown(result: dict) -> str:
+    found = result["oracle"]
+    rows = result["testbeds"][found["testbed"]]["rows"]
+    allocated = _find(rows, found["ratio"], f"{found['method']}, global")
+    changes = found["marginals"].values()
+    return (f"How far rank allocation alone could go ({found['testbed']}, kept {found['ratio']}, {found['method']}, "
+            f"calibrated): from the uniform ranks (+{found['uniform']:.4f}), one step of one unit changes the loss "
+            f"increase by {min(changes):+.4f} to {max(changes):+.4f}. The best set of steps within the budget by "
+            f"these measured marginals predicts {found['predicted']:+.4f} and measures {found['measured']:+.4f} "
+            f"({found['measured'] / found['uniform']:.2f}x uniform; ranks {found['chosen_ranks']} from "
+            f"{found['uniform_ranks']}); the global allocation, from one decomposition per unit and no loss "
+            f"measured, {allocated['increase']:+.4f} ({allocated['increase'] / found['uniform']:.2f}x)."
+            if allocated else "")
+
+
 def markdown(result: dict) -> str:
     parts = [
         "Held-out loss increase (nats/byte) over the original on the validation split; `kept` is what each run really "
@@ -187,6 +260,7 @@ def markdown(result: dict) -> str:
         "benchmarks/results/budget.json.",
         "",
         findings(result),
+        *(["", oracle_markdown(result)] if "oracle" in result else []),
         "",
         "![loss increase of each run, both testbeds](benchmarks/budget.png)",
         *(["", fit_times_markdown(result["fit_times"])] if "fit_times" in result else []),
