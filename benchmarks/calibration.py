@@ -101,41 +101,54 @@ def time_part(setting: dict) -> dict:
     return {**setting, "rows": time_rows(setting), "stages": stage_rows(setting)}
 
 
-def run(quick: bool = False) -> dict:
-    memory, timing = (QUICK_MEMORY, QUICK_TIME) if quick else (MEMORY, TIME)
-    layers = QUICK_MEMORY_LAYERS if quick else MEMORY_LAYERS
+def memory_part(quick: bool = False) -> dict:
+    memory, layers = (QUICK_MEMORY, QUICK_MEMORY_LAYERS) if quick else (MEMORY, MEMORY_LAYERS)
     with tempfile.TemporaryDirectory(prefix="calibration-memory-") as folder:
         rows = [memory_row(Path(folder) / str(n), memory, n) for n in layers]
-    return {"memory": {**memory, "layers": layers, "rows": rows},
-            "time": time_part(timing)}
+    return {**memory, "layers": layers, "rows": rows}
+
+
+def run(quick: bool = False) -> dict:
+    return {"memory": memory_part(quick), "time": time_part(QUICK_TIME if quick else TIME)}
 
 
 def memory_note(m: dict) -> str:
-    """What the memory table says: how the calibrated peak moves as the checkpoint grows, and what it holds."""
+    """What the memory table says: how the calibrated peak moves as the checkpoint grows, what it holds, and what made
+    it grow with depth before (BENCHMARKS.md of 2026-11-25: 2,819 -> 3,511 MiB from 20 to 120 layers)."""
     rows = m["rows"]
     peaks = [r["calibrated"]["peak_rss_mib"] for r in rows]
     free = [r["data-free"]["peak_rss_mib"] for r in rows]
     grown = rows[-1]["checkpoint_mib"] / rows[0]["checkpoint_mib"]
-    change = (peaks[-1] - peaks[0]) / peaks[0]
+    flat = abs(peaks[-1] - peaks[0]) / peaks[0] < 0.1  # one checkpoint alone (the smoke run) is flat too
+    layers = max(1, rows[-1]["layers"] - rows[0]["layers"])
+    slope, free_slope = (peaks[-1] - peaks[0]) / layers, (free[-1] - free[0]) / layers
     E, H, F = m["experts"], m["hidden"], m["width"]
     gram_mib = 4 * E * (H * H + F * F) / 2**20
     saved_mib = 2 * E * (H * (H + 1) + F * (F + 1)) / 2 / 2**20
-    if abs(change) < 0.1:  # one checkpoint alone (the smoke run) is flat too
-        verdict = f"stays flat ({peaks[0]:,.0f} -> {peaks[-1]:,.0f} MiB)"
-    else:
-        layers = rows[-1]["layers"] - rows[0]["layers"]
-        slope, free_slope = (peaks[-1] - peaks[0]) / layers, (free[-1] - free[0]) / layers
-        verdict = (f"grows by {change:+.0%} ({peaks[0]:,.0f} -> {peaks[-1]:,.0f} MiB, {slope:.1f} MiB a layer "
-                   f"against {free_slope:.1f} for data-free)")
-    return (f"The calibrated peak {verdict} while the checkpoint grows {grown:.0f}x "
-            f"({rows[0]['checkpoint_mib']:,.0f} -> {rows[-1]['checkpoint_mib']:,.0f} MiB)"
-            f"{'' if abs(change) < 0.1 else ': not flat'}. Most of its excess over "
-            f"the data-free run ({min(peaks) - max(free):,.0f}-{max(peaks) - min(free):,.0f} MiB) is what one experts "
-            f"module's calibrated fit holds whatever the depth: its Grams in fp32 ({gram_mib:,.0f} MiB at d = {H}), "
-            "the regularised metric of one projection (as much again) and the fit's work in it."
-            + ("" if abs(change) < 0.1 else " What grows with the layer count is not found yet; candidates are the "
-               "offloaded layers' memory-mapped files, resident once read, and the kwargs recorded for every layer.")
-            + f" The statistics saved on disk take {saved_mib:,.0f} MiB a layer (the upper triangle in bf16; full fp32 "
+    last = max(1, rows[-1]["layers"] - rows[-2]["layers"]) if len(rows) > 2 else 0
+    recent = f", {(peaks[-1] - peaks[-2]) / last:.1f} over the last {last} layers," if last else ""
+    return (f"The calibrated peak {'stays flat' if flat else 'grows'} ({peaks[0]:,.0f} -> {peaks[-1]:,.0f} MiB, "
+            f"{slope:.1f} MiB a layer{recent} against {free_slope:.1f} for data-free) while the checkpoint grows "
+            f"{grown:.0f}x "
+            f"({rows[0]['checkpoint_mib']:,.0f} -> {rows[-1]['checkpoint_mib']:,.0f} MiB). "
+            "It grew 6.9 MiB a layer before (2,819 -> 3,511 MiB from 20 to 120 layers, 2026-11-25), from two things "
+            "that scaled with depth. Loading the offloaded model, transformers' from_pretrained keeps every shard "
+            "memory-mapped until the whole model is loaded, so each layer's pages it read stayed resident until then: "
+            "25 MiB a layer, the peak at 120 layers; the load now reads each tensor with its file opened for that "
+            "read alone. And glibc kept the freed pages of each layer's statistics pass resident (about 6 MiB a "
+            "layer), under the fits that followed the pass; the pass now gives them back after each layer "
+            "(malloc_trim). What still grows is what oneDNN keeps for the forward's bf16 matmuls: a kernel cached "
+            "per shape (its primitive cache and ideep's, 1,024 entries each), and each layer routes its experts new "
+            "numbers of tokens, so new shapes keep coming; it stays under the fits after the pass (at d = 512, 2 MiB "
+            "a layer through 48 layers, not levelling off; nothing with both caches' capacity set to 0, and turning "
+            "oneDNN off makes bf16 matmuls 7x slower). "
+            "The calibrated peak's excess over the data-free run "
+            f"({min(peaks) - max(free):,.0f}-{max(peaks) - min(free):,.0f} MiB) is what one experts module's "
+            f"calibrated fit holds whatever the depth: its Grams in fp32 ({gram_mib:,.0f} MiB at d = {H}) and the "
+            "regularised metric of one projection (as much again). It was 0.8 GiB more: the layer-wide Gram, summed "
+            "with a cast of every Gram to fp64 (1 GiB), and the metric's check for NaN in one call (0.9 GiB) are now "
+            "done expert by expert, and a module's Grams are dropped before the next module's are read. "
+            f"The statistics saved on disk take {saved_mib:,.0f} MiB a layer (the upper triangle in bf16; full fp32 "
             f"Grams would take {gram_mib:,.0f}). The §6 sizes go to 160 layers; a calibrated layer of this shape costs "
             f"{rows[-1]['calibrated']['call_s'] / rows[-1]['layers']:.0f} s here (statistics of {E} experts with "
             f"d = {H}, their metrics and fits in them), so this section stops at {rows[-1]['layers']} layers to keep "
@@ -181,7 +194,9 @@ def markdown(result: dict) -> str:
     return (
         "On a 2-core CPU shared with other engineers' jobs (another benchmark ran beside this one), so absolute "
         "times are noisy; the ratios compare runs taken in turns.\n\n"
-        f"**Memory**: layers of {m['experts']} experts ({m['hidden']} x {m['width']}), settings {m['settings']}, "
+        + (f"**Memory**, rerun on its own with `{m['meta']['command']}` ({m['meta']['seconds']:.0f} s, "
+           f"{m['meta']['date']})," if "meta" in m else "**Memory**:")
+        + f" layers of {m['experts']} experts ({m['hidden']} x {m['width']}), settings {m['settings']}, "
         f"calibrated on {RANDOM_CALIBRATION[0]} random sequences of {RANDOM_CALIBRATION[1]} tokens, 1 process, one "
         "run each.\n\n"
         + table(["layers", "checkpoint MiB", "data-free peak RSS MiB", "calibrated peak RSS MiB", "data-free s",
