@@ -77,6 +77,14 @@ def test_folder_contents(tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
 
 
+def test_the_model_card_names_the_form_of_every_projection(tmp_path):
+    model = tiny_model()
+    report = mc.compress(model, mc.CompressionConfig(rank=2, method="mixed"), progress=False)
+    card = (mc.save_compressed(model, tmp_path / "sc", report=report) / "README.md").read_text()
+    assert "an input basis the experts share for gate and up (W_e ~ C + U_e V^T) and a per-expert low-rank term for " \
+        "down" in card.replace("\n", " ")
+
+
 def test_sharded_save_reloads(tmp_path):
     model, _ = compressed()
     folder = mc.save_compressed(model, tmp_path / "sc", max_shard_size="20KB")

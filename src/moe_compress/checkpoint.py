@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from moe_compress.experts import describe_form
 from moe_compress.folder_config import mark_compressed
 from moe_compress.quantizer import QUANT_METHOD, SharedCoreConfig
 from moe_compress.testbed import TESTBEDS, resolve_bundled
@@ -126,9 +127,8 @@ def model_card(model: nn.Module) -> str:
         "---",
         f"# {model.config.model_type} compressed with moe-compress",
         "",
-        "Every expert projection W_e of each MoE layer is stored as one shared core C and per-expert low-rank wrappers,",
-        "W_e ~ (I + U_out V_out^T) C (I + U_in V_in^T)"
-        + (" (here the additive form W_e ~ C + U V^T)." if settings.get("method") == "delta" else "."),
+        "Every expert projection W_e of each MoE layer is stored as "
+        + describe_form(next(iter(compression.modules.values()))["form"]) + ".",
         "",
         "| | value |",
         "|---|---|",

@@ -337,6 +337,21 @@ PROJECTION_FORMS: dict[str, type[_Projection]] = {"wrapped": WrappedProjection, 
                                                   "basis": BasisProjection}
 
 
+FORM_DESCRIPTIONS = {
+    "wrapped": "one shared core C and per-expert low-rank wrappers, W_e ~ (I + U_out V_out^T) C (I + U_in V_in^T)",
+    "delta": "one shared core C and a per-expert low-rank term, W_e ~ C + U_e V_e^T",
+    "basis": "one shared core C and per-expert factors on a basis the experts share, W_e ~ C + U_e V^T (gate, up; "
+             "V shared) or C + U V_e^T (down; U shared)",
+    "mixed": "one shared core C per projection, with per-expert factors on an input basis the experts share for gate "
+             "and up (W_e ~ C + U_e V^T) and a per-expert low-rank term for down (W_e ~ C + U_e V_e^T)",
+}
+
+
+def describe_form(form: str | dict[str, str]) -> str:
+    """In words, a spec's form: one for every projection, or one per projection (the mixed form's)."""
+    return FORM_DESCRIPTIONS[form if isinstance(form, str) else "mixed"]
+
+
 def form_of(form: str | dict[str, str], projection: str) -> str:
     """The form of `projection` under a spec's form: one form for every projection, or one per projection."""
     return form if isinstance(form, str) else form[projection]

@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 
 from moe_compress.checkpoint import folder_bytes
+from moe_compress.experts import describe_form
 from moe_compress.testbed import resolve_bundled
 from moe_compress.evaluate import read_results
 from moe_compress.streaming import plot_errors
@@ -22,14 +23,6 @@ Scores = dict[str, dict[str, float]]
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
 
 
-FORMS = {
-    "wrapped": "one shared core C and per-expert low-rank wrappers, W_e ~ (I + U_out V_out^T) C (I + U_in V_in^T)",
-    "delta": "one shared core C and a per-expert low-rank term, W_e ~ C + U_e V_e^T",
-    "basis": "one shared core C and per-expert factors on a basis the experts share, W_e ~ C + U_e V^T (gate, up; "
-             "V shared) or C + U V_e^T (down; U shared)",
-    "mixed": "one shared core C per projection, with per-expert factors on an input basis the experts share for gate "
-             "and up (W_e ~ C + U_e V^T) and a per-expert low-rank term for down (W_e ~ C + U_e V_e^T)",
-}
 
 
 def rank_summary(report: CompressionReport) -> str:
@@ -82,13 +75,12 @@ def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
     after_bytes = folder_bytes(run.compressed)
     size = lambda n: f"{n / 2**20:,.1f} MiB" if n is not None else "(hub model: not measured)"
     settings = report.config
-    form = FORMS["mixed" if settings.method == "mixed" else settings.form]
     lines = [
         f"# moe-compress pipeline: {model}",
         "",
-        f"Every expert projection W_e of each MoE layer is replaced by {form}, fitted zero-shot "
-        f"(method `{settings.method}`) {fitted_to(settings.calibration)}, then distilled from the original model "
-        "(the teacher).",
+        f"Every expert projection W_e of each MoE layer is replaced by {describe_form(settings.form)}, fitted "
+        f"zero-shot (method `{settings.method}`) {fitted_to(settings.calibration)}, then distilled from the original "
+        "model (the teacher).",
         "",
         "## Size",
         "",
