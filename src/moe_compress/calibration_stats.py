@@ -74,7 +74,7 @@ class ExpertGrams(RoutingCounts):
         """h = act(gate x) * (up x) of expert e on x [T_e, H], with the module's own gating: [T_e, F]."""
         def project(name: str) -> torch.Tensor:
             W, b = self.weights[name]
-            y = x.to(W.dtype) @ W[e].T
+            y = x @ W[e].T.to(x.dtype)  # in the dtype the layer runs in (layerwise.compute_dtype)
             return y if b is None else y + b[e]
         h = apply_gate(experts, project("gate"), project("up")) if self.gated else experts.act_fn(project("up"))
         return h.float()

@@ -3,7 +3,8 @@
 The model is loaded with its decoder layers offloaded to disk (accelerate, through transformers' device_map): the
 embeddings and what follows the layers stay in memory, and each layer's weights are read for its own forward and
 dropped after it. Memory stays that of one layer whatever the depth: the load reads each checkpoint tensor with its
-file opened for that read alone, and the heap's freed pages go back to the system after each layer. The calibration
+file opened for that read alone, the heap's freed pages go back to the system after each layer, and on the CPU a bf16
+checkpoint's layers run in fp32, which caches no kernel per matmul shape (compute_dtype). The calibration
 batches go through the layers one at a time (sequential.py), each layer on the previous layer's original outputs; the
 experts' gate and up weights, which the statistics need for the intermediate activations, are read from the checkpoint
 as the fits read them.
@@ -104,12 +105,32 @@ def _release_free_heap() -> None:
         trim(0)
 
 
+def compute_dtype(stored: torch.dtype, device: str) -> torch.dtype | None:
+    """The dtype the statistics pass runs each layer in when not the checkpoint's own: fp32 for a bf16 or fp16
+    checkpoint on the CPU. There, oneDNN runs bf16 matmuls and caches a kernel per shape (its primitive cache and
+    ideep's, 1,024 entries each), and each layer routes each expert a new number of tokens, so new shapes keep
+    coming: resident memory grew 2.3 MiB a layer at d = 1024 and 1.9 at d = 512, and stayed under the fits after the
+    pass (BENCHMARKS.md §8). fp32 matmuls go to MKL's sgemm, which keeps nothing per shape: 0.02-0.04 MiB a layer,
+    in 0.96x the time on a CPU without AMX. The Grams are summed in fp32 either way. On a GPU the layers run as
+    stored."""
+    upcast = torch.device(device).type == "cpu" and stored in (torch.bfloat16, torch.float16)
+    return torch.float32 if upcast else None
+
+
+def _cast_parameters(layer: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    for name, parameter in layer.named_parameters():
+        parameter.data = parameter.data.to(dtypes[name])
+
+
 @contextmanager
-def onloaded(layer: nn.Module) -> Iterator[None]:
+def onloaded(layer: nn.Module, dtype: torch.dtype | None = None) -> Iterator[None]:
     """The offloaded weights of `layer` read once for the block, not at every call: accelerate's hooks read each
     module's weights from disk before its forward and drop them after, once per batch (on testbed_fine 30-40% of the
-    pass through the layers)."""
+    pass through the layers). With `dtype`, its floating weights are read in it and go back to their own after."""
     hooked = [m for m in layer.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    own = {name: parameter.dtype for name, parameter in layer.named_parameters()}
+    if dtype is not None:  # on the meta device until read, where casting costs nothing; the hooks read into it
+        _cast_parameters(layer, {name: dtype if d.is_floating_point else d for name, d in own.items()})
     for module in hooked:
         module._hf_hook.pre_forward(module)
         module._hf_hook.offload = False
@@ -119,6 +140,7 @@ def onloaded(layer: nn.Module) -> Iterator[None]:
         for module in hooked:
             module._hf_hook.offload = True
             module._hf_hook.post_forward(module, None)
+        _cast_parameters(layer, own)
 
 
 def load_statistics(manifest: Manifest, name: str) -> ExpertGrams:
@@ -155,12 +177,13 @@ def gather_statistics(checkpoint, read_gate_up, batches: list[torch.Tensor], fol
     with tempfile.TemporaryDirectory(dir=folder, prefix="offload-") as offload:
         model = offloaded_model(checkpoint, Path(offload), device)
         inputs = capture(model, batches[rank::world])
+        dtype = compute_dtype(model.dtype, device)
         desc = "calibration" if world == 1 else f"calibration [rank {rank}/{world}]"
         for index in tqdm(range(len(inputs.layers)), desc=desc, unit="layer", disable=not progress):
             names = [n for n in inputs.experts_of(index, model) if n not in done]
             grams = {n: ExpertGrams(model.get_submodule(n), split_weights(read_gate_up(on_disk[n]))) for n in names}
-            with observing(model, grams), onloaded(inputs.layers[index]):
-                outputs = inputs.run(index)
+            with observing(model, grams), onloaded(inputs.layers[index], dtype):
+                outputs = inputs.run(index, dtype)
             for name, stats in grams.items():
                 if world > 1:
                     _sum_over_ranks(stats, device)

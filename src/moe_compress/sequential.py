@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from moe_compress.discovery import find_experts, is_experts_module
 
@@ -89,10 +91,14 @@ class LayerInputs:
                 if name.startswith(f"{self.prefix}.{index}.") and is_experts_module(module)]
 
     @torch.inference_mode()
-    def run(self, index: int) -> list[torch.Tensor]:
-        """Layer `index` on every batch of its inputs: its outputs."""
-        layer = self.layers[index]
-        return [layer(hidden, **kwargs) for hidden, kwargs in zip(self.hidden, self.kwargs[index])]
+    def run(self, index: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """Layer `index` on every batch of its inputs: its outputs. With `dtype`, the layer computes in it (its
+        weights must already be in it): its inputs and floating kwargs cast to it, its outputs back to the inputs'."""
+        layer, batches = self.layers[index], zip(self.hidden, self.kwargs[index])
+        if dtype is None:
+            return [layer(hidden, **kwargs) for hidden, kwargs in batches]
+        cast = partial(tree_map_only, torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
+        return [layer(cast(hidden), **cast(kwargs)).to(hidden.dtype) for hidden, kwargs in batches]
 
     def advance(self, index: int, outputs: list[torch.Tensor] | None = None) -> None:
         """The next layer's inputs: `outputs`, or layer `index` run anew (after it changed)."""
