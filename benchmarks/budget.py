@@ -49,7 +49,7 @@ RUNS = [  # (method, rank allocation, cores, calibrated)
 FULL = dict(ratios=(0.3, 0.5), runs=RUNS, calibration_sequences=64, max_tokens=None)
 ORACLE = dict(testbed="testbed_fine", ratio=0.3, method="mixed")
 QUICK = dict(ratios=(0.3,), runs=[("delta", "global", 1, True), ("basis", "global", 1, True),
-                                  ("delta", "uniform", 2, False)], calibration_sequences=4, max_tokens=4096)
+                                  ("delta", "uniform", 2, False)], calibration_sequences=4, max_tokens=1024)
 
 
 FIT_TIMES = dict(experts=128, shapes={"gate/up": (768, 2048, "up"), "down": (2048, 768, "down")}, rank=16,

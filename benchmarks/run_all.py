@@ -28,8 +28,8 @@ SECTIONS = {
     "vllm_serving": (vllm_serving, "10. Serving with vLLM: tokens per second, compressed against original"),
 }
 # seconds of each section's smoke run on 2 cores (--quick), for --jobs to start the longest first
-SMOKE_SECONDS = {"distillation": 52, "streaming": 46, "calibration": 35, "fit_speed": 22, "inference": 12,
-                 "quality": 11, "budget": 6, "startup": 2}
+SMOKE_SECONDS = {"distillation": 52, "streaming": 46, "calibration": 43, "fit_speed": 22, "budget": 13,
+                 "inference": 12, "quality": 11, "startup": 2}
 # the figures a section's own markdown does not embed
 FIGURES = {"fit_speed": "![error against fit time](benchmarks/fit_speed.png)",
            "distillation": "![distillation loss curve](benchmarks/distillation.png)"}
