@@ -32,8 +32,8 @@ from benchmarks.fit_speed import clock, synthetic_experts, synthetic_metrics
 from benchmarks.quality import TESTBED_NAMES, testbed_setting
 from moe_compress import CompressionConfig, SharedCoreExperts, compress
 from moe_compress import fit
-from moe_compress.compress import (BASIS_FROM, CompressionReport, RankTooLargeError, _compress_calibrated, max_rank,
-                                   plan, stored_params)
+from moe_compress.compress import (CompressionReport, RankTooLargeError, _compress_calibrated, max_rank, plan,
+                                   stored_params)
 from moe_compress.discovery import split_weights
 
 RUNS = [  # (method, rank allocation, cores, calibrated)
@@ -201,7 +201,7 @@ def findings(result: dict) -> str:
                 several = _find(rows, ratio, f"delta, global, {cores} cores")
                 if one and several and one["increase"] > 0:
                     parts.append(f"{cores} cores/1 {several['increase'] / one['increase']:.2f}x")
-            default = _find(rows, ratio, f"{'basis' if ratio >= BASIS_FROM else 'mixed'}, global")
+            default = _find(rows, ratio, f"{CompressionConfig(target_ratio=ratio).for_data(True).method}, global")
             before = _find(rows, ratio, "delta, uniform")  # the default when this question was asked
             if default and before:
                 parts.append(f"the default ({default['run']}) against uniform delta "

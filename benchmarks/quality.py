@@ -24,7 +24,6 @@ import torch
 
 from benchmarks.common import plot_to, table
 from moe_compress import CompressionConfig, compress, find_experts, merge_experts, prune_experts
-from moe_compress.compress import BASIS_FROM
 from moe_compress.discovery import join_weights, split_weights
 from moe_compress.testbed import TESTBEDS, heldout_loss, load_testbed, read_split
 
@@ -279,7 +278,7 @@ def default_note(result: dict) -> str:
         by = {(r["method"], r["target"]): r for r in found["rows"]}
         cells = []
         for ratio in result["setting"]["ratios"]:
-            calibrated = "basis" if ratio >= BASIS_FROM else "mixed"
+            calibrated = CompressionConfig(target_ratio=ratio).for_data(True).method
             if (f"{calibrated}+calibration", ratio) in by and ("delta", ratio) in by:
                 factor = by[(f"{calibrated}+calibration", ratio)]["increase"] / by[("delta", ratio)]["increase"]
                 cells.append(f"{factor:.2f}x at {ratio} ({calibrated})")

@@ -140,7 +140,8 @@ def onloaded(layer: nn.Module, dtype: torch.dtype | None = None) -> Iterator[Non
         for module in hooked:
             module._hf_hook.offload = True
             module._hf_hook.post_forward(module, None)
-        _cast_parameters(layer, own)
+        if dtype is not None:
+            _cast_parameters(layer, own)
 
 
 def load_statistics(manifest: Manifest, name: str) -> ExpertGrams:
