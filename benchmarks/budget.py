@@ -20,20 +20,20 @@ the storage of wrapper rank 16, on the synthetic experts and metrics of §2, in 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 from benchmarks.common import in_fresh_process, part_cli, table
 from benchmarks.fit_speed import clock, synthetic_experts, synthetic_metrics
 from benchmarks.quality import TESTBED_NAMES, testbed_setting
 from moe_compress import CompressionConfig, SharedCoreExperts, compress
 from moe_compress import fit
-from moe_compress.compress import (CompressionReport, RankTooLargeError, _compress_calibrated, max_rank, plan,
-                                   stored_params)
+from moe_compress.compression.budget import RankTooLargeError, max_rank, stored_params
+from moe_compress.compression.in_memory import compress_as, plan
 from moe_compress.discovery import split_weights
 
 RUNS = [  # (method, rank allocation, cores, calibrated)
@@ -130,11 +130,9 @@ def with_ranks(original: torch.nn.Module, config: CompressionConfig, calibration
                ranks: dict[tuple[str, str], int]) -> torch.nn.Module:
     """A calibrated copy of `original` compressed with the given rank of each (layer, projection)."""
     model = copy.deepcopy(original)
-    specs = plan(model, config)
-    for (name, projection), rank in ranks.items():
-        specs[name]["ranks"][projection] = rank
-    with tqdm(disable=True) as bar:
-        _compress_calibrated(model, specs, config, calibration, CompressionReport(config), bar)
+    specs = {name: dataclasses.replace(spec, ranks={p: ranks.get((name, p), r) for p, r in spec.ranks.items()})
+             for name, spec in plan(model, config).items()}
+    compress_as(model, specs, config, calibration, progress=False)
     return model
 
 
@@ -146,7 +144,7 @@ def oracle(setting: dict) -> dict:
     config = CompressionConfig(target_ratio=setting["ratio"], method=setting["method"]).for_data(True)
     specs = plan(original, config)
     shapes = {(name, p): W.shape for name in specs for p, (W, _) in split_weights(original.get_submodule(name)).items()}
-    uniform = {(name, p): r for name, spec in specs.items() for p, r in spec["ranks"].items()}
+    uniform = {(name, p): r for name, spec in specs.items() for p, r in spec.ranks.items()}
     stored = lambda unit, rank, form=None: stored_params(*shapes[unit], rank, 1, form or config.form_of(unit[1]),
                                                          unit[1])
     step = {u: max(1, round((stored(u, 1, "delta") - stored(u, 0, "delta")) / (stored(u, 1) - stored(u, 0))))

@@ -21,17 +21,19 @@ import torch
 from benchmarks.common import in_fresh_process, part_cli, table
 from benchmarks.streaming import MEMORY, QUICK_MEMORY, _compress_run, model_config, write_checkpoint
 from moe_compress import CompressionConfig
-from moe_compress.layerwise import load_statistics
-from moe_compress.streaming import _statistics, calibration_token_ids, open_checkpoint
+from moe_compress.calibration.store import load_statistics
+from moe_compress.compression.checkpoint_index import open_checkpoint
+from moe_compress.compression.from_folder import calibration_token_ids, gathered_statistics
+from moe_compress.parallel import Ranks
 from moe_compress.testbed import TESTBEDS
 
 RANDOM_CALIBRATION = [8, 128]  # sequences, tokens
 # one method for both runs: the default (auto) fits the shared basis with calibration data and delta without, which
 # would time two methods, not the calibration
 TIME = dict(repeats=3, settings={"target_ratio": 0.3, "method": "delta"}, testbeds=tuple(TESTBEDS),
-            calibration={"source": "testbed", "num_sequences": 64, "seq_len": 256})
+            calibration={"data": {"source": "testbed", "seq_len": 256}, "num_sequences": 64})
 QUICK_TIME = dict(repeats=1, settings={"target_ratio": 0.3, "method": "delta"}, testbeds=("testbed",),
-                  calibration={"source": "testbed", "num_sequences": 4, "seq_len": 64})
+                  calibration={"data": {"source": "testbed", "seq_len": 64}, "num_sequences": 4})
 # §6 goes to 160 layers; calibrated, each layer costs ~7 s here (statistics of 128 experts with d = 1024, their
 # regularisation and the fits in that metric), so 120 keeps the whole section near 40 minutes on 2 shared cores
 MEMORY_LAYERS = (20, 60, 120)
@@ -78,7 +80,8 @@ def stages(name: str, setting: dict) -> dict:
         start = time.perf_counter()
         token_ids = calibration_token_ids(checkpoint.folder, config, None)
         read = time.perf_counter()
-        manifest = _statistics(checkpoint, token_ids, config, Path(folder) / "out", torch.device("cpu"), False)
+        manifest = gathered_statistics(checkpoint, token_ids, config, Path(folder) / "out", torch.device("cpu"),
+                                       Ranks(), False)
         gathered = time.perf_counter()
         for experts in checkpoint.experts:
             grams = load_statistics(manifest, experts.name)

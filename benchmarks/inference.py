@@ -16,7 +16,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from benchmarks.common import in_fresh_process, interleaved_medians, peak_rss_mib, table
 from moe_compress import SharedCoreExperts
-from moe_compress.compress import MIXED_FORMS, PROJECTIONS, max_rank, stored_params
+from moe_compress.compression.budget import max_rank, stored_params
+from moe_compress.compression.config import MIXED_FORMS, PROJECTIONS
 
 FULL = dict(num_experts=128, top_k=8, hidden=2048, width=768, tokens=(1, 64, 512), ranks=(16, 64), repeats=7,
             forms=("wrapped", "delta", "basis", "mixed"))

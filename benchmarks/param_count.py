@@ -3,7 +3,7 @@ experts of hidden 4096, width 14336, rank 64 (Mixtral-8x7B's shapes)."""
 
 from __future__ import annotations
 
-from moe_compress.compress import stored_params
+from moe_compress.compression.budget import stored_params
 
 CLAIM = {"before": 470e6, "after": 73e6, "ratio": 0.155}
 

@@ -5,7 +5,7 @@ experts trained from scratch, as Qwen3-MoE, OLMoE, DeepSeek and GPT-OSS are). At
 parameters: each method of `compress` (seed `adam` at its specified steps, `als`'s wrapper, `delta`, the shared
 `basis`), data-free and, for als, delta and basis, calibrated (fits in the metric of each expert's routed inputs),
 all with the default global rank allocation; per-expert truncated SVD at the same storage; and the peers: REAP expert
-pruning and HC-SMoE expert merging (moe_compress.peers), which keep floor(kept * E) experts. Calibrated methods and
+pruning and HC-SMoE expert merging (moe_compress.baselines), which keep floor(kept * E) experts. Calibrated methods and
 peers read the same windows of the training split. Mean-only (every expert = the mean) is one point, at kept 1/E.
 The default, method=auto, is basis with calibration data from kept 0.4 on, delta otherwise. Figures: held-out loss in
 nats per byte on the validation split and its increase over the original, relative reconstruction error of the expert

@@ -5,7 +5,8 @@ data-free and calibrated, so that a change that should not alter results can be 
     python -m benchmarks.same_output           # recompute and compare, one line per case
 
 What is compared: the sha256 of every safetensors file, and of config.json with the report's wall-clock seconds
-left out (they differ between any two runs). Results depend on the CPU's kernels, so the file records the CPU
+left out (they differ between any two runs) and the settings' record left out (its layout may change while the
+result does not; the modules' specs and the stats stay in). Results depend on the CPU's kernels, so the file records the CPU
 capability they were made on.
 """
 
@@ -37,6 +38,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
         digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"]["stats"].pop("seconds", None)
+    config["quantization_config"].pop("compression")
     digests["config.json (no seconds)"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     return digests
 

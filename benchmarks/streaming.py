@@ -33,7 +33,7 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from benchmarks.common import peak_rss_mib, table
 from moe_compress import CompressionConfig
-from moe_compress.streaming import compress_checkpoint
+from moe_compress import compress_checkpoint
 
 ROOT = Path(__file__).parent.parent
 SPEED = dict(layers=32, experts=16, hidden=128, width=256, settings={"target_ratio": 0.3}, repeats=3)

@@ -12,9 +12,9 @@ from test_calibrated_compression import calibration_ids
 from test_fit import experts_like, metrics_like
 
 from moe_compress import CompressionConfig, compress, compress_checkpoint, fit, load_compressed, streaming
-from moe_compress.allocation import Curve, allocate, error_curve
-from moe_compress.calibration import observe
-from moe_compress.calibration_stats import ExpertGrams
+from moe_compress.compression.allocation import Curve, allocate, error_curve
+from moe_compress.calibration.observe import observe
+from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.compress import module_curves, plan
 from moe_compress.discovery import split_weights
 

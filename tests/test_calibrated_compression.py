@@ -15,14 +15,15 @@ from conftest import tiny_model
 
 import moe_compress as mc
 from moe_compress import fit
-from moe_compress.calibration import observe
-from moe_compress.calibration_stats import ExpertGrams
-from moe_compress.compress import fit_into
+from moe_compress.calibration.observe import observe
+from moe_compress.calibration.grams import ExpertGrams
+from moe_compress.compression.fitting import fit_into
 from moe_compress.data import DataConfig, calibration_sequences
 from moe_compress.discovery import find_experts, split_weights
-from moe_compress.layerwise import compute_dtype, load_statistics
+from moe_compress.calibration.offloaded import compute_dtype
+from moe_compress.calibration.store import load_statistics
 from moe_compress.parallel import Manifest
-from moe_compress.streaming import load_tokenizer
+from moe_compress.folder.load import load_tokenizer
 from moe_compress.testbed import TESTBEDS
 
 VOCAB = 128

@@ -5,7 +5,7 @@ import torch
 from conftest import VOCAB, tiny_model, token_ids
 
 from moe_compress import NoExpertsError, find_experts
-from moe_compress.calibration import RoutingCounts, observe, observing
+from moe_compress.calibration.observe import RoutingCounts, observe, observing
 
 
 def recount(model, ids: torch.Tensor) -> list[torch.Tensor]:

@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from conftest import ARCHITECTURES, tiny_model, token_ids
 
-from moe_compress.calibration import observe, observing
-from moe_compress.calibration_stats import ExpertGrams, Regularisation, regularised
+from moe_compress.calibration.observe import observe, observing
+from moe_compress.calibration.grams import ExpertGrams, Regularisation, regularised
 from moe_compress.discovery import find_experts, split_weights
-from moe_compress.layerwise import load_statistics
+from moe_compress.calibration.store import load_statistics
 from moe_compress.parallel import Manifest
-from moe_compress.sequential import capture, decoder_layers
+from moe_compress.calibration.layers import capture, decoder_layers
 
 
 def routed_inputs(model, ids) -> dict[str, list[tuple]]:

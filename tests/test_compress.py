@@ -7,7 +7,7 @@ import torch
 from conftest import token_ids, tiny_model
 
 import moe_compress as mc
-from moe_compress.compress import choose_rank, stored_params
+from moe_compress.compression.budget import choose_rank, stored_params
 
 
 def rebuilt_dense(model, compressed):

@@ -10,7 +10,8 @@ from transformers import TrainingArguments
 
 import moe_compress as mc
 from moe_compress.data import DataConfig, PackedStream, build_datasets
-from moe_compress.distill import (END_MARKER, DistillationConfig, check_pair, distill, distillation_loss,
+from moe_compress.training_run import END_MARKER
+from moe_compress.distill import (DistillationConfig, check_pair, distill, distillation_loss,
                                   load_teacher, select_trainable)
 from moe_compress.testbed import heldout_loss, load_testbed, read_split
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from moe_compress.distill import END_MARKER
+from moe_compress.training_run import END_MARKER
 from moe_compress.evaluate import (PLOT_FILE, RESULTS_FILE, TEACHER_FILE, EvalConfig, ModelFamilyError,
                                    evaluate_model, read_results, resolve_tasks, watch)
 from moe_compress.tasks.tinyshakespeare import completion, documents, make_completion

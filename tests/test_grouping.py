@@ -9,7 +9,7 @@ from conftest import tiny_model, token_ids
 from moe_compress import (CompressionConfig, SharedCoreExperts, compress, compress_checkpoint, find_experts,
                           load_compressed, save_compressed)
 from moe_compress.discovery import join_weights, split_weights
-from moe_compress.grouping import expert_features, kmeans
+from moe_compress.compression.grouping import expert_features, kmeans
 
 
 def same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import moe_compress as mc
 from moe_compress.evaluate import EvalConfig, evaluate_model
-from moe_compress.folder_config import MODEL_TYPE, SHIM
+from moe_compress.folder.marking import MODEL_TYPE, SHIM
 from moe_compress.tasks import TASKS_DIR
 from moe_compress.testbed import TESTBED_DIR
 

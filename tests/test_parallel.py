@@ -12,9 +12,9 @@ from conftest import tiny_model
 from safetensors.torch import load_file
 
 import moe_compress as mc
-from moe_compress.layerwise import load_statistics
+from moe_compress.calibration.store import load_statistics
 from moe_compress.parallel import Manifest, Ranks, open_work_dir, share, write_atomically
-from moe_compress.streaming import compress_checkpoint
+from moe_compress import compress_checkpoint
 
 CONFIG = {"rank": 2, "polish_steps": 20, "calibration": {"batch_size": 2}}  # calibrated: 3 batches of the 6 sequences
 CALIBRATION = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
@@ -22,7 +22,7 @@ RUN = textwrap.dedent(f"""
     import os, sys, torch
     torch.set_num_threads(1)
     import moe_compress as mc
-    from moe_compress.streaming import compress_checkpoint
+    from moe_compress import compress_checkpoint
     CONFIG = {CONFIG!r}
     ids = torch.load(sys.argv[3]) if len(sys.argv) > 3 else None  # calibration token ids
     report = compress_checkpoint(sys.argv[1], sys.argv[2], mc.CompressionConfig(**CONFIG), calibration=ids)

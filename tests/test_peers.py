@@ -9,7 +9,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from moe_compress import NoExpertsError, find_experts
 from moe_compress.discovery import split_weights
-from moe_compress.peers import (
+from moe_compress.baselines import (
     EXPERT_COUNT_ATTRS, MergedExperts, ReapSaliency, average_linkage, merge_experts, merge_matrix, prune_experts,
 )
 

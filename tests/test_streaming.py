@@ -19,7 +19,9 @@ from transformers import AutoModelForCausalLM
 
 import moe_compress as mc
 from moe_compress.parallel import Manifest
-from moe_compress.streaming import can_stream, compress_checkpoint, work_dir
+from moe_compress import compress_checkpoint
+from moe_compress.compression.checkpoint_index import can_stream
+from moe_compress.compression.from_folder import work_dir
 from moe_compress.testbed import TESTBED_DIR
 
 CONFIG = mc.CompressionConfig(rank=2, polish_steps=5)
@@ -118,7 +120,7 @@ RUN = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     import moe_compress as mc
-    from moe_compress.streaming import compress_checkpoint
+    from moe_compress import compress_checkpoint
     compress_checkpoint(sys.argv[1], sys.argv[2], mc.CompressionConfig(**json.loads(sys.argv[3])), progress=False)
 """)
 
@@ -202,7 +204,7 @@ MEASURE = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     import moe_compress as mc
-    from moe_compress.streaming import compress_checkpoint
+    from moe_compress import compress_checkpoint
 
     def peak_mib():  # VmHWM, unlike ru_maxrss, starts afresh in an exec'd process
         return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))

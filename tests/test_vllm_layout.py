@@ -9,8 +9,8 @@ from conftest import tiny_model
 from test_experts import randomize, shared_spec
 
 from moe_compress import SharedCoreExperts, find_experts
-from moe_compress.compress import MIXED_FORMS
-from moe_compress.vllm_layout import checkpoint_renames, layer_tensors, new_projections, routed_forward
+from moe_compress.compression.config import MIXED_FORMS
+from moe_compress.serving.vllm_layout import checkpoint_renames, layer_tensors, new_projections, routed_forward
 
 H, F = 32, 16  # hidden (conftest's tiny models), expert width
 

@@ -94,7 +94,7 @@ def complete(url: str, model: Path, prompt: str) -> str:
 
 def test_greedy_generations_equal_transformers(compressed, server):
     model = moe_compress.load_compressed(compressed, dtype=torch.float32).eval()
-    tokenizer = moe_compress.checkpoint.load_tokenizer(compressed, "")
+    tokenizer = moe_compress.folder.load.load_tokenizer(compressed, "")
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():

@@ -23,13 +23,17 @@ install()  # transformers then loads compressed folders, also where the start-up
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every Python start several ms
 _EXPORTS = {
-    "SharedCoreConfig": "moe_compress.quantizer",
-    "load_compressed": "moe_compress.checkpoint",
-    "save_compressed": "moe_compress.checkpoint",
-    "CompressionConfig": "moe_compress.compress",
-    "CompressionReport": "moe_compress.compress",
-    "RankTooLargeError": "moe_compress.compress",
-    "compress": "moe_compress.compress",
+    "SharedCoreConfig": "moe_compress.folder.quantizer",
+    "load_compressed": "moe_compress.folder.load",
+    "load_model": "moe_compress.folder.load",
+    "save_compressed": "moe_compress.folder.save",
+    "NoSpaceError": "moe_compress.folder.save",
+    "CalibrationConfig": "moe_compress.compression.config",
+    "CompressionConfig": "moe_compress.compression.config",
+    "CompressionReport": "moe_compress.compression.report",
+    "RankTooLargeError": "moe_compress.compression.budget",
+    "compress": "moe_compress.compression.in_memory",
+    "compress_checkpoint": "moe_compress.compression.from_folder",
     "DataConfig": "moe_compress.data",
     "DistillationConfig": "moe_compress.distill",
     "DistillationTrainer": "moe_compress.distill",
@@ -40,11 +44,11 @@ _EXPORTS = {
     "evaluate_model": "moe_compress.evaluate",
     "read_results": "moe_compress.evaluate",
     "watch": "moe_compress.evaluate",
+    "ModuleSpec": "moe_compress.experts",
     "SharedCoreExperts": "moe_compress.experts",
-    "export_dense": "moe_compress.export",
-    "merge_experts": "moe_compress.peers",
-    "prune_experts": "moe_compress.peers",
-    "compress_checkpoint": "moe_compress.streaming",
+    "export_dense": "moe_compress.folder.export",
+    "merge_experts": "moe_compress.baselines",
+    "prune_experts": "moe_compress.baselines",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
@@ -74,14 +78,20 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:
-    from moe_compress.checkpoint import load_compressed, save_compressed
-    from moe_compress.compress import CompressionConfig, CompressionReport, RankTooLargeError, compress
+    from typing import Any
+
+    from moe_compress.baselines import merge_experts, prune_experts
+    from moe_compress.compression.budget import RankTooLargeError
+    from moe_compress.compression.config import CalibrationConfig, CompressionConfig
+    from moe_compress.compression.from_folder import compress_checkpoint
+    from moe_compress.compression.in_memory import compress
+    from moe_compress.compression.report import CompressionReport
     from moe_compress.data import DataConfig
     from moe_compress.discovery import NoExpertsError, find_experts
     from moe_compress.distill import DistillationConfig, DistillationTrainer, distill
     from moe_compress.evaluate import EvalConfig, evaluate_model, read_results, watch
-    from moe_compress.experts import SharedCoreExperts
-    from moe_compress.export import export_dense
-    from moe_compress.peers import merge_experts, prune_experts
-    from moe_compress.quantizer import SharedCoreConfig
-    from moe_compress.streaming import compress_checkpoint
+    from moe_compress.experts import ModuleSpec, SharedCoreExperts
+    from moe_compress.folder.export import export_dense
+    from moe_compress.folder.load import load_compressed, load_model
+    from moe_compress.folder.quantizer import SharedCoreConfig
+    from moe_compress.folder.save import NoSpaceError, save_compressed

@@ -6,8 +6,8 @@ import line). Both call `install()`, which must cost next to nothing at start-up
 transformers. It puts a finder on sys.meta_path that waits for transformers to import the two modules we extend and,
 right after each has run, imports the module of ours that registers with it:
 
-    transformers.models.auto.configuration_auto  ->  moe_compress.folder_config  (the `moe_compress` model type)
-    transformers.quantizers                       ->  moe_compress.quantizer      (the `moe_compress` quantizer)
+    transformers.models.auto.configuration_auto  ->  moe_compress.folder.config   (the `moe_compress` model type)
+    transformers.quantizers                       ->  moe_compress.folder.quantizer  (the `moe_compress` quantizer)
 
 Both are imported before any folder is read: lm-eval, for one, parses quantization configs before it loads a model,
 so registering later (on transformers.modeling_utils, say) would be too late.
@@ -22,8 +22,8 @@ import warnings
 from types import ModuleType
 
 WATCHED = {
-    "transformers.models.auto.configuration_auto": "moe_compress.folder_config",
-    "transformers.quantizers": "moe_compress.quantizer",
+    "transformers.models.auto.configuration_auto": "moe_compress.folder.config",
+    "transformers.quantizers": "moe_compress.folder.quantizer",
 }
 
 

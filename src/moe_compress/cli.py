@@ -18,14 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 import torch
 from transformers import TrainingArguments
 
-from moe_compress.checkpoint import load_compressed, load_tokenizer, local_model_folder
-from moe_compress.compress import CompressionConfig
+from moe_compress.compression.config import CompressionConfig
+from moe_compress.compression.from_folder import compress_checkpoint
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, check_family, distill, load_teacher
 from moe_compress.evaluate import EvalConfig, evaluate_model, format_scores, watch
-from moe_compress.export import export_dense, size_note
-from moe_compress.pipeline import run_pipeline
-from moe_compress.streaming import compress_checkpoint
+from moe_compress.folder.export import export_dense, size_note
+from moe_compress.folder.load import load_compressed, load_tokenizer, local_model_folder
+from moe_compress.folder.save import NoSpaceError
+from moe_compress.pipeline.run import run_pipeline
 
 
 def _schema(dataclass_type: type) -> DictConfig:
@@ -47,7 +48,7 @@ def user_errors() -> Iterator[None]:
     """Bad input ends the command with one line that names the cause and the fix, not a traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, NoSpaceError) as error:
         sys.exit(f"moe-compress: error: {error}")
 
 

@@ -20,9 +20,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BitsAndBytesConfig, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from moe_compress.checkpoint import check_compressed, compression_of, load_model, model_family
 from moe_compress.data import DataConfig, build_datasets
 from moe_compress.experts import SharedCoreExperts
+from moe_compress.folder.load import check_compressed, compression_of, load_model, model_family
+from moe_compress.training_run import END_MARKER
 
 TRAINABLE = ("wrappers", "wrappers+cores", "all")
 QUANTIZATIONS = (None, "8bit", "4bit")
@@ -184,9 +185,6 @@ def load_teacher(name_or_path: str, quantization: str | None = None, dtype: str 
                               bnb_4bit_compute_dtype=torch.bfloat16)
     return load_model(name_or_path, dtype=dtype, quantization_config=bits,
                       device_map={"": torch.cuda.current_device()})
-
-
-END_MARKER = "training_complete.json"
 
 
 def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: DataConfig,

@@ -36,15 +36,14 @@ from transformers import PreTrainedTokenizerBase
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from moe_compress.checkpoint import load_model, load_tokenizer, model_family
-from moe_compress.distill import END_MARKER
+from moe_compress.folder.load import load_model, load_tokenizer, model_family
+from moe_compress.training_run import CHECKPOINT, END_MARKER, complete_checkpoints
 from moe_compress.tasks import TASKS_DIR
 from moe_compress.testbed import TESTBEDS, resolve_bundled
 
 DEFAULT_TASKS = ("tinyshakespeare", "tinyshakespeare_completion")
 RESULTS_FILE, PLOT_FILE, TEACHER_FILE = "results.jsonl", "scores.png", "teacher_scores.json"
 TRACKERS = ("none", "tensorboard", "wandb")
-CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 STEP_METRIC = "train/global_step"  # the x axis transformers' WandbCallback gives training logs
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
 
@@ -258,26 +257,6 @@ class Tracker:
             self.run.close()
         elif self.report_to == "wandb":
             self.run.finish()
-
-
-def complete_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
-    """The checkpoint-N folders the Trainer has finished writing, by ascending step.
-
-    Trainer._save_checkpoint writes the folder in place (weights, then optimizer, scheduler and RNG state) and
-    trainer_state.json last, so a folder is complete once that file parses and names step N."""
-    found = {}
-    for folder in Path(run_dir).iterdir():
-        match = CHECKPOINT.match(folder.name)
-        if match and _trainer_state_step(folder) == int(match[1]):
-            found[int(match[1])] = folder
-    return dict(sorted(found.items()))
-
-
-def _trainer_state_step(folder: Path) -> int | None:
-    try:
-        return json.loads((folder / TRAINER_STATE_NAME).read_text())["global_step"]
-    except (OSError, ValueError, KeyError):  # absent, or still being written
-        return None
 
 
 class ModelFamilyError(ValueError):

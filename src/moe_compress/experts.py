@@ -18,8 +18,9 @@ token on the routing-weighted sum of the pairs' inputs. Only rank-r products are
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +110,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
     return torch.cat(blocks) if blocks else x.new_zeros(0, w.shape[-1])
 
 
-class _Projection(nn.Module):
+class Projection(nn.Module):
     """What both storage forms share: the cores, the expert -> core map, the optional per-expert bias."""
 
     def __init__(self, num_experts: int, out_features: int, in_features: int, num_cores: int, bias: bool, **factory):
@@ -127,7 +128,7 @@ class _Projection(nn.Module):
     def shape(self) -> tuple[int, int]:
         return self.core.shape[1], self.core.shape[2]
 
-    def train(self, mode: bool = True) -> _Projection:
+    def train(self, mode: bool = True) -> Projection:
         # Trainers update parameters in ways the version counters below do not always see: start afresh
         self._derived_cache.clear()
         return super().train(mode)
@@ -198,7 +199,7 @@ class _Projection(nn.Module):
         return self.add_bias(self._pairs(self.core_on_pairs(h, route), h, route), route)
 
 
-class WrappedProjection(_Projection):
+class WrappedProjection(Projection):
     """W_e = (I + U_out V_out^T) C (I + U_in V_in^T); U_out, V_out: [E, out, r]; U_in, V_in: [E, in, r]."""
 
     form = "wrapped"
@@ -244,7 +245,7 @@ class WrappedProjection(_Projection):
         return self.core_reduce(s, route) + route.to_tokens(low_rank)
 
 
-class DeltaProjection(_Projection):
+class DeltaProjection(Projection):
     """The additive baseline of equal storage: W_e = C + U_e V_e^T; U: [E, out, 2r], V: [E, in, 2r]."""
 
     form = "delta"
@@ -279,7 +280,7 @@ def basis_side(projection: str) -> str:
     return "out" if projection == "down" else "in"
 
 
-class BasisProjection(_Projection):
+class BasisProjection(Projection):
     """W_e = C + U_e V^T with one input basis V [in, k] for all experts (shared="in"), or W_e = C + U V_e^T with one
     output basis U [out, k] (shared="out"); k is the rank. u: [E or 1, out, k], v: [1 or E, in, k].
 
@@ -333,7 +334,7 @@ class BasisProjection(_Projection):
         return y
 
 
-PROJECTION_FORMS: dict[str, type[_Projection]] = {"wrapped": WrappedProjection, "delta": DeltaProjection,
+PROJECTION_FORMS: dict[str, type[Projection]] = {"wrapped": WrappedProjection, "delta": DeltaProjection,
                                                   "basis": BasisProjection}
 
 
@@ -357,8 +358,31 @@ def form_of(form: str | dict[str, str], projection: str) -> str:
     return form if isinstance(form, str) else form[projection]
 
 
+@dataclass(frozen=True)
+class ModuleSpec:
+    """The shape of one compressed experts module: the form of its projections (one for all, or one per projection, as
+    method=mixed has), the cores per projection and each projection's rank. A compressed folder's
+    quantization_config records it as a plain dict (`to_dict`)."""
+
+    form: str | Mapping[str, str]
+    ranks: Mapping[str, int]
+    num_cores: int = 1
+
+    def form_of(self, projection: str) -> str:
+        return form_of(self.form, projection)
+
+    def to_dict(self) -> dict[str, Any]:
+        form = self.form if isinstance(self.form, str) else dict(self.form)
+        return {"form": form, "num_cores": self.num_cores, "ranks": dict(self.ranks)}
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> ModuleSpec:
+        """A spec as a folder records it."""
+        return cls(spec["form"], dict(spec["ranks"]), spec.get("num_cores", 1))
+
+
 def make_projection(form: str, projection: str, num_experts: int, out_features: int, in_features: int, rank: int,
-                    num_cores: int = 1, bias: bool = False, **factory) -> _Projection:
+                    num_cores: int = 1, bias: bool = False, **factory) -> Projection:
     """An unfitted projection of `form` for the expert projection named `projection` (gate, up or down)."""
     extra = {"shared": basis_side(projection)} if form == "basis" else {}
     return PROJECTION_FORMS[form](num_experts, out_features, in_features, rank, num_cores, bias, **extra, **factory)
@@ -372,7 +396,7 @@ class SharedCoreExperts(nn.Module):
     reference path rebuilds it with dense weights to run transformers' own code.
     """
 
-    def __init__(self, template: nn.Module, projections: dict[str, _Projection]):
+    def __init__(self, template: nn.Module, projections: dict[str, Projection]):
         super().__init__()
         self.__dict__["template"] = template  # a plain attribute: no weights, and not a submodule to save or move
         self.projections = nn.ModuleDict(projections)
@@ -383,17 +407,15 @@ class SharedCoreExperts(nn.Module):
         self.has_gate = template.has_gate
 
     @classmethod
-    def empty(cls, experts: nn.Module, spec: dict) -> SharedCoreExperts:
-        """An unfitted replacement for `experts`, shaped by `spec` ({"form", "num_cores", "ranks"}; the form may be
-        one per projection); its parameters
-        take the experts' dtype and device (meta while transformers loads a checkpoint)."""
+    def empty(cls, experts: nn.Module, spec: ModuleSpec) -> SharedCoreExperts:
+        """An unfitted replacement for `experts`, shaped by `spec`; its parameters take the experts' dtype and device
+        (meta while transformers loads a checkpoint)."""
         parts = split_weights(experts)
         projections = {}
         for name in projection_names(experts):
             W, bias = parts[name]
-            projections[name] = make_projection(form_of(spec["form"], name), name, *W.shape, spec["ranks"][name],
-                                                spec.get("num_cores", 1), bias is not None, dtype=W.dtype,
-                                                device=W.device)
+            projections[name] = make_projection(spec.form_of(name), name, *W.shape, spec.ranks[name], spec.num_cores,
+                                                bias is not None, dtype=W.dtype, device=W.device)
         return cls(cls.from_template(experts), projections).train(experts.training)
 
     @staticmethod

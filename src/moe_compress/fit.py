@@ -31,7 +31,7 @@ RIDGE = 1e-5
 CHUNK_ELEMENTS = 2**24  # per-expert products in the error are taken this many elements of W at a time
 
 
-def _cholesky(M: torch.Tensor) -> torch.Tensor:
+def cholesky(M: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factors [..., n, n] in fp64 of SPD matrices. Where rounding makes one fail (the Gram of a rarely
     routed expert can be badly conditioned even after damping), all get a jitter of up to 1e-6 of their mean
     diagonal."""
@@ -47,7 +47,7 @@ def _cholesky(M: torch.Tensor) -> torch.Tensor:
 
 
 def _spd_inverse(X: torch.Tensor) -> torch.Tensor:
-    return torch.cholesky_inverse(_cholesky(X)).to(X.dtype)
+    return torch.cholesky_inverse(cholesky(X)).to(X.dtype)
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Metric:
             raise ValueError("metric holds NaN or Inf values; check the calibration statistics")
         M = M.to(W.dtype)
         total = M.sum(0)
-        return cls(M, total, _cholesky(total), torch.einsum("eoi,eij->oj", W, M).unsqueeze(0))
+        return cls(M, total, cholesky(total), torch.einsum("eoi,eij->oj", W, M).unsqueeze(0))
 
     def solve(self, X: torch.Tensor) -> torch.Tensor:
         """X (sum_e M_e)^-1, in fp64."""
@@ -124,7 +124,7 @@ def reduced_rank_fit(R: torch.Tensor, M: torch.Tensor, rank: int, left: torch.Te
     else:
         gram = M.mT @ M
         if right is not None:  # with N_r = L L^T, the Gram of M L is L^T (M^T M) L: M^T M is shared when M is
-            root = _cholesky(right).to(M.dtype)
+            root = cholesky(right).to(M.dtype)
             gram = root.mT @ gram @ root
     s2, basis = torch.linalg.eigh(gram)  # ascending; basis = U if m <= n else V
     s2 = s2.clamp_min(0)
@@ -290,7 +290,7 @@ def _truncated_svd(D: torch.Tensor, rank: int,
     if out_f <= in_f:  # [D L]_r L^-1 = U_r U_r^T D, U_r the top eigenvectors of D M D^T: no square root of M needed
         U_r = torch.linalg.eigh((D @ M) @ D.mT)[1][..., -rank:]
         return _balance(U_r, D.mT @ U_r)
-    L = _cholesky(M)
+    L = cholesky(M)
     DL = D @ L.to(D.dtype)
     V_r = torch.linalg.eigh(DL.mT @ DL)[1][..., -rank:]  # top right singular vectors of D L
     return _balance(DL @ V_r, torch.linalg.solve_triangular(L.mT, V_r.double(), upper=True).to(D.dtype))
@@ -389,7 +389,7 @@ def fit_basis(W: torch.Tensor, rank: int, shared: str = "in", iters: int = 3,
     prepared = Metric.of(W, metric)
     C = prepared.regmean()
     if shared == "in":
-        L = _cholesky(prepared.total / E).to(W.dtype)
+        L = cholesky(prepared.total / E).to(W.dtype)
         V = _principal_basis((W - C) @ L, rank, "in")[1][0]
         V = torch.linalg.solve_triangular(L.mT.double(), V.double(), upper=True).to(W.dtype)
     for _ in range(max(1, iters)):

@@ -110,11 +110,15 @@ def share(units: Sequence, ranks: Ranks) -> list:
 def write_atomically(path: Path, data: bytes) -> None:
     """`path` holds `data` or its previous content, never a part: temporary file, fsync, rename, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: the part written is given back
+        raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -143,11 +147,24 @@ def open_work_dir(folder: Path, settings: dict, overwrite: bool) -> None:
     write_atomically(recorded, json.dumps(settings, indent=1, sort_keys=True).encode())
 
 
+def _flat(settings: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as {dotted key: value}, e.g. {"compression.target_ratio": 0.3}."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _difference(previous: dict | None, settings: dict) -> str:
+    """The settings that differ, by dotted key: only those, not the whole dicts they sit in."""
     if not isinstance(previous, dict):
         return "unreadable settings.json"
-    keys = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
-    return ", ".join(f"{k}: {previous.get(k)} then, {settings.get(k)} now" for k in keys)
+    before, now = _flat(previous), _flat(settings)
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return ", ".join(f"{k}: {before.get(k)} then, {now.get(k)} now" for k in keys)
 
 
 class Manifest:

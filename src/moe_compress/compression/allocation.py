@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_compress.experts import PROJECTION_FORMS, basis_side
-from moe_compress.fit import Metric, _cholesky
+from moe_compress.fit import Metric, cholesky
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _descending_spectrum(R: torch.Tensor, M: torch.Tensor | None) -> torch.Tenso
     elif out_f <= in_f:
         gram = (R @ M.double()) @ R.mT
     else:
-        L = _cholesky(M)
+        L = cholesky(M)
         RL = R @ L
         gram = RL.mT @ RL
     return torch.linalg.eigvalsh(gram).clamp_min(0).flip(-1)
@@ -61,7 +61,7 @@ def _basis_spectrum(R: torch.Tensor, M: torch.Tensor | None, projection: str) ->
         gram = torch.einsum("eoi,epi->op", R if M is None else R @ M.double(), R)
     else:
         if M is not None:
-            R = R @ _cholesky(M.mean(0))
+            R = R @ cholesky(M.mean(0))
         gram = torch.einsum("eoi,eoj->ij", R, R)
     return torch.linalg.eigvalsh(gram).clamp_min(0).flip(-1)
 

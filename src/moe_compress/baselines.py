@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_compress.calibration import Calibration, RoutingCounts, observe
+from moe_compress.calibration.observe import Calibration, RoutingCounts, observe
 from moe_compress.discovery import find_experts, split_weights
 
 # Routers whose choice is a function of their per-expert logits W_r x (+ b) alone (softmax then top-k, or top-k then

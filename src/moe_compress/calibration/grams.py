@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_compress.calibration import RoutingCounts
+from moe_compress.calibration.observe import RoutingCounts
 from moe_compress.discovery import split_weights
 from moe_compress.experts import apply_gate
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from moe_compress.fit import _cholesky
+from moe_compress.fit import cholesky
 
 
 def expert_features(W: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
     """[E, out*in]: each expert's weights, whitened by the Cholesky factor of its metric M [E, in, in] when given."""
     if metric is not None:
-        W = W @ _cholesky(metric).to(W.dtype)
+        W = W @ cholesky(metric).to(W.dtype)
     return W.flatten(1)
 
 

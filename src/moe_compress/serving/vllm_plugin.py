@@ -29,8 +29,9 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.version import __version__ as vllm_version
 
-from moe_compress.quantizer import QUANT_METHOD
-from moe_compress.vllm_layout import checkpoint_renames, layer_tensors, new_projections, routed_forward
+from moe_compress.experts import ModuleSpec
+from moe_compress.folder.quantizer import QUANT_METHOD
+from moe_compress.serving.vllm_layout import checkpoint_renames, layer_tensors, new_projections, routed_forward
 
 SUPPORTED_VLLM = ("0.32",)  # minor versions this plugin was written and tested against
 
@@ -51,7 +52,7 @@ def check_version() -> None:
 class SharedCoreVllmConfig(QuantizationConfig):
     """A compressed folder's quantization_config as vLLM reads it: which experts layers are compressed, and how."""
 
-    def __init__(self, modules: dict[str, dict]):
+    def __init__(self, modules: dict[str, ModuleSpec]):
         super().__init__()
         self.modules = modules
         self.ckpt_names: set[tuple[str, str, str | None]] = set()  # of the compressed layers, seen as vLLM builds them
@@ -73,7 +74,7 @@ class SharedCoreVllmConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SharedCoreVllmConfig:
         check_version()
-        return cls(config["modules"])
+        return cls({name: ModuleSpec.from_dict(spec) for name, spec in config["modules"].items()})
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
         self.modules = {hf_to_vllm_mapper.map_name(name) or name: spec for name, spec in self.modules.items()}
@@ -90,7 +91,7 @@ class SharedCoreVllmConfig(QuantizationConfig):
         return None
 
     def get_checkpoint_weight_mapper(self) -> WeightsMapper:
-        """vLLM's own renames, and ours of the compressed experts' tensors (moe_compress.vllm_layout)."""
+        """vLLM's own renames, and ours of the compressed experts' tensors (moe_compress.serving.vllm_layout)."""
         if len(self.ckpt_names) > 1:
             raise ValueError(f"the experts layers of this model name their projections in several ways "
                              f"({sorted(self.ckpt_names)}); moe-compress's vLLM plugin maps one naming only")
@@ -101,7 +102,7 @@ class SharedCoreVllmConfig(QuantizationConfig):
 class SharedCoreMoEMethod(FusedMoEMethodBase):
     """One compressed experts layer in vLLM: our projections' tensors as the layer's parameters, our forward."""
 
-    def __init__(self, moe: FusedMoEConfig, spec: dict, prefix: str):
+    def __init__(self, moe: FusedMoEConfig, spec: ModuleSpec, prefix: str):
         super().__init__(moe)
         parallel = moe.moe_parallel_config
         if parallel.use_ep or parallel.ep_size > 1:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from moe_compress.checkpoint import folder_bytes, load_compressed, source_tokenizer, staged_folder
 from moe_compress.experts import SharedCoreExperts
-from moe_compress.folder_config import unmark_compressed
+from moe_compress.folder.load import folder_bytes, load_compressed, source_tokenizer
+from moe_compress.folder.marking import unmark_compressed
+from moe_compress.folder.save import staged_folder
 
 
 def export_dense(folder: str | os.PathLike, output_dir: str | os.PathLike, dtype: str = "auto",
@@ -39,7 +40,7 @@ def export_dense(folder: str | os.PathLike, output_dir: str | os.PathLike, dtype
                 setattr(model.get_submodule(parent), child, module.to_dense())
     unmark_compressed(model)
     model.to(target)
-    with staged_folder(output_dir) as staging:
+    with staged_folder(output_dir, model) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer = source_tokenizer(folder)
         if tokenizer is not None:

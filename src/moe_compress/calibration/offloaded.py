@@ -5,7 +5,7 @@ embeddings and what follows the layers stay in memory, and each layer's weights 
 dropped after it. Memory stays that of one layer whatever the depth: the load reads each checkpoint tensor with its
 file opened for that read alone, the heap's freed pages go back to the system after each layer, and on the CPU a bf16
 checkpoint's layers run in fp32, which caches no kernel per matmul shape (compute_dtype). The calibration
-batches go through the layers one at a time (sequential.py), each layer on the previous layer's original outputs; the
+batches go through the layers one at a time (layers.py), each layer on the previous layer's original outputs; the
 experts' gate and up weights, which the statistics need for the intermediate activations, are read from the checkpoint
 as the fits read them.
 
@@ -19,38 +19,22 @@ the statistics are sums over tokens, an all-reduce after each layer gives every 
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from moe_compress.calibration import observing
-from moe_compress.calibration_stats import ExpertGrams
+from moe_compress.calibration.grams import ExpertGrams
+from moe_compress.calibration.layers import capture, decoder_layers, layer_statistics
+from moe_compress.calibration.store import save_statistics
 from moe_compress.discovery import split_weights
 from moe_compress.parallel import Manifest
-from moe_compress.sequential import capture, decoder_layers
-
-STATISTICS_SETTINGS = ("source", "subset", "split", "text_column", "num_sequences", "seq_len", "propagate")
-
-
-def statistics_dir(output_dir: Path, source_settings: dict, calibration: dict, token_ids: torch.Tensor) -> Path:
-    """Where the statistics of this model on these calibration tokens live: beside the output folder, named by what
-    they depend on (the source checkpoint and the tokens), not by the compression settings."""
-    identity = json.dumps({"source": source_settings,
-                           "calibration": {k: calibration[k] for k in STATISTICS_SETTINGS},
-                           "tokens": hashlib.sha256(token_ids.numpy().tobytes()).hexdigest()}, sort_keys=True)
-    return output_dir.parent / f".moe-compress-statistics-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
-
 
 def _offload_map(model: nn.Module, device: str) -> dict[str, str]:
     """A device_map with the decoder layers on disk and every other module on `device`."""
@@ -95,16 +79,6 @@ def offloaded_model(checkpoint, offload_folder: Path, device: str) -> nn.Module:
         offload_folder=offload_folder, dtype="auto").eval()
 
 
-def _release_free_heap() -> None:
-    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). A layer's pass frees
-    tensors whose sizes follow the tokens each expert is routed, which glibc keeps resident for reuse and rarely
-    reuses: at 128 experts of 1024 x 32, resident memory grew 6 MiB a layer without this, and stayed under the fits
-    after the pass."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
 def compute_dtype(stored: torch.dtype, device: str) -> torch.dtype | None:
     """The dtype the statistics pass runs each layer in when not the checkpoint's own: fp32 for a bf16 or fp16
     checkpoint on the CPU. There, oneDNN runs bf16 matmuls and caches a kernel per shape (its primitive cache and
@@ -144,16 +118,6 @@ def onloaded(layer: nn.Module, dtype: torch.dtype | None = None) -> Iterator[Non
             _cast_parameters(layer, own)
 
 
-def load_statistics(manifest: Manifest, name: str) -> ExpertGrams:
-    return ExpertGrams.from_state(load_file(manifest.path(name)))
-
-
-def load_token_counts(manifest: Manifest, name: str) -> list[int]:
-    """The calibration tokens routed to each expert of one module, without reading its Grams."""
-    with safe_open(manifest.path(name), "pt") as f:
-        return f.get_tensor("tokens").tolist()
-
-
 def _sum_over_ranks(stats: ExpertGrams, device: str) -> None:
     """Each process's statistics replaced by their sum over all processes."""
     for total in (stats.tokens, stats.inputs, stats.intermediate):
@@ -162,11 +126,12 @@ def _sum_over_ranks(stats: ExpertGrams, device: str) -> None:
         total.copy_(on_device)
 
 
-def gather_statistics(checkpoint, read_gate_up, batches: list[torch.Tensor], folder: Path, device: str,
-                      progress: bool = True) -> Manifest:
-    """Every experts module's statistics in `folder` (a Manifest of units named by module); those already there and
-    verified are kept. `read_gate_up(experts_on_disk)` reads a module's gate and up weights from the checkpoint.
-    Under torch.distributed every process calls it, with the same batches: each runs its share of them."""
+def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module], batches: list[torch.Tensor],
+                      folder: Path, device: str, progress: bool = True) -> Manifest:
+    """Every experts module's statistics in `folder` (a statistics store); those already there and verified are
+    kept. `checkpoint` is the source checkpoint's index (compression.checkpoint_index) and read_gate_up(experts) reads
+    a module's gate and up weights from it. Under torch.distributed every process calls it, with the same batches:
+    each runs its share of them."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     manifest = Manifest(folder)
     names = [experts.name for experts in checkpoint.experts]
@@ -177,20 +142,17 @@ def gather_statistics(checkpoint, read_gate_up, batches: list[torch.Tensor], fol
     on_disk = {experts.name: experts for experts in checkpoint.experts}
     with tempfile.TemporaryDirectory(dir=folder, prefix="offload-") as offload:
         model = offloaded_model(checkpoint, Path(offload), device)
-        inputs = capture(model, batches[rank::world])
         dtype = compute_dtype(model.dtype, device)
-        desc = "calibration" if world == 1 else f"calibration [rank {rank}/{world}]"
-        for index in tqdm(range(len(inputs.layers)), desc=desc, unit="layer", disable=not progress):
-            names = [n for n in inputs.experts_of(index, model) if n not in done]
-            grams = {n: ExpertGrams(model.get_submodule(n), split_weights(read_gate_up(on_disk[n]))) for n in names}
-            with observing(model, grams), onloaded(inputs.layers[index], dtype):
-                outputs = inputs.run(index, dtype)
+        statistics = layer_statistics(
+            model, capture(model, batches[rank::world]), lambda name: name not in done,
+            lambda name: ExpertGrams(model.get_submodule(name), split_weights(read_gate_up(on_disk[name]))),
+            dtype=dtype, around_layer=lambda layer: onloaded(layer, dtype), progress=progress,
+            desc="calibration" if world == 1 else f"calibration [rank {rank}/{world}]")
+        for grams in statistics:
             for name, stats in grams.items():
                 if world > 1:
                     _sum_over_ranks(stats, device)
                 if rank == 0:
-                    manifest.save(name, stats.state(), {"tokens": int(stats.tokens.sum())})
-            inputs.advance(index, outputs)
-            del grams, outputs
-            _release_free_heap()
+                    save_statistics(manifest, name, stats)
+            del grams
     return manifest

@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 
-from moe_compress.checkpoint import folder_bytes
-from moe_compress.experts import describe_form
-from moe_compress.testbed import resolve_bundled
+from moe_compress.compression.report import CompressionReport, plot_errors
 from moe_compress.evaluate import read_results
-from moe_compress.streaming import plot_errors
-
-if TYPE_CHECKING:
-    from moe_compress.compress import CompressionReport
-    from moe_compress.pipeline import PipelineRun
+from moe_compress.experts import describe_form
+from moe_compress.folder.load import folder_bytes
+from moe_compress.pipeline.folders import PipelineRun
+from moe_compress.testbed import resolve_bundled
 
 Scores = dict[str, dict[str, float]]
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
-
-
 
 
 def rank_summary(report: CompressionReport) -> str:
@@ -57,10 +52,10 @@ def metrics_table(teacher: Scores, zero_shot: Scores, steps: dict[int, Scores]) 
 
 
 def fitted_to(calibration: Any) -> str:
-    if calibration.source is None:
+    if calibration.data is None:
         return "to the original weights (data-free)"
     return (f"to what each expert computes on the inputs routed to it in {calibration.num_sequences} sequences of "
-            f"{calibration.seq_len} tokens of {calibration.source}")
+            f"{calibration.data.seq_len} tokens of {calibration.data.source}")
 
 
 def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:

@@ -7,39 +7,18 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainingArguments
 
-from moe_compress.checkpoint import load_compressed, load_tokenizer, local_model_folder
-from moe_compress.compress import CompressionConfig, CompressionReport
+from moe_compress.compression.config import CompressionConfig
+from moe_compress.compression.from_folder import compress_checkpoint
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, load_teacher
 from moe_compress.evaluate import EvalConfig, teacher_scores
-from moe_compress.report import write_report
-from moe_compress.streaming import compress_checkpoint
-
-
-@dataclass
-class PipelineRun:
-    """Where the run lives and what each stage produced."""
-
-    folder: Path
-    seconds: dict[str, float] = field(default_factory=dict)
-    report: CompressionReport | None = None
-
-    @property
-    def compressed(self) -> Path:
-        return self.folder / "compressed"
-
-    @property
-    def distill_dir(self) -> Path:
-        return self.folder / "distill"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.folder / "eval"
+from moe_compress.folder.load import load_compressed, load_tokenizer, local_model_folder
+from moe_compress.pipeline.folders import PipelineRun
+from moe_compress.pipeline.report import write_report
 
 
 def compress_stage(run: PipelineRun, model: str, config: CompressionConfig) -> None:

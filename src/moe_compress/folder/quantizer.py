@@ -18,6 +18,8 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from moe_compress.folder.marking import mark_compressed
+
 QUANT_METHOD = "moe_compress"
 
 
@@ -45,8 +47,6 @@ class SharedCoreQuantizer(HfQuantizer):
     quantization_config: SharedCoreConfig
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        from moe_compress.folder_config import mark_compressed
-
         swap_in_shared_core(model, self.quantization_config.modules)
         mark_compressed(model.config)  # so that saving the loaded model writes a compressed folder again
 
@@ -64,9 +64,9 @@ class SharedCoreQuantizer(HfQuantizer):
 
 def swap_in_shared_core(model: nn.Module, modules: dict[str, dict]) -> None:
     """Replace the named experts modules by empty SharedCoreExperts of the recorded shapes."""
-    from moe_compress.experts import SharedCoreExperts
+    from moe_compress.experts import ModuleSpec, SharedCoreExperts
 
     for name, spec in modules.items():
         parent, _, child = name.rpartition(".")
         experts = model.get_submodule(name)
-        setattr(model.get_submodule(parent), child, SharedCoreExperts.empty(experts, spec))
+        setattr(model.get_submodule(parent), child, SharedCoreExperts.empty(experts, ModuleSpec.from_dict(spec)))

@@ -1,6 +1,6 @@
 """A compressed experts module as vLLM holds it: parameter names, checkpoint names, and the forward on routed tokens.
 
-This is the part of the vLLM plugin (moe_compress.vllm_plugin) that needs no vLLM, so that the main test suite checks
+This is the part of the vLLM plugin (moe_compress.serving.vllm_plugin) that needs no vLLM, so that the main test suite checks
 it against SharedCoreExperts. vLLM owns an MoE layer's parameters (its `RoutedExperts`), loads them by name and routes
 the tokens; the plugin registers our projections' parameters on that layer, under vLLM's names, and runs the same
 algebra as SharedCoreExperts on vLLM's routing (cores once per token, rank-r work per routed pair).
@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moe_compress.experts import Route, _Projection, form_of, make_projection
+from moe_compress.experts import ModuleSpec, Projection, Route, make_projection
 
 SUPPORTED_FORMS = ("wrapped", "delta", "basis")
 # vLLM's shard ids: w1 gate, w3 up (both in w13), w2 down; an ungated experts module's up projection is vLLM's w1
@@ -50,38 +50,38 @@ def checkpoint_renames(gate: str = "gate_proj", down: str = "down_proj", up: str
     return {re.compile(rf"\.projections\.{p}\.(\w+)$"): rf".0.{ckpt[p]}.{p}_\1" for p in SHARD}
 
 
-def new_projections(spec: dict, num_experts: int, hidden: int, intermediate: int, activation: str, bias: bool,
-                    dtype: torch.dtype, where: str) -> dict[str, _Projection]:
-    """Empty projections of an experts module of `spec` ({"form", "num_cores", "ranks"}) with vLLM's `activation`
+def new_projections(spec: ModuleSpec, num_experts: int, hidden: int, intermediate: int, activation: str, bias: bool,
+                    dtype: torch.dtype, where: str) -> dict[str, Projection]:
+    """Empty projections of an experts module of `spec` with vLLM's `activation`
     (a MoEActivation value), in eval mode and without gradients. `where` names the module in the errors raised for
     what we cannot serve."""
     if activation.removesuffix("_no_mul") not in ACTIVATIONS:
         raise ValueError(f"{where}: activation {activation!r} is not served by moe-compress's vLLM plugin (it serves "
                          f"{', '.join(ACTIVATIONS)}, gated or _no_mul); serve a dense copy (`moe-compress export`)")
-    form = spec.get("form")
-    if not set([form] if isinstance(form, str) else form.values()) <= set(SUPPORTED_FORMS):
+    form = spec.form
+    if not {spec.form_of(p) for p in spec.ranks} <= set(SUPPORTED_FORMS):
         raise ValueError(f"{where}: form {form!r} cannot be served by moe-compress's vLLM plugin (it serves "
                          f"{', '.join(SUPPORTED_FORMS)}); serve a dense copy (`moe-compress export`) instead")
     shapes = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
     names = ("up", "down") if activation.endswith("_no_mul") else ("gate", "up", "down")
-    if set(spec["ranks"]) != set(names):
-        raise ValueError(f"{where}: the folder has projections {sorted(spec['ranks'])}, vLLM's layer "
+    if set(spec.ranks) != set(names):
+        raise ValueError(f"{where}: the folder has projections {sorted(spec.ranks)}, vLLM's layer "
                          f"{sorted(names)}; check that the folder was compressed from this architecture")
     projections = {}
     for name in names:
-        proj = make_projection(form_of(form, name), name, num_experts, *shapes[name], spec["ranks"][name],
-                               spec.get("num_cores", 1), bias, dtype=dtype)
+        proj = make_projection(spec.form_of(name), name, num_experts, *shapes[name], spec.ranks[name],
+                               spec.num_cores, bias, dtype=dtype)
         projections[name] = proj.eval().requires_grad_(False)
     return projections
 
 
-def layer_tensors(projections: dict[str, _Projection]) -> dict[str, torch.Tensor]:
+def layer_tensors(projections: dict[str, Projection]) -> dict[str, torch.Tensor]:
     """Every tensor of the projections (parameters and the expert -> core map) by the name vLLM gives it."""
     return {layer_param_name(name, tensor): value for name, proj in projections.items()
             for tensor, value in [*proj.named_parameters(), *proj.named_buffers()]}
 
 
-def routed_forward(projections: dict[str, _Projection], activation: str, x: torch.Tensor, topk_weights: torch.Tensor,
+def routed_forward(projections: dict[str, Projection], activation: str, x: torch.Tensor, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor) -> torch.Tensor:
     """sum_k w_k W_down,e_k act(W_gate,e_k x) * (W_up,e_k x) for tokens x [T, H] routed to topk_ids [T, K] with
     topk_weights [T, K]: [T, H]. The same algebra as SharedCoreExperts.forward (each core once per token)."""

@@ -1,0 +1,41 @@
+"""The statistics store: a checkpoint's calibration statistics, one safetensors file per experts module with its
+checksum in a manifest (parallel.Manifest), in a folder named by what they depend on. A crash resumes from the first
+module not saved, and a compression of the same model on the same calibration tokens at another size reuses them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from moe_compress.calibration.grams import ExpertGrams
+from moe_compress.parallel import Manifest
+
+
+def statistics_dir(output_dir: Path, source_settings: dict, calibration: dict[str, Any],
+                   token_ids: torch.Tensor) -> Path:
+    """Where the statistics of this model on these calibration tokens live: beside the output folder, named by what
+    they depend on (the source checkpoint, the calibration settings that shape them, the tokens), not by the
+    compression settings."""
+    identity = json.dumps({"source": source_settings, "calibration": calibration,
+                           "tokens": hashlib.sha256(token_ids.numpy().tobytes()).hexdigest()}, sort_keys=True)
+    return output_dir.parent / f".moe-compress-statistics-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def save_statistics(manifest: Manifest, name: str, grams: ExpertGrams) -> None:
+    manifest.save(name, grams.state(), {"tokens": int(grams.tokens.sum())})
+
+
+def load_statistics(manifest: Manifest, name: str) -> ExpertGrams:
+    return ExpertGrams.from_state(load_file(manifest.path(name)))
+
+
+def load_token_counts(manifest: Manifest, name: str) -> list[int]:
+    """The calibration tokens routed to each expert of one module, without reading its Grams."""
+    with safe_open(manifest.path(name), "pt") as f:
+        return f.get_tensor("tokens").tolist()

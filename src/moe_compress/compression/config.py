@@ -1,0 +1,177 @@
+"""The settings of a compression: CompressionConfig, and CalibrationConfig for the data its fits are calibrated on.
+
+The dataclasses are the one source of every default, for the Python API and for Hydra (structured configs); the YAML
+files under conf/ hold presets only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from moe_compress.calibration.grams import Regularisation
+from moe_compress.data import DataConfig
+from moe_compress.experts import form_of
+
+METHODS = ("auto", "als", "adam", "delta", "basis", "mixed")
+# method=mixed: the shared input basis for gate and up, which read the residual stream every expert reads, and a
+# per-expert delta for down, whose input is each expert's own (BENCHMARKS §9)
+MIXED_FORMS = {"gate": "basis", "up": "basis", "down": "delta"}
+# method=auto fits the shared basis, with calibration data, from this kept fraction on, and mixed below it
+# (BENCHMARKS §1)
+BASIS_FROM = 0.4
+CORE_CHOICES = (1, 2, 4)  # what num_cores="auto" chooses among, per experts module
+ALLOCATIONS = ("global", "uniform")
+PROJECTIONS = ("gate", "up", "down")
+PROPAGATION = ("compressed", "original")
+# CalibrationConfig's flat data fields before it held a DataConfig: accepted for one release (0.2), folded into `data`
+DEPRECATED_DATA_FIELDS = ("source", "subset", "split", "text_column", "seq_len")
+LEGACY_SEQ_LEN = 2048  # the calibration sequences' length those fields defaulted to
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration data for fits in the metric of the experts' routed inputs, and how the statistics are kept.
+
+    `data` says where the token sequences come from and how long they are, as for distillation (the testbed, local
+    files, a `datasets` id, streamed); None is data-free. `num_sequences` of them are read. The Python API may pass
+    token ids to compress() instead. `source`, `subset`, `split`, `text_column` and `seq_len` are deprecated aliases of
+    the fields of `data` (CLI: compression.calibration.source=... still works), removed in the next release.
+    """
+
+    data: Optional[DataConfig] = None
+    num_sequences: int = 256
+    batch_size: int = 8  # sequences per forward
+    shrink: float = 1.0  # pseudo-tokens of the layer-wide Gram per input dimension, added to every expert's
+    damp: float = 1.0  # times the mean diagonal, added to it (measured best on both testbeds; 0.01 overfits)
+    propagate: str = "original"  # what each layer passes on: the original layer's outputs, or the compressed one's
+    source: Optional[str] = None  # deprecated: data.source
+    subset: Optional[str] = None  # deprecated: data.subset
+    split: Optional[str] = None  # deprecated: data.split
+    text_column: Optional[str] = None  # deprecated: data.text_column
+    seq_len: Optional[int] = None  # deprecated: data.seq_len
+
+    def __post_init__(self):
+        data = self.data
+        if isinstance(data, dict):  # from Hydra or JSON
+            data = DataConfig(**data)
+        aliases = {name: getattr(self, name) for name in DEPRECATED_DATA_FIELDS if getattr(self, name) is not None}
+        if aliases:
+            warnings.warn(f"calibration {', '.join(aliases)} are deprecated; set calibration.data."
+                          f"{{{','.join(aliases)}}} (a DataConfig) instead", FutureWarning, stacklevel=3)
+            if data is not None or "source" in aliases:  # a length alone leaves a data-free config data-free
+                data = dataclasses.replace(data or DataConfig(seq_len=LEGACY_SEQ_LEN), **aliases)
+            for name in aliases:
+                object.__setattr__(self, name, None)
+        object.__setattr__(self, "data", data)
+        if min(self.num_sequences, self.batch_size) < 1:
+            raise ValueError("calibration num_sequences and batch_size must be >= 1")
+        if self.propagate not in PROPAGATION:
+            raise ValueError(f"calibration propagate={self.propagate!r} is unknown; use one of {list(PROPAGATION)}")
+        Regularisation(self.shrink, self.damp)  # checks them
+
+    @property
+    def regularisation(self) -> Regularisation:
+        return Regularisation(self.shrink, self.damp)
+
+    def statistics_identity(self) -> dict[str, Any]:
+        """What calibration statistics depend on, of these settings: the data and how much of it, and propagation."""
+        return {"data": dataclasses.asdict(self.data) if self.data is not None else None,
+                "num_sequences": self.num_sequences, "propagate": self.propagate}
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How to compress. Give `rank` (per projection overrides in `ranks`) or `target_ratio`, the kept fraction of
+    expert parameters. With target_ratio, rank_allocation="global" (its default) spends that budget over the whole
+    model where it lowers the error most (allocation.py); "uniform" takes the largest rank that fits in every
+    projection alike. `method="basis"` fits the shared-basis form (rank r: the width k that stores as much);
+    "mixed" the shared input basis for gate and up and delta for down; "auto" (the default) is basis with calibration
+    data and target_ratio >= 0.4, mixed with calibration data below, else delta: the best measured (BENCHMARKS §1)."""
+
+    rank: Optional[int] = None
+    target_ratio: Optional[float] = None
+    ranks: Optional[dict[str, int]] = None
+    method: str = "auto"
+    als_iters: int = 3
+    als_tol: float = 0.0  # stop ALS early when a round improves the objective by less than this, relatively
+    polish_steps: int = 0  # Adam steps after als, data-free: at Qwen3-30B-A3B's shape 100 cost 4x the fit for 0.3%
+    adam_steps: int = 1000
+    lr: float = 1e-3
+    seed: int = 0
+    device: Optional[str] = None
+    rank_allocation: Optional[str] = None  # "global" (default with target_ratio) or "uniform"
+    num_cores: Any = 1  # cores per projection, each shared by a k-means group of experts; or "auto" (1, 2 or 4)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def __post_init__(self):
+        if isinstance(self.calibration, dict):  # from Hydra or JSON
+            object.__setattr__(self, "calibration", CalibrationConfig(**self.calibration))
+        ranks = dict(self.ranks or {})
+        if self.rank is None and self.target_ratio is None and set(ranks) != set(PROJECTIONS):
+            raise ValueError("CompressionConfig needs a size: set rank=<int> or target_ratio=<kept fraction in (0, 1)>")
+        if self.rank is not None and self.target_ratio is not None:
+            raise ValueError("CompressionConfig got both rank and target_ratio; set only one of them")
+        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
+            raise ValueError(f"target_ratio={self.target_ratio} is not a kept fraction; use a value in (0, 1)")
+        unknown = set(ranks) - set(PROJECTIONS)
+        if unknown:
+            raise ValueError(f"ranks has unknown projections {sorted(unknown)}; use keys among {list(PROJECTIONS)}")
+        for name, r in [("rank", self.rank), *ranks.items()]:
+            if r is not None and (not isinstance(r, int) or r < 1):
+                raise ValueError(f"{name}={r} is not a positive integer rank; use rank >= 1")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; use one of {list(METHODS)}")
+        if min(self.als_iters, self.polish_steps, self.adam_steps, self.als_tol) < 0 or self.lr <= 0:
+            raise ValueError("als_iters, als_tol, polish_steps and adam_steps must be >= 0 and lr > 0")
+        object.__setattr__(self, "ranks", ranks or None)
+        allocation = self.rank_allocation or ("global" if self.target_ratio is not None else "uniform")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"rank_allocation={allocation!r} is unknown; use one of {list(ALLOCATIONS)}")
+        if allocation == "global" and self.target_ratio is None:
+            raise ValueError("rank_allocation=global spends a budget: give target_ratio=<kept fraction> instead of "
+                             "rank, or set rank_allocation=uniform")
+        object.__setattr__(self, "rank_allocation", allocation)
+        if self.num_cores == "auto":
+            if self.target_ratio is None:
+                raise ValueError("num_cores=auto chooses within a budget: give target_ratio=<kept fraction>")
+        elif not isinstance(self.num_cores, int) or self.num_cores < 1:
+            raise ValueError(f"num_cores={self.num_cores} is not a positive integer or auto; use num_cores >= 1")
+        elif self.num_cores > 1 and self.method in ("basis", "mixed"):
+            raise ValueError(f"method={self.method} shares one basis and one core per projection; use num_cores=1 "
+                             "with it")
+
+    @property
+    def cores(self) -> int:
+        """Cores per projection before num_cores=auto has chosen (it starts from one)."""
+        return 1 if self.num_cores == "auto" else self.num_cores
+
+    @property
+    def form(self) -> str | dict[str, str]:
+        """The form of every projection, or {projection: form} for method=mixed: a spec's "form"."""
+        if self.method == "auto":
+            raise ValueError("method=auto has no form until it knows whether there is calibration data; "
+                             "use config.for_data(calibrated)")
+        if self.method == "mixed":
+            return dict(MIXED_FORMS)
+        return self.method if self.method in ("delta", "basis") else "wrapped"
+
+    def form_of(self, projection: str) -> str:
+        return form_of(self.form, projection)
+
+    def for_data(self, calibrated: bool) -> CompressionConfig:
+        """This config with method=auto made concrete. With calibration statistics: basis when the fits keep at least
+        BASIS_FROM of the expert parameters, mixed below; delta without them, or with several cores (a basis has one
+        core)."""
+        if self.method != "auto":
+            return self
+        if not calibrated or self.num_cores not in (1, "auto"):
+            return dataclasses.replace(self, method="delta")
+        large = self.target_ratio is not None and self.target_ratio >= BASIS_FROM
+        return dataclasses.replace(self, method="basis" if large else "mixed")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+

@@ -1,0 +1,163 @@
+"""save_compressed: a compressed model as a Hugging Face folder that from_pretrained loads.
+
+A compressed folder is a Hugging Face model folder whose config.json names its own model type (folder/config.py) and
+carries a `quantization_config` that the moe_compress quantizer (folder/quantizer.py) loads, so that
+`AutoModelForCausalLM.from_pretrained(folder)` returns the compressed model, with no trust_remote_code. Every folder
+is written beside its target and renamed into place: it appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from torch import nn
+
+from moe_compress.experts import ModuleSpec, describe_form
+from moe_compress.folder.load import compression_of, config_in, source_tokenizer
+from moe_compress.folder.marking import mark_compressed
+from moe_compress.folder.quantizer import SharedCoreConfig
+
+
+def attach_quantization_config(model: nn.Module, specs: dict[str, ModuleSpec], compression: Any, report: Any) -> None:
+    """Record the compression (the spec of each experts module, the settings, the report's totals) in model.config,
+    so that save_pretrained writes a folder from_pretrained can load."""
+    stats = {k: v for k, v in report.to_dict().items() if k not in ("config", "rows")}
+    modules = {name: spec.to_dict() for name, spec in specs.items()}
+    model.config.quantization_config = SharedCoreConfig(modules, compression.to_dict(), stats)
+    mark_compressed(model.config)
+
+
+def check_output_dir(path: str | os.PathLike, model_config: Any, compression: dict, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that holds anything but this same compression of this model."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder; choose another output_dir")
+    if overwrite or not path.exists() or not any(path.iterdir()):
+        return
+    existing = config_in(path) or {}
+    same = (
+        existing.get("base_model_type", existing.get("model_type")) == model_config.model_type
+        and existing.get("architectures") == getattr(model_config, "architectures", None)
+        and (existing.get("quantization_config") or {}).get("compression") == compression
+    )
+    if not same:
+        raise FileExistsError(
+            f"{path} already holds a different model or other files; pass overwrite=True (CLI: overwrite=true) "
+            "to replace it, or choose another output_dir"
+        )
+
+
+def model_bytes(model: nn.Module) -> int:
+    """What saving `model` writes, about: its parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+class NoSpaceError(OSError):
+    """A write refused for lack of space (a full disk, a quota, a file size limit), said in one line: the folder, the
+    space missing, and what is kept."""
+
+
+OUT_OF_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EFBIG: "a file grew past this process's file size limit (ulimit -f)"}
+
+
+@contextmanager
+def no_space(folder: Path, needed: Callable[[], int], kept: Callable[[], str]) -> Iterator[None]:
+    """A full disk, quota or file size limit met in the block becomes one NoSpaceError naming `folder`, the space
+    missing (needed(): bytes the work still writes, against what is free now) and kept(): what the user keeps."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, NoSpaceError) or error.errno not in OUT_OF_SPACE:
+            raise
+        place = folder.parent if not folder.exists() else folder
+        free, need = shutil.disk_usage(place).free, needed()
+        short = (f"about {(need - free) / 2**20:,.1f} MiB more are needed ({need / 2**20:,.1f} MiB to write, "
+                 f"{free / 2**20:,.1f} MiB free)" if need > free else
+                 f"about {need / 2**20:,.1f} MiB are still to be written and {free / 2**20:,.1f} MiB are free now")
+        fix = "raise the limit" if error.errno == errno.EFBIG else "free space"
+        raise NoSpaceError(error.errno, f"{OUT_OF_SPACE[error.errno]} writing {folder}: {short}; {kept()} "
+                                        f"({fix}, then rerun)") from None
+
+
+@contextmanager
+def staged_folder(path: Path, model: nn.Module) -> Iterator[Path]:
+    """A folder to write `model` into that appears at `path` complete or not at all: it is written beside the target
+    and renamed into place when the block ends without error, and removed when it does not (a full disk then ends in
+    one NoSpaceError)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        with no_space(path, lambda: model_bytes(model), lambda: f"nothing was written to {path}"):
+            try:
+                yield staging
+                replace_folder(staging, path)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)  # before the space left is measured
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(staging: Path, path: Path) -> None:
+    if not path.exists():
+        staging.rename(path)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    path.rename(retired / "folder")
+    staging.rename(path)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def model_card(model: nn.Module) -> str:
+    compression = compression_of(model)
+    stats, settings = compression.stats, compression.compression
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [moe-compress, mixture-of-experts, compressed]",
+        "---",
+        f"# {model.config.model_type} compressed with moe-compress",
+        "",
+        "Every expert projection W_e of each MoE layer is stored as "
+        + describe_form(next(iter(compression.modules.values()))["form"]) + ".",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| source | {getattr(model, 'name_or_path', '') or 'in-memory model'} |",
+        f"| method | {settings.get('method')} |",
+        f"| expert parameters | {stats.get('params_before', 0):,} -> {stats.get('params_after', 0):,} |",
+        f"| kept fraction | {stats.get('kept_fraction', float('nan')):.4f} |",
+        f"| relative reconstruction error | {stats.get('rel_error', float('nan')):.4f} |",
+        f"| compressed experts modules | {len(compression.modules)} |",
+        "",
+        "With `pip install moe-compress`, load it as any model: `AutoModelForCausalLM.from_pretrained(folder)` (or",
+        "`moe_compress.load_compressed(folder)`); `lm_eval --model hf --model_args pretrained=<folder>` scores it.",
+        "For tools that cannot load this format, `moe-compress export <folder> <out>` writes a dense copy.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
+                    max_shard_size: str | int = "5GB", report: Any = None) -> Path:
+    """Write a compressed model as a Hugging Face folder: config, sharded safetensors, tokenizer, generation config,
+    model card, and the compression report (moe_compress.CompressionReport) when given. The folder appears complete or not at all: it is written
+    beside the target and renamed into place."""
+    compression = compression_of(model)
+    path = Path(path)
+    check_output_dir(path, model.config, compression.compression, overwrite)
+    with staged_folder(path, model) as staging:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        tokenizer = tokenizer if tokenizer is not None else source_tokenizer(getattr(model, "name_or_path", ""))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(model))
+        if report is not None:
+            report.save(staging)
+    return path
