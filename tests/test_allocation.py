@@ -11,11 +11,13 @@ from conftest import tiny_model
 from test_calibrated_compression import calibration_ids
 from test_fit import experts_like, metrics_like
 
-from moe_compress import CompressionConfig, compress, compress_checkpoint, fit, load_compressed, streaming
+from moe_compress import CompressionConfig, compress, compress_checkpoint, fit, load_compressed
 from moe_compress.compression.allocation import Curve, allocate, error_curve
 from moe_compress.calibration.observe import observe
 from moe_compress.calibration.grams import ExpertGrams
-from moe_compress.compress import module_curves, plan
+from moe_compress.compression import engine, from_folder
+from moe_compress.compression.fitting import module_curves
+from moe_compress.compression.in_memory import plan
 from moe_compress.discovery import split_weights
 
 
@@ -116,13 +118,13 @@ def test_streamed_global_allocation_equals_in_memory_and_a_rerun_reuses_its_curv
     def crash(*args, **kwargs):
         raise RuntimeError("killed after the curves")
     with monkeypatch.context() as patch:
-        patch.setattr(streaming, "fit_share", crash)
+        patch.setattr(from_folder, "fit_share", crash)
         with pytest.raises(RuntimeError, match="killed"):
             compress_checkpoint(tmp_path / "model", tmp_path / "out", config, progress=False)
     curves = sorted((tmp_path / ".out.moe-compress-work" / "curves").glob("*.json"))
     assert len(curves) == len(expected.rows) // 3  # one file per experts module
     computed = []
-    monkeypatch.setattr(streaming, "module_curves", lambda *args, **kw: computed.append(args[1]))
+    monkeypatch.setattr(engine, "module_curves", lambda *args, **kw: computed.append(args[1]))
     report = compress_checkpoint(tmp_path / "model", tmp_path / "out", config, progress=False)
     assert computed == []  # the rerun read the saved curves
     assert [(r.module, r.projection, r.rank) for r in report.rows] == \
@@ -146,8 +148,9 @@ def test_calibrated_global_allocation_spends_the_budget_on_the_calibrated_curves
     observed = observe(original, ids, ExpertGrams, progress=False)  # each layer's own inputs: propagate=original
     curves, specs = {}, plan(original, config.for_data(True))
     for name, grams in observed.items():
-        curves.update(module_curves(original.get_submodule(name), name, specs[name], config.for_data(True),
-                                    torch.device("cpu"), grams)[0])
+        found = module_curves(split_weights(original.get_submodule(name)), specs[name], config.for_data(True),
+                              torch.device("cpu"), grams)[0]
+        curves.update({(name, p): curve for p, curve in found.items()})
     params = sum(W.numel() for name in observed for W, _ in split_weights(original.get_submodule(name)).values())
     uniform = compress(tiny_model("qwen3_moe"), CompressionConfig(target_ratio=0.4, method=method,
                                                                   rank_allocation="uniform"), progress=False)

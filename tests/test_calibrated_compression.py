@@ -177,12 +177,12 @@ def test_bad_calibration_input_is_refused_in_one_line(tmp_path):
 def test_the_command_calibrates_on_the_testbed_corpus(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "moe_compress", "compress", "compression.target_ratio=0.3",
-         "compression.polish_steps=0", "compression.calibration.source=testbed",
-         "compression.calibration.num_sequences=8", "compression.calibration.seq_len=64",
+         "compression.polish_steps=0", "compression.calibration.data.source=testbed",
+         "compression.calibration.num_sequences=8", "compression.calibration.data.seq_len=64",
          f"output_dir={tmp_path / 'sc'}"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "sc" / "compression_report.json").read_text())
-    assert report["config"]["calibration"]["source"] == "testbed"
+    assert report["config"]["calibration"]["data"]["source"] == "testbed"
     assert all(sum(tokens) == 8 * 64 * 2 for tokens in report["coverage"].values())  # top-2 of 8 experts
     assert all(row["output_error"] is not None for row in report["rows"])
 

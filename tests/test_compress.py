@@ -97,6 +97,19 @@ def test_config_validation(kwargs, message):
         mc.CompressionConfig(**kwargs)
 
 
+def test_calibration_data_is_a_data_config_and_the_flat_fields_of_0_1_still_work_with_a_warning():
+    new = mc.CompressionConfig(target_ratio=0.3, calibration={"data": {"source": "testbed", "seq_len": 64}})
+    assert new.calibration.data == mc.DataConfig(source="testbed", seq_len=64)
+    with pytest.warns(FutureWarning, match=r"calibration source, seq_len are deprecated; set calibration.data"):
+        old = mc.CompressionConfig(target_ratio=0.3, calibration={"source": "testbed", "seq_len": 64})
+    assert old == new and old.calibration.source is None
+    with pytest.warns(FutureWarning):  # no length given: the 2048 tokens those fields defaulted to
+        assert mc.CalibrationConfig(source="testbed").data == mc.DataConfig(source="testbed", seq_len=2048)
+    with pytest.warns(FutureWarning):  # a length alone leaves a data-free config data-free
+        assert not mc.CalibrationConfig(seq_len=512).calibrated
+    assert not mc.CompressionConfig(target_ratio=0.3).calibration.calibrated
+
+
 def test_bfloat16_model_stays_bfloat16():
     model = tiny_model().to(torch.bfloat16)
     mc.compress(model, mc.CompressionConfig(rank=2), progress=False)

@@ -7,7 +7,7 @@ import torch
 from conftest import ARCHITECTURES, tiny_config, tiny_model, token_ids
 from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
 
-from moe_compress import SharedCoreExperts, find_experts
+from moe_compress import ModuleSpec, SharedCoreExperts, find_experts
 from moe_compress.discovery import projection_names
 
 
@@ -24,8 +24,8 @@ def randomize(shared: SharedCoreExperts, seed: int = 0, num_cores: int = 1) -> S
     return shared
 
 
-def shared_spec(experts, form="wrapped", rank=3, num_cores=1) -> dict:
-    return {"form": form, "num_cores": num_cores, "ranks": {p: rank for p in projection_names(experts)}}
+def shared_spec(experts, form="wrapped", rank=3, num_cores=1) -> ModuleSpec:
+    return ModuleSpec(form, {p: rank for p in projection_names(experts)}, num_cores)
 
 
 def exact_pair(model_type: str, form: str = "wrapped", rank: int = 3):

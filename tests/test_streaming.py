@@ -165,8 +165,8 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path):
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.experts \(down\) holds NaN or Inf"):
         compress_checkpoint(src, tmp_path / "sc", CONFIG, progress=False)
     other = mc.CompressionConfig(rank=1, polish_steps=5)
-    with pytest.raises(FileExistsError, match=r"unfinished work of a run with other settings \(compression: .*'rank': 2.*"
-                                              r"'rank': 1.*pass overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"unfinished work of a run with other settings "
+                                              r"\(compression.rank: 2 then, 1 now\);.*pass overwrite=True"):
         compress_checkpoint(src, tmp_path / "sc", other, progress=False)
     with pytest.raises(ValueError, match="NaN"):  # past the refusal: the old work is gone, the new one starts
         compress_checkpoint(src, tmp_path / "sc", other, overwrite=True, progress=False)

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from test_experts import randomize, shared_spec
 
-from moe_compress import SharedCoreExperts, find_experts
+from moe_compress import ModuleSpec, SharedCoreExperts, find_experts
 from moe_compress.compression.config import MIXED_FORMS
 from moe_compress.serving.vllm_layout import checkpoint_renames, layer_tensors, new_projections, routed_forward
 
@@ -84,5 +84,6 @@ def test_routed_forward_matches_shared_core_experts(form, num_cores):
 ])
 def test_what_cannot_be_served_is_refused_in_one_line(spec, activation, message):
     with pytest.raises(ValueError, match=re.escape(message)) as error:
-        new_projections(spec, 4, H, F, activation, False, torch.float32, "model.layers.0.mlp.experts")
+        new_projections(ModuleSpec.from_dict(spec), 4, H, F, activation, False, torch.float32,
+                        "model.layers.0.mlp.experts")
     assert "\n" not in str(error.value) and "model.layers.0.mlp.experts" in str(error.value)

@@ -29,18 +29,21 @@ from moe_compress.folder.save import NoSpaceError
 from moe_compress.pipeline.run import run_pipeline
 
 
-def _schema(dataclass_type: type) -> DictConfig:
-    """A typed Hydra node from a frozen config dataclass, writable (nested dataclasses too) so that defaults and
-    overrides can merge."""
+def _schema(dataclass_type: type, open_keys: bool = False) -> DictConfig:
+    """A typed Hydra node from a frozen config dataclass, the one source of its defaults: writable (nested
+    dataclasses too) so that defaults and overrides can merge; with `open_keys`, other keys may sit beside its fields
+    (the eval stage's own settings beside EvalConfig's)."""
     node = OmegaConf.structured(dataclass_type)
     for child in [node, *(node._get_node(key) for key in node)]:
         if isinstance(child, DictConfig):
             OmegaConf.set_readonly(child, False)
+    OmegaConf.set_struct(node, not open_keys)
     return node
 
 
-for group, schema in (("compression", CompressionConfig), ("distill", DistillationConfig), ("data", DataConfig)):
-    ConfigStore.instance().store(group=group, name="schema", node=_schema(schema))
+for group, schema in (("compression", CompressionConfig), ("distill", DistillationConfig), ("data", DataConfig),
+                      ("eval", EvalConfig)):
+    ConfigStore.instance().store(group=group, name="schema", node=_schema(schema, open_keys=schema is EvalConfig))
 
 
 @contextmanager
@@ -57,7 +60,12 @@ def settings(node: DictConfig) -> dict:
 
 
 def training_settings(cfg: DictConfig) -> dict:
+    """TrainingArguments' keywords from the training node; `activation_checkpointing` (transformers' name since it
+    deprecated `gradient_checkpointing`) goes by the old name to a transformers that predates it."""
     training = settings(cfg.training)
+    known = {field.name for field in dataclasses.fields(TrainingArguments)}
+    if "activation_checkpointing" in training and "activation_checkpointing" not in known:
+        training["gradient_checkpointing"] = training.pop("activation_checkpointing")
     if "wandb" in str(training.get("report_to")):
         os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` uploads later
     if training.get("bf16") == "auto":

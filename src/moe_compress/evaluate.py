@@ -21,7 +21,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from collections import Counter
@@ -171,17 +170,24 @@ def _write_json_lines(path: Path, rows: list[dict]) -> None:
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
-    """The rows of a results file: {step, task, metric, value, time, checkpoint}, in the order they were scored."""
+    """The rows of a results file: {step, task, metric, value, time, checkpoint, settings}, in the order they were
+    scored (settings: scoring_settings of the EvalConfig that scored them)."""
     path = Path(path)
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def scoring_settings(config: EvalConfig) -> dict[str, Any]:
+    """What, beside the task, makes two scores comparable: the examples scored, the context, the dtype."""
+    return {"limit": config.limit, "max_length": config.max_length, "dtype": config.dtype}
+
+
 def teacher_scores(teacher: str, config: EvalConfig, cache: str | os.PathLike | None = None) -> Scores:
-    """The teacher's scores, computed once: each (teacher, task, limit, max_length) is kept in `cache` (a JSON file)
+    """The teacher's scores, computed once: each (teacher, task, scoring settings) is kept in `cache` (a JSON file)
     and only the tasks missing there are scored."""
     _, tasks = resolve_tasks(config.tasks)
     identity = teacher if teacher in TESTBEDS or not Path(teacher).exists() else str(Path(teacher).resolve())
-    key = lambda task: f"{identity} | {task} | limit={config.limit} | max_length={config.max_length}"
+    settings = " | ".join(f"{k}={v}" for k, v in scoring_settings(config).items())
+    key = lambda task: f"{identity} | {task} | {settings}"
     cache = Path(cache) if cache is not None else None
     known = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
     missing = [task for task in tasks if key(task) not in known]
@@ -325,7 +331,8 @@ class Watcher:
                 torch.cuda.empty_cache()
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         self.rows += [{"step": step, "task": task, "metric": metric, "value": value, "time": now,
-                       "checkpoint": folder.name} for task in tasks for metric, value in scores[task].items()]
+                       "checkpoint": folder.name, "settings": scoring_settings(self.config)}
+                      for task in tasks for metric, value in scores[task].items()]
         _write_json_lines(self.results_path, self.rows)
         plot_scores(self.rows, self.teacher_scores, self.results_dir / PLOT_FILE)
         values = {f"eval/{t}/{m}": v for t, metrics in scores.items() for m, v in metrics.items()}

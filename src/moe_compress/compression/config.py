@@ -36,12 +36,13 @@ class CalibrationConfig:
     """Calibration data for fits in the metric of the experts' routed inputs, and how the statistics are kept.
 
     `data` says where the token sequences come from and how long they are, as for distillation (the testbed, local
-    files, a `datasets` id, streamed); None is data-free. `num_sequences` of them are read. The Python API may pass
-    token ids to compress() instead. `source`, `subset`, `split`, `text_column` and `seq_len` are deprecated aliases of
-    the fields of `data` (CLI: compression.calibration.source=... still works), removed in the next release.
+    files, a `datasets` id, streamed); its source null (the default) is data-free. `num_sequences` of them are read.
+    The Python API may pass token ids to compress() instead. `source`, `subset`, `split`, `text_column` and `seq_len`
+    are deprecated aliases of the fields of `data` (CLI: compression.calibration.source=... still works), removed in
+    the next release.
     """
 
-    data: Optional[DataConfig] = None
+    data: DataConfig = field(default_factory=lambda: DataConfig(source=None))
     num_sequences: int = 256
     batch_size: int = 8  # sequences per forward
     shrink: float = 1.0  # pseudo-tokens of the layer-wide Gram per input dimension, added to every expert's
@@ -54,15 +55,14 @@ class CalibrationConfig:
     seq_len: Optional[int] = None  # deprecated: data.seq_len
 
     def __post_init__(self):
-        data = self.data
-        if isinstance(data, dict):  # from Hydra or JSON
-            data = DataConfig(**data)
+        data = DataConfig(**{"source": None, **self.data}) if isinstance(self.data, dict) else self.data
         aliases = {name: getattr(self, name) for name in DEPRECATED_DATA_FIELDS if getattr(self, name) is not None}
         if aliases:
             warnings.warn(f"calibration {', '.join(aliases)} are deprecated; set calibration.data."
                           f"{{{','.join(aliases)}}} (a DataConfig) instead", FutureWarning, stacklevel=3)
-            if data is not None or "source" in aliases:  # a length alone leaves a data-free config data-free
-                data = dataclasses.replace(data or DataConfig(seq_len=LEGACY_SEQ_LEN), **aliases)
+            if data.source is None and "source" in aliases:
+                aliases.setdefault("seq_len", LEGACY_SEQ_LEN)
+            data = dataclasses.replace(data, **aliases)
             for name in aliases:
                 object.__setattr__(self, name, None)
         object.__setattr__(self, "data", data)
@@ -73,13 +73,18 @@ class CalibrationConfig:
         Regularisation(self.shrink, self.damp)  # checks them
 
     @property
+    def calibrated(self) -> bool:
+        """Whether there is calibration data to read: data.source set."""
+        return self.data.source is not None
+
+    @property
     def regularisation(self) -> Regularisation:
         return Regularisation(self.shrink, self.damp)
 
     def statistics_identity(self) -> dict[str, Any]:
         """What calibration statistics depend on, of these settings: the data and how much of it, and propagation."""
-        return {"data": dataclasses.asdict(self.data) if self.data is not None else None,
-                "num_sequences": self.num_sequences, "propagate": self.propagate}
+        return {"data": dataclasses.asdict(self.data), "num_sequences": self.num_sequences,
+                "propagate": self.propagate}
 
 
 @dataclass(frozen=True)

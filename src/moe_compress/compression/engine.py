@@ -138,7 +138,7 @@ def calibration_text(config: CompressionConfig, tokenizer_from: str | Path) -> O
     """The calibration token ids [N, L] that config.calibration.data names, read with the tokenizer of the model at
     `tokenizer_from`; None when the config is data-free."""
     settings = config.calibration
-    if settings.data is None:
+    if not settings.calibrated:
         return None
     tokenizer = load_tokenizer(tokenizer_from, "calibration text needs the model's tokenizer: add its files to the "
                                                "folder, or pass calibration token ids")

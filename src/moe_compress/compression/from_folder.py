@@ -42,8 +42,8 @@ from moe_compress.compression.report import CompressionReport, ProjectionStats
 from moe_compress.discovery import projection_names, split_weights
 from moe_compress.experts import ModuleSpec
 from moe_compress.folder.marking import mark_dict, write_shim
-from moe_compress.folder.save import NoSpaceError, attach_quantization_config, check_output_dir, model_card, \
-    no_space, replace_folder
+from moe_compress.folder.save import attach_quantization_config, check_output_dir, model_card, no_space, \
+    replace_folder
 from moe_compress.folder.shards import stored_tensors, write_weights
 from moe_compress.parallel import Manifest, Ranks, barrier, distributed, fit_device, from_main, open_work_dir, share, \
     write_atomically
@@ -112,7 +112,9 @@ def exclusive(output_dir: Path, ranks: Ranks) -> Iterator[None]:
         yield
     finally:
         if ranks.is_main:
+            owner.unlink(missing_ok=True)
             lock.release()
+            lock_path(output_dir).unlink(missing_ok=True)  # nothing of the run is left beside its folder
 
 
 def source_settings(checkpoint: SourceCheckpoint) -> dict:
@@ -154,6 +156,7 @@ def gathered_statistics(checkpoint: SourceCheckpoint, token_ids: torch.Tensor, c
     finally:
         if ranks.is_main:
             lock.release()
+            Path(lock.lock_file).unlink(missing_ok=True)
     return Manifest(folder)
 
 
@@ -220,7 +223,6 @@ def assemble(source: CheckpointFolder, specs: dict[str, ModuleSpec], config: Com
     """Write the compressed folder from the verified units and the source's other tensors and files: sharded
     safetensors, config.json with the quantization_config, tokenizer and generation files, model card, report and
     error heat map. Built in the work folder and renamed into place."""
-    checkpoint = source.checkpoint
     report = verified_report(config, specs, manifest)
     coverage = {name: load_token_counts(source.store, name) for name in specs} if source.calibrated else {}
     report = engine.report_of(config, report.rows, coverage, source)

@@ -147,8 +147,9 @@ def model_card(model: nn.Module) -> str:
 def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
                     max_shard_size: str | int = "5GB", report: Any = None) -> Path:
     """Write a compressed model as a Hugging Face folder: config, sharded safetensors, tokenizer, generation config,
-    model card, and the compression report (moe_compress.CompressionReport) when given. The folder appears complete or not at all: it is written
-    beside the target and renamed into place."""
+    model card, and the compression report (compression_report.json and its plots, as compress_checkpoint writes
+    them) when given. The folder appears complete or not at all: it is written beside the target and renamed into
+    place."""
     compression = compression_of(model)
     path = Path(path)
     check_output_dir(path, model.config, compression.compression, overwrite)

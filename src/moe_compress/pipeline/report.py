@@ -52,7 +52,7 @@ def metrics_table(teacher: Scores, zero_shot: Scores, steps: dict[int, Scores]) 
 
 
 def fitted_to(calibration: Any) -> str:
-    if calibration.data is None:
+    if not calibration.calibrated:
         return "to the original weights (data-free)"
     return (f"to what each expert computes on the inputs routed to it in {calibration.num_sequences} sequences of "
             f"{calibration.data.seq_len} tokens of {calibration.data.source}")

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any, Iterator
 
 from transformers import TrainingArguments
 
@@ -15,7 +18,7 @@ from moe_compress.compression.config import CompressionConfig
 from moe_compress.compression.from_folder import compress_checkpoint
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, load_teacher
-from moe_compress.evaluate import EvalConfig, teacher_scores
+from moe_compress.evaluate import EvalConfig, teacher_scores, watch
 from moe_compress.folder.load import load_compressed, load_tokenizer, local_model_folder
 from moe_compress.pipeline.folders import PipelineRun
 from moe_compress.pipeline.report import write_report
@@ -26,18 +29,42 @@ def compress_stage(run: PipelineRun, model: str, config: CompressionConfig) -> N
     run.report = compress_checkpoint(local_model_folder(model), run.compressed, config, overwrite=False, progress=True)
 
 
-def start_watcher(run: PipelineRun, teacher: str, config: EvalConfig, devices: str | None) -> subprocess.Popen:
-    """`moe-compress eval watch=...` in a process of its own, on the evaluation devices."""
-    env = dict(os.environ)
+def watch_into_log(log: Path, **kwargs: Any) -> None:
+    """evaluate.watch(**kwargs), everything the process prints (its libraries' C code included) going to `log`."""
+    with open(log, "w") as out:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            os.dup2(out.fileno(), stream.fileno())
+        watch(**kwargs)
+
+
+@contextmanager
+def visible_devices(devices: str | None) -> Iterator[None]:
+    """CUDA_VISIBLE_DEVICES set to `devices` for the block: a process started within sees only them. The training's
+    own CUDA context, if any, was made before and keeps its devices."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
     if devices:
-        env["CUDA_VISIBLE_DEVICES"] = devices
-    overrides = [f"watch={run.distill_dir}", "wait_for_dir=true", f"teacher={teacher}", f"results_dir={run.eval_dir}",
-                 f"initial={run.compressed}",
-                 f"tasks=[{','.join(config.tasks)}]", f"limit={'null' if config.limit is None else config.limit}",
-                 f"batch_size={config.batch_size}", f"device={config.device}", f"hydra.run.dir={run.eval_dir}/hydra"]
-    log = open(run.folder / "watcher.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "moe_compress", "eval", *overrides], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
+def start_watcher(run: PipelineRun, teacher: str, config: EvalConfig, devices: str | None) -> BaseProcess:
+    """The checkpoint watcher (evaluate.watch) in a process of its own, on the evaluation devices, given the
+    pipeline's EvalConfig whole: the checkpoints are scored with every setting the teacher is. Its output goes to
+    watcher.log."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
+    process = context.Process(target=watch_into_log, args=(run.folder / "watcher.log",), kwargs=dict(
+        run_dir=run.distill_dir, config=config, teacher=teacher, results_dir=run.eval_dir, wait_for_dir=True,
+        initial=run.compressed))
+    with visible_devices(devices):
+        process.start()
+    return process
 
 
 def _timed(run: PipelineRun, stage: str, started: float) -> None:
@@ -73,7 +100,8 @@ def run_pipeline(folder: str | Path, model: str, teacher: str, compression: Comp
         raise
     _timed(run, "distill", started)
     started = time.perf_counter()
-    if watcher.wait() != 0:
+    watcher.join()
+    if watcher.exitcode != 0:
         raise RuntimeError(f"the checkpoint watcher failed; see {run.folder / 'watcher.log'}")
     _timed(run, "finish scoring checkpoints", started)
     write_report(run, model, baseline)
