@@ -208,7 +208,7 @@ def test_watcher_scores_each_checkpoint_of_a_live_training_once_in_step_order(wa
     assert {(row["task"], row["metric"]) for row in rows if row["step"] == 30} == {
         ("tinyshakespeare", m) for m in ("bits_per_byte", "byte_perplexity", "word_perplexity")} | {
         ("tinyshakespeare_completion", m) for m in ("acc", "acc_norm")}
-    assert all(set(row) == {"step", "task", "metric", "value", "time", "checkpoint"} for row in rows)
+    assert all(set(row) == {"step", "task", "metric", "value", "time", "checkpoint", "settings"} for row in rows)
     scored = datetime.fromisoformat(rows[0]["time"]).timestamp()
     assert scored < (run / END_MARKER).stat().st_mtime, "the first checkpoint was scored only after training ended"
     teacher = json.loads((run / "eval" / TEACHER_FILE).read_text())

@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from transformers import AutoConfig
+
+from moe_compress.testbed import TESTBED_DIR
 
 TINY = ["eval.limit=4", "training.max_steps=4", "training.save_steps=2", "training.per_device_train_batch_size=2",
         "data.seq_len=64", "compression.polish_steps=5", "compression.calibration.num_sequences=8"]
@@ -19,10 +22,14 @@ def pipeline(*args, cwd):
 @pytest.mark.slow
 def test_pipeline_writes_a_report_with_every_stage(tmp_path):
     run = tmp_path / "run"
-    result = pipeline(*TINY, f"hydra.run.dir={run}", cwd=tmp_path)
+    # settings the watcher once dropped: the checkpoints must be scored as the teacher is
+    result = pipeline(*TINY, "eval.max_length=128", "eval.dtype=float32", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "FutureWarning" not in result.stderr
     report = (run / "report.md").read_text()
-    for text in ("3,145,728", "kept fraction", "compressed, zero-shot", "distilled, step 2", "distilled, step 4",
+    config = AutoConfig.from_pretrained(TESTBED_DIR)  # layers x (gate, up, down) x experts x width x hidden
+    expert_params = config.num_hidden_layers * 3 * config.num_experts * config.moe_intermediate_size * config.hidden_size
+    for text in (f"{expert_params:,}", "kept fraction", "compressed, zero-shot", "distilled, step 2", "distilled, step 4",
                  "bits_per_byte", "acc_norm", "| distill |", "| compress |", "8 sequences of 256 tokens of testbed"):
         assert text in report, text
     for figure in ("compressed/compression_error.png", "compressed/calibration_coverage.png", "eval/scores.png"):
@@ -31,6 +38,10 @@ def test_pipeline_writes_a_report_with_every_stage(tmp_path):
     scored = [(row["step"], row["task"], row["metric"]) for row in map(json.loads, (run / "eval" / "results.jsonl").open())]
     # the watcher scores the compressed model before training as step 0: the plot shows the whole recovery
     assert sorted(set(scored)) == sorted(scored) and {s for s, _, _ in scored} == {0, 2, 4}
+    settings = {"limit": 4, "max_length": 128, "dtype": "float32"}
+    assert all(row["settings"] == settings for row in map(json.loads, (run / "eval" / "results.jsonl").open()))
+    teacher = json.loads((run / "eval" / "teacher_scores.json").read_text())
+    assert teacher and all(key.endswith(" | limit=4.0 | max_length=128 | dtype=float32") for key in teacher)
 
 
 @pytest.mark.slow

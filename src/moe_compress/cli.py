@@ -34,9 +34,11 @@ def _schema(dataclass_type: type, open_keys: bool = False) -> DictConfig:
     dataclasses too) so that defaults and overrides can merge; with `open_keys`, other keys may sit beside its fields
     (the eval stage's own settings beside EvalConfig's)."""
     node = OmegaConf.structured(dataclass_type)
-    for child in [node, *(node._get_node(key) for key in node)]:
-        if isinstance(child, DictConfig):
-            OmegaConf.set_readonly(child, False)
+    todo = [node]
+    while todo:  # frozen dataclasses make read-only nodes, at every depth
+        child = todo.pop()
+        OmegaConf.set_readonly(child, False)
+        todo += [child._get_node(key) for key in child if isinstance(child._get_node(key), DictConfig)]
     OmegaConf.set_struct(node, not open_keys)
     return node
 

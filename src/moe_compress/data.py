@@ -39,7 +39,7 @@ class DataConfig:
     eval_fraction of documents is held out, as for local text, and Trainer shuffles the blocks.
     """
 
-    source: str = "testbed"
+    source: Optional[str] = "testbed"  # null: no data (what calibration settings hold when data-free)
     subset: Optional[str] = None  # datasets config name, e.g. sample-10BT
     split: str = "train"
     text_column: str = "text"
@@ -120,6 +120,9 @@ def _split_text(text: str, eval_fraction: float) -> tuple[str, str]:
 def _form(config: DataConfig) -> tuple[str, list[Path]]:
     """How `source` is read (testbed, text, saved, file: one data file, datasets: a folder of them or a Hub id) and
     its local files, found before anything is read."""
+    if config.source is None:
+        raise ValueError("data.source is null: there is no data to read; set data.source to the testbed, a local "
+                         "folder or files, or a datasets id")
     if config.source in TESTBEDS:
         return "testbed", []
     path = Path(config.source).expanduser()

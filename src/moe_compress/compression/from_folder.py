@@ -300,8 +300,8 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
     units = [(name, p) for name, spec in specs.items() for p in spec.ranks]
     device = fit_device(config.device)
     work = work_dir(output_dir)
-    kept = lambda: (f"the {len(Manifest(work).records())} finished (layer, projection) units in {work} are kept: free "
-                    "space and rerun the same command to resume")
+    kept = lambda: (f"the {len(Manifest(work).records())} finished (layer, projection) units in {work} are kept, and "
+                    "the same command resumes from them")
     needed = lambda: expected_bytes(folder, specs, 1 - len(Manifest(work).records()) / len(units))
     with distributed(device) as ranks, exclusive(output_dir, ranks), no_space(output_dir, needed, kept):
         if ranks.is_main:

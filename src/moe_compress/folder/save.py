@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -67,23 +68,46 @@ OUT_OF_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the 
                 errno.EFBIG: "a file grew past this process's file size limit (ulimit -f)"}
 
 
+def human_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def no_space(folder: Path, needed: Callable[[], int], kept: Callable[[], str]) -> Iterator[None]:
     """A full disk, quota or file size limit met in the block becomes one NoSpaceError naming `folder`, the space
-    missing (needed(): bytes the work still writes, against what is free now) and kept(): what the user keeps."""
+    missing (needed(): bytes the work still writes, against what is free now), the fix, and kept(): what the user
+    keeps."""
     try:
         yield
-    except OSError as error:
-        if isinstance(error, NoSpaceError) or error.errno not in OUT_OF_SPACE:
+    except Exception as error:  # noqa: BLE001  (safetensors' writer raises its own error type for the OS's)
+        code = space_errno(error)
+        if code is None:
             raise
-        place = folder.parent if not folder.exists() else folder
-        free, need = shutil.disk_usage(place).free, needed()
-        short = (f"about {(need - free) / 2**20:,.1f} MiB more are needed ({need / 2**20:,.1f} MiB to write, "
-                 f"{free / 2**20:,.1f} MiB free)" if need > free else
-                 f"about {need / 2**20:,.1f} MiB are still to be written and {free / 2**20:,.1f} MiB are free now")
-        fix = "raise the limit" if error.errno == errno.EFBIG else "free space"
-        raise NoSpaceError(error.errno, f"{OUT_OF_SPACE[error.errno]} writing {folder}: {short}; {kept()} "
-                                        f"({fix}, then rerun)") from None
+        free, need = shutil.disk_usage(folder if folder.exists() else folder.parent).free, needed()
+        short = (f"about {human_bytes(need - free)} more are needed ({human_bytes(need)} to write, "
+                 f"{human_bytes(free)} free)" if need > free else
+                 f"about {human_bytes(need)} are still to be written ({human_bytes(free)} free now)")
+        fix = "raise the limit" if code == errno.EFBIG else "free space"
+        raised = NoSpaceError(f"{OUT_OF_SPACE[code]} writing {folder}: {short}; {fix}, then rerun: {kept()}")
+        raised.errno = code
+        raise raised from None
+
+
+def space_errno(error: Exception) -> int | None:
+    """The errno of a write refused for lack of space, from an OSError or from safetensors' Rust writer (which says
+    "I/O error: ... (os error 28)"); None for any other error."""
+    if isinstance(error, NoSpaceError):
+        return None
+    if isinstance(error, OSError):
+        code = error.errno
+    else:
+        found = re.search(r"\(os error (\d+)\)", str(error)) if type(error).__name__ == "SafetensorError" else None
+        code = int(found[1]) if found else None
+    return code if code in OUT_OF_SPACE else None
 
 
 @contextmanager
