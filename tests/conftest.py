@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections import Counter, defaultdict
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from moe_compress import ModuleSpec, SharedCoreExperts
+from moe_compress.discovery import projection_names
 
 # One torch thread per process, here and in every process a test starts (they inherit the environment): the suite runs
 # on 2 cores, where tests that start two processes would otherwise run four threads, whatever the launching shell set
@@ -59,3 +64,37 @@ def token_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def qwen3_moe() -> PreTrainedModel:
     return tiny_model("qwen3_moe")
+
+
+def randomize(shared: SharedCoreExperts, seed: int = 0, num_cores: int = 1) -> SharedCoreExperts:
+    """Random cores and factors, so that the experts are exactly of the stored form."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for proj in shared.projections.values():
+            out_f, in_f = proj.shape
+            proj.expert_core.copy_(torch.arange(proj.num_experts) % num_cores)
+            for name, p in proj.named_parameters():
+                scale = in_f**-0.5 if name == "core" else 0.3 / max(out_f, in_f) ** 0.5
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return shared
+
+
+def shared_spec(experts, form="wrapped", rank=3, num_cores=1) -> ModuleSpec:
+    return ModuleSpec(form, {p: rank for p in projection_names(experts)}, num_cores)
+
+
+class KernelCalls(TorchDispatchMode):
+    """Within the block, the aten kernels that ran (in a forward and a backward alike): how often each, and the shapes
+    of its tensor arguments call by call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+        self.shapes = defaultdict(list)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # counted after the call: a kernel that refuses its inputs (and whose caller falls back) has not run
+        self.calls[func] += 1
+        self.shapes[func].append([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+        return out

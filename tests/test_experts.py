@@ -4,28 +4,10 @@ import copy
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, tiny_config, tiny_model, token_ids
+from conftest import ARCHITECTURES, randomize, shared_spec, tiny_config, tiny_model, token_ids
 from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
 
-from moe_compress import ModuleSpec, SharedCoreExperts, find_experts
-from moe_compress.discovery import projection_names
-
-
-def randomize(shared: SharedCoreExperts, seed: int = 0, num_cores: int = 1) -> SharedCoreExperts:
-    """Random cores and factors, so that the experts are exactly of the stored form."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for proj in shared.projections.values():
-            out_f, in_f = proj.shape
-            proj.expert_core.copy_(torch.arange(proj.num_experts) % num_cores)
-            for name, p in proj.named_parameters():
-                scale = in_f**-0.5 if name == "core" else 0.3 / max(out_f, in_f) ** 0.5
-                p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    return shared
-
-
-def shared_spec(experts, form="wrapped", rank=3, num_cores=1) -> ModuleSpec:
-    return ModuleSpec(form, {p: rank for p in projection_names(experts)}, num_cores)
+from moe_compress import SharedCoreExperts, find_experts
 
 
 def exact_pair(model_type: str, form: str = "wrapped", rank: int = 3):

@@ -5,8 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_experts import randomize, shared_spec
+from conftest import randomize, shared_spec, tiny_model
 
 from moe_compress import ModuleSpec, SharedCoreExperts, find_experts
 from moe_compress.compression.config import MIXED_FORMS
