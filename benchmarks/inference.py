@@ -15,7 +15,7 @@ from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from benchmarks.common import in_fresh_process, interleaved_medians, peak_rss_mib, table
-from moe_compress import SharedCoreExperts
+from moe_compress import ModuleSpec, SharedCoreExperts
 from moe_compress.compression.budget import max_rank, stored_params
 from moe_compress.compression.config import MIXED_FORMS, PROJECTIONS
 
@@ -37,7 +37,7 @@ def build(kind: str, shape: dict) -> torch.nn.Module:
         # a basis gets the width that stores what the wrapper does at `rank` (gate, up and down alike)
         ranks = {p: max_rank(E, F, H, stored_params(E, F, H, rank), "basis") if f == "basis" else rank
                  for p, f in forms.items()}
-        module = SharedCoreExperts.empty(original, {"form": forms, "ranks": ranks})
+        module = SharedCoreExperts.empty(original, ModuleSpec(forms, ranks))
         del original
     with torch.no_grad():
         for p in module.parameters():

@@ -1,4 +1,6 @@
-"""Tiny random transformers models of many MoE architectures, built offline from their configs."""
+"""What several test modules share (test modules never import each other): tiny random transformers models of many
+MoE architectures, built offline from their configs; random compressed experts; synthetic experts and metrics; a
+counter of the aten kernels that ran; the compressed testbed."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+import moe_compress as mc
 from moe_compress import ModuleSpec, SharedCoreExperts
 from moe_compress.discovery import projection_names
+from moe_compress.experts import wrapped_weights
+from moe_compress.testbed import load_testbed
 
 # One torch thread per process, here and in every process a test starts (they inherit the environment): the suite runs
 # on 2 cores, where tests that start two processes would otherwise run four threads, whatever the launching shell set
@@ -98,3 +103,33 @@ class KernelCalls(TorchDispatchMode):
         self.calls[func] += 1
         self.shapes[func].append([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
         return out
+
+
+def experts_like(E=6, out_f=24, in_f=40, rank=3, noise=0.3, seed=0) -> torch.Tensor:
+    """A shared part, per-expert wrapper deviations, and unstructured noise: [E, out, in]."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g)
+    C = randn(1, out_f, in_f) / in_f**0.5
+    W = wrapped_weights(C, 0.3 * randn(E, out_f, rank), 0.3 * randn(E, out_f, rank) / out_f**0.5,
+                        0.3 * randn(E, in_f, rank), 0.3 * randn(E, in_f, rank) / in_f**0.5)
+    return W + noise * randn(E, out_f, in_f) / in_f**0.5
+
+
+def metrics_like(E=6, in_f=40, tokens=200, spread=2.0, seed=0, dtype=torch.float32) -> torch.Tensor:
+    """Input Grams M_e = X_e^T X_e / tokens, damped, of tokens whose channel scales span 10^spread (shared outlier
+    channels and per-expert ones, as in LLM activations): [E, in, in], SPD and strongly anisotropic."""
+    g = torch.Generator().manual_seed(seed)
+    scales = 10 ** (spread * (torch.rand(1, 1, in_f, generator=g) + 0.5 * torch.rand(E, 1, in_f, generator=g) - 0.75))
+    X = (torch.randn(E, tokens, in_f, generator=g) * scales).to(dtype)
+    M = X.mT @ X / tokens
+    return M + 0.01 * M.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(in_f, dtype=dtype)
+
+
+def calibration_ids(count=8, length=32, seed=1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def compressed_testbed():
+    model, tokenizer = load_testbed()
+    mc.compress(model, mc.CompressionConfig(target_ratio=0.3, method="als", polish_steps=20), progress=False)
+    return model, tokenizer

@@ -7,9 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_calibrated_compression import calibration_ids
-from test_fit import experts_like, metrics_like
+from conftest import calibration_ids, experts_like, metrics_like, tiny_model
 
 from moe_compress import CompressionConfig, compress, compress_checkpoint, fit, load_compressed
 from moe_compress.compression.allocation import Curve, allocate, error_curve

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import calibration_ids, tiny_model
 
 import moe_compress as mc
 from moe_compress import fit
@@ -27,10 +27,6 @@ from moe_compress.folder.load import load_tokenizer
 from moe_compress.testbed import TESTBEDS
 
 VOCAB = 128
-
-
-def calibration_ids(count=8, length=32, seed=1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("method", ["als", "delta"])

@@ -12,6 +12,8 @@ from conftest import token_ids, tiny_model
 import moe_compress as mc
 from moe_compress.distill import select_trainable
 
+pytestmark = pytest.mark.slow  # every test here starts the command in a process of its own
+
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moe_compress", *args], capture_output=True, text=True, cwd=cwd)
@@ -58,7 +60,6 @@ def test_help_lists_stages_and_cfg_prints_the_resolved_config(tmp_path):
     assert cli("frobnicate").returncode == 1
 
 
-@pytest.mark.slow
 def test_distill_trains_a_compressed_folder_and_writes_checkpoints(tmp_path):
     student = tmp_path / "student"
     result = cli("compress", "compression.target_ratio=0.3", "compression.polish_steps=5", f"output_dir={student}",
@@ -76,8 +77,13 @@ def test_distill_trains_a_compressed_folder_and_writes_checkpoints(tmp_path):
     (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     assert all(key in log.read_bytes() for key in (b"train/kl", b"train/ce", b"train/loss"))
     assert (run / "training_complete.json").exists() and (run / "hydra" / ".hydra" / "config.yaml").exists()
-    with torch.no_grad():
-        assert mc.load_compressed(run / "checkpoint-4")(token_ids(1, 8) % 256).logits.shape == (1, 8, 256)
+    trained, initial = mc.load_compressed(run / "checkpoint-4"), mc.load_compressed(student)
+    mc.export_dense(run / "checkpoint-4", tmp_path / "dense")  # every W_e rebuilt, run by transformers' own code
+    ids = token_ids(1, 8) % 256
+    with torch.no_grad():  # the checkpoint holds trained weights, and its logits are what they compute
+        logits = trained(ids).logits
+        assert not torch.allclose(logits, initial(ids).logits, atol=1e-3)
+        assert torch.allclose(mc.load_model(str(tmp_path / "dense"))(ids).logits, logits, atol=1e-4)
 
 
 def test_distill_refuses_a_student_that_is_not_compressed(tmp_path, model_dir):
@@ -132,7 +138,6 @@ def test_eval_scores_a_model_and_names_close_matches_for_unknown_tasks(tmp_path)
     assert result.returncode == 1 and "unknown lm-eval task 'tinyshakespear'" in last and "tinyshakespeare" in last
 
 
-@pytest.mark.slow
 def test_torchrun_two_processes_write_the_same_folder_as_one(tmp_path, model_dir):
     args = ["compress", f"model={model_dir}", "compression.rank=2", "compression.target_ratio=null"]
     single = cli(*args, f"output_dir={tmp_path / 'one'}", cwd=tmp_path)

@@ -7,9 +7,9 @@ import datasets
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_distill import compressed_testbed
 from transformers import TrainingArguments
 
+from conftest import compressed_testbed
 from moe_compress.data import DataConfig, build_datasets, calibration_sequences
 from moe_compress.distill import DistillationConfig, distill
 from moe_compress.testbed import load_testbed

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import compressed_testbed, tiny_model
 from transformers import TrainingArguments
 
 import moe_compress as mc
@@ -41,12 +41,6 @@ def test_chunked_loss_and_gradient_equal_the_plain_formula(chunk):
     assert torch.allclose(0.3 * 4 * kl + 0.7 * ce, loss)
 
 
-def compressed_testbed():
-    model, tokenizer = load_testbed()
-    mc.compress(model, mc.CompressionConfig(target_ratio=0.3, method="als", polish_steps=20), progress=False)
-    return model, tokenizer
-
-
 @pytest.mark.parametrize("train,routers,expected", [
     ("wrappers", False, {"u_out", "v_out", "u_in", "v_in"}),
     ("wrappers+cores", False, {"u_out", "v_out", "u_in", "v_in", "core"}),
@@ -70,7 +64,7 @@ def test_the_shared_basis_trains_its_factors_shared_and_per_expert_alike():
     assert {n.rsplit(".", 1)[1] for n, p in model.named_parameters() if p.requires_grad} == {"u", "v"}
 
 
-def test_bad_pairs_and_inputs_are_refused():
+def test_bad_pairs_and_inputs_are_refused(monkeypatch):
     student, _ = compressed_testbed()
     with pytest.raises(ValueError, match="not compressed by moe-compress"):
         check_pair(tiny_model(), tiny_model())
@@ -78,7 +72,8 @@ def test_bad_pairs_and_inputs_are_refused():
         check_pair(student, tiny_model("mixtral"))
     with pytest.raises(ValueError, match=r"teacher vocabulary \(128\) differs from the student's \(256\)"):
         check_pair(student, tiny_model("qwen3_moe"))
-    if not torch.cuda.is_available():
+    with monkeypatch.context() as patch:  # as on a machine without a GPU, wherever the test runs
+        patch.setattr(torch.cuda, "is_available", lambda: False)
         with pytest.raises(ValueError, match="teacher_quantization=4bit needs a CUDA GPU"):
             load_teacher("testbed", "4bit")
     with pytest.raises(ValueError, match="fewer than one sequence of 256"):

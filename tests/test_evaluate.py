@@ -132,10 +132,12 @@ def test_ctrl_c_stops_the_watcher_cleanly(tmp_path, capsys):
     # where SIGINT is ignored (a background job, nohup, some CI runners) it would never arrive: restore the terminal's
     # behaviour for this test, and the caller's after it
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # the run never appears nor ends
     try:
-        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # the run never appears nor ends
+        interrupt.start()
         assert watch(tmp_path / "run", QUICK, poll_seconds=0.05, wait_for_dir=True) == []
     finally:
+        interrupt.cancel()  # were watch to return early, the signal must not reach a later test
         signal.signal(signal.SIGINT, previous)
     out = capsys.readouterr().out
     assert "waiting for" in out and "stopped; scores so far are in" in out

@@ -4,13 +4,11 @@ in one line that names the cause and the fix, and nothing finished is lost."""
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +92,7 @@ def test_a_full_disk_ends_in_one_line_keeps_the_finished_units_and_the_rerun_res
     assert [r.rank for r in clean.rows] == [2] * 6
 
 
+@pytest.mark.slow
 def test_save_compressed_on_a_full_disk_writes_nothing_and_says_so_in_one_line(tmp_path):
     script = textwrap.dedent(f"""
         import resource, sys
@@ -116,6 +115,7 @@ def test_save_compressed_on_a_full_disk_writes_nothing_and_says_so_in_one_line(t
     assert list(tmp_path.iterdir()) == []  # no folder, no staging left behind
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_folder_is_refused_in_one_line_naming_the_first(tmp_path, model_dir):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time

@@ -5,28 +5,9 @@ import itertools
 import pytest
 import torch
 
+from conftest import experts_like, metrics_like
 from moe_compress import fit
 from moe_compress.experts import wrapped_weights
-
-
-def experts_like(E=6, out_f=24, in_f=40, rank=3, noise=0.3, seed=0) -> torch.Tensor:
-    """A shared part, per-expert wrapper deviations, and unstructured noise: [E, out, in]."""
-    g = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g)
-    C = randn(1, out_f, in_f) / in_f**0.5
-    W = wrapped_weights(C, 0.3 * randn(E, out_f, rank), 0.3 * randn(E, out_f, rank) / out_f**0.5,
-                        0.3 * randn(E, in_f, rank), 0.3 * randn(E, in_f, rank) / in_f**0.5)
-    return W + noise * randn(E, out_f, in_f) / in_f**0.5
-
-
-def metrics_like(E=6, in_f=40, tokens=200, spread=2.0, seed=0, dtype=torch.float32) -> torch.Tensor:
-    """Input Grams M_e = X_e^T X_e / tokens, damped, of tokens whose channel scales span 10^spread (shared outlier
-    channels and per-expert ones, as in LLM activations): [E, in, in], SPD and strongly anisotropic."""
-    g = torch.Generator().manual_seed(seed)
-    scales = 10 ** (spread * (torch.rand(1, 1, in_f, generator=g) + 0.5 * torch.rand(E, 1, in_f, generator=g) - 0.75))
-    X = (torch.randn(E, tokens, in_f, generator=g) * scales).to(dtype)
-    M = X.mT @ X / tokens
-    return M + 0.01 * M.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(in_f, dtype=dtype)
 
 
 def truncation(target: torch.Tensor, rank: int) -> torch.Tensor:
@@ -146,10 +127,11 @@ def test_als_first_side_is_the_best_one_sided_wrapper_around_the_mean():
     assert len(seen) == 3  # input side, output side, core refit
 
 
-def test_als_error_falls_with_rank_and_reaches_zero_at_full_rank():
-    W = experts_like(noise=0.0)
+def test_als_error_falls_with_rank_and_ends_below_a_measured_5_percent_at_the_generating_rank_in_three_rounds():
+    W = experts_like(noise=0.0)  # exactly of the wrapped form at rank 3
     errors = [fit.relative_error(W, wrapped_weights(**fit.fit_als(W, r, iters=3))) for r in (1, 2, 3)]
     assert errors[0] > errors[1] > errors[2]
+    # empirical, not zero: three rounds leave 0.0416 (measured) of a structure rank 3 represents exactly
     assert errors[2] < 0.05
 
 

@@ -119,11 +119,9 @@ def case(form: str, dtype: torch.dtype, rank: int, model_type: str, monkeypatch)
     return shared, routed_batch(shared.projections["down"].shape[0], dtype), calls
 
 
-# gpt_oss's backward on the kernel fails: its own gating reads gate = gate_up[..., ::2], so the gradient reaching the
-# gate and up projections' last grouped_mm is a view with a stride of 2, which grouped_mm's backward refuses; the
-# module's fallback catches only the forward's errors, and the loop path has no such limit. A bug, kept visible: the
-# test checks that exact failure, then reports itself as an expected failure until it is fixed.
-GPT_OSS_BACKWARD = "Invalid strides/sizes"
+# gpt_oss's own gating reads gate = gate_up[..., ::2]: the gradient reaching the gate and up projections' last
+# grouped_mm is a view with a stride of 2, which grouped_mm's backward refuses ("Invalid strides/sizes"); the kernel
+# path makes it contiguous (experts.grouped_mm), and these cases check that it does.
 PRECISION_IDS = ["fp32-r4", "fp32-r8", "bf16-r8"]
 
 
@@ -145,10 +143,6 @@ def test_kernel_forward_matches_the_plain_math(form, dtype, rank, model_type, mo
 @pytest.mark.parametrize("form", list(FORMS))
 def test_kernel_backward_matches_the_plain_math(form, dtype, rank, model_type, monkeypatch):
     shared, batch, calls = case(form, dtype, rank, model_type, monkeypatch)
-    if model_type == "gpt_oss":
-        with pytest.raises(RuntimeError, match=GPT_OSS_BACKWARD):
-            run(shared, *batch)
-        pytest.xfail("bug: grouped_mm's backward refuses the strided gradient of gpt_oss's gating")
     _, grads, forward, backward = run(shared, *batch)
     kernels, backward_kernels = forward.calls[GROUPED_MM], backward.calls[GROUPED_MM]
     # each kernel call of the forward is two in the backward: the gradients of its rows and of its per-expert matrices

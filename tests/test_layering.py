@@ -149,3 +149,15 @@ def test_no_private_names_across_modules_in_the_package_and_the_benchmarks():
     files += [(path, f"benchmarks.{path.stem}") for path in (ROOT / "benchmarks").glob("*.py")]
     assert len(files) > len(MODULES)
     assert [use for path, name in files for use in private_uses(path, name)] == []
+
+
+def test_test_modules_never_import_each_other():
+    # shared helpers live in conftest.py: a test module importing another breaks under --import-mode=importlib
+    tests = {path.stem for path in Path(__file__).parent.glob("test_*.py")}
+    found = []
+    for path in Path(__file__).parent.glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name} imports {name}" for name in names if name.split(".")[0] in tests]
+    assert len(tests) > 20 and found == []

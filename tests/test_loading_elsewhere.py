@@ -55,12 +55,14 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()
 
 
+@pytest.mark.slow
 def test_the_hook_is_installed_and_costs_no_torch_import_at_start_up():
     out = python("import sys; print('moe_compress.autoload' in sys.modules, 'torch' in sys.modules, "
                  "'transformers' in sys.modules)")
     assert out.split() == ["True", "False", "False"]
 
 
+@pytest.mark.slow
 def test_plain_from_pretrained_in_a_process_that_never_imports_us_equals_load_compressed(folder, tmp_path):
     ids = token_ids(2, 16)
     expected = logits_of(mc.load_compressed(folder), ids)
@@ -92,6 +94,7 @@ def test_the_lm_eval_cli_scores_a_compressed_folder_as_moe_compress_eval_does(fo
         assert theirs[f"{metric},none"] == pytest.approx(ours[metric], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_without_the_package_loading_fails_in_one_line_and_never_returns_random_experts(folder):
     out = without_package(f"""
         from transformers import AutoModelForCausalLM

@@ -30,6 +30,7 @@ RUN = textwrap.dedent(f"""
 """)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_write_the_folder_one_process_writes(tmp_path):
     tiny_model("qwen3_moe", num_hidden_layers=3).save_pretrained(tmp_path / "src")
     script = tmp_path / "run.py"
@@ -55,6 +56,7 @@ def test_two_gloo_processes_write_the_folder_one_process_writes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "run.py", "src", "two"]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_calibrate_on_their_shares_of_the_batches_and_write_the_folder_one_process_writes(
         tmp_path):
     tiny_model("qwen3_moe", num_hidden_layers=2).save_pretrained(tmp_path / "src")

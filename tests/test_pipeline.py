@@ -57,6 +57,7 @@ def test_rank_sweep_ends_with_the_tradeoff_plot(tmp_path):
     assert "| 1 |" in table and "| 4 |" in table
 
 
+@pytest.mark.slow
 def test_print_resolved_config_of_a_preset(tmp_path):
     result = subprocess.run([sys.executable, "-m", "moe_compress", "pipeline", "model=qwen3_30b_a3b", "--cfg", "job"],
                             cwd=tmp_path, capture_output=True, text=True)

@@ -125,6 +125,7 @@ RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_verifies_and_ends_as_a_clean_run(tmp_path, capsys):
     src = source(tmp_path, num_hidden_layers=4)
     settings = {"rank": 2, "polish_steps": 300}
@@ -153,6 +154,66 @@ def test_a_killed_run_resumes_verifies_and_ends_as_a_clean_run(tmp_path, capsys)
     resumed, clean = tensors(out), tensors(tmp_path / "clean")
     assert resumed.keys() == clean.keys() and all(torch.equal(resumed[k], clean[k]) for k in clean)
     assert not work_dir(out).exists()
+
+
+RUN_CALIBRATED = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from safetensors.torch import load_file
+    import moe_compress as mc
+    ids = load_file(sys.argv[4])["ids"]
+    mc.compress_checkpoint(sys.argv[1], sys.argv[2], mc.CompressionConfig(**json.loads(sys.argv[3])),
+                           calibration=ids, progress=False)
+""")
+
+
+def killed_when(tmp_path: Path, args: list[str], ready) -> None:
+    """Run RUN_CALIBRATED with `args` and SIGKILL it as soon as ready() holds."""
+    child = subprocess.Popen([sys.executable, "-c", RUN_CALIBRATED, *args])
+    while not ready():
+        assert child.poll() is None, f"the run ended (exit {child.returncode}) before it could be killed"
+        time.sleep(0.002)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["statistics", "fits"])
+def test_a_calibrated_run_killed_in_its_statistics_pass_or_its_fits_resumes_to_a_clean_run(tmp_path, capsys, stage):
+    """Killed while the statistics are gathered (some layers' saved) or while the fits run (some units recorded), the
+    rerun keeps what is saved and ends bit-identical to a clean run that gathered its statistics afresh."""
+    src = source(tmp_path, num_hidden_layers=6)
+    ids_file = tmp_path / "ids.safetensors"
+    save_file({"ids": token_ids(48, 64, seed=3)}, ids_file)  # enough tokens that a layer's pass takes a while
+    settings = {"rank": 2, "polish_steps": 0}
+    out = tmp_path / "sc"
+    stores = lambda: list(tmp_path.glob(".moe-compress-statistics-*[!k]"))  # the folder, not its .lock
+    layers = [f"model.layers.{i}.mlp.experts" for i in range(6)]
+    saved = lambda: Manifest(stores()[0]).done(layers) if stores() else {}
+    if stage == "statistics":
+        killed_when(tmp_path, [str(src), str(out), json.dumps(settings), str(ids_file)],
+                    lambda: 1 <= len(saved()) < len(layers) - 1)
+        kept = {name: Manifest(stores()[0]).path(name).stat().st_mtime_ns for name in saved()}
+        assert 1 <= len(kept) < len(layers) and not list(work_dir(out).glob("units/*.safetensors"))
+    else:
+        manifest = Manifest(work_dir(out))
+        killed_when(tmp_path, [str(src), str(out), json.dumps(settings), str(ids_file)],
+                    lambda: len(manifest.records()) >= 2)
+        assert len(saved()) == len(layers) and 2 <= len(manifest.done([f"{n}.{p}" for n in layers
+                                                                       for p in ("gate", "up", "down")])) < 18
+        kept = {}
+    assert not out.exists()
+    config = mc.CompressionConfig(**settings)
+    ids = load_file(ids_file)["ids"]
+    compress_checkpoint(src, out, config, calibration=ids)
+    assert all(Manifest(stores()[0]).path(name).stat().st_mtime_ns == stamp for name, stamp in kept.items())
+    if stage == "fits":
+        assert "resuming: " in capsys.readouterr().out
+    (tmp_path / "apart").mkdir()  # another parent folder: the clean run gathers its own statistics
+    compress_checkpoint(src, tmp_path / "apart" / "clean", config, calibration=ids, progress=False)
+    assert len(list((tmp_path / "apart").glob(".moe-compress-statistics-*"))) == 1
+    resumed, clean = tensors(out), tensors(tmp_path / "apart" / "clean")
+    assert resumed.keys() == clean.keys() and all(torch.equal(resumed[k], clean[k]) for k in clean)
 
 
 def test_other_settings_are_refused_unless_overwrite(tmp_path):

@@ -103,9 +103,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
     busy = sum(1 for c in route.counts if c) > len(route.counts) // 2
     if fast and busy and hasattr(F, "grouped_mm") and _aligned(x) and _aligned(w):
         try:
-            return F.grouped_mm(x, w, offs=route.offsets)
+            y = F.grouped_mm(x, w, offs=route.offsets)
         except RuntimeError:  # the kernel refuses some layouts and GPUs; the loop below handles all of them
             pass
+        else:
+            if y.requires_grad:  # its backward refuses strided gradients, which a model's gating can hand it
+                y.register_hook(torch.Tensor.contiguous)  # (gpt_oss reads gate and up as every other column)
+            return y
     blocks = [x_e @ w[e] for e, x_e in enumerate(x.split(route.counts)) if x_e.shape[0] > 0]
     return torch.cat(blocks) if blocks else x.new_zeros(0, w.shape[-1])
 
