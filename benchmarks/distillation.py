@@ -18,7 +18,7 @@ from moe_compress.distill import DistillationConfig, distill
 from moe_compress.testbed import heldout_loss, load_testbed, read_split
 
 FULL = dict(ratio=0.3, steps=300, batch=16, seq_len=256, lr=1e-4, alpha=0.9, eval_steps=50, max_tokens=None)
-QUICK = dict(ratio=0.3, steps=4, batch=2, seq_len=64, lr=1e-4, alpha=0.9, eval_steps=2, max_tokens=4096)
+QUICK = dict(ratio=0.3, steps=4, batch=2, seq_len=64, lr=1e-4, alpha=0.9, eval_steps=4, max_tokens=4096)
 
 
 def run(quick: bool = False) -> dict:
