@@ -40,7 +40,7 @@ SPEED = dict(layers=32, experts=16, hidden=128, width=256, settings={"target_rat
 MEMORY = dict(layers=(20, 80, 160), experts=128, hidden=1024, width=32,
               settings={"rank": 1, "method": "delta", "als_iters": 1})
 QUICK_SPEED = dict(layers=4, experts=4, hidden=64, width=32, settings={"rank": 2, "polish_steps": 5}, repeats=1)
-QUICK_MEMORY = dict(layers=(2, 4), experts=4, hidden=64, width=32, settings=MEMORY["settings"])
+QUICK_MEMORY = dict(layers=(2,), experts=4, hidden=64, width=32, settings=MEMORY["settings"])
 
 
 def model_config(layers: int, experts: int, hidden: int, width: int) -> Qwen3MoeConfig:
