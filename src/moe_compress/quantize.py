@@ -1,0 +1,229 @@
+"""Integer weight quantization in compressed-tensors' conventions: round to nearest, GPTQ, and int32 packing.
+
+A weight W [rows, cols] = [out, in] is quantized in groups of `group_size` consecutive columns (the input dimension),
+each row and group with its own scale s (and, asymmetric, an integer zero point z):
+  symmetric   codes q in [-2^(b-1), 2^(b-1) - 1],  w ~ q * s
+  asymmetric  codes q in [-2^(b-1), 2^(b-1) - 1],  w ~ (q - z) * s, z an integer in the same range
+Scales and zero points are compressed-tensors' min-max ones (calculate_qparams), codes its quantize()
+(clamp, then round half to even), so that a folder can be written in its `pack-quantized` format, which vLLM reads.
+Scales come in W's dtype, as compressed-tensors computes them: quantize W in the dtype its scales are to be stored in
+(bf16 or fp16; storage_bits counts them as 16 bits).
+
+Shapes: any leading dimensions ([E] experts) ride along: W [..., rows, cols], H [..., cols, cols].
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+BITS = (2, 3, 4, 8)
+SCALE_BITS = 16  # scales are stored in the weight's 16-bit dtype
+WORD_BITS = 32  # codes and zero points are stored packed in int32 words
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """`bits` per code; `group_size` columns share a scale (None: one group per row); `symmetric`: no zero points."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or self.bits not in BITS:
+            raise ValueError(f"bits={self.bits!r} is not supported; use one of {', '.join(map(str, BITS))}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                                            or self.group_size < 1):
+            raise ValueError(f"group_size={self.group_size!r} is not a positive number of columns; use e.g. 128, "
+                             "or None for one group per row")
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric={self.symmetric!r} is not a bool; use True (no zero points) or False")
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """The signed codes' [min, max]: [-2^(b-1), 2^(b-1) - 1]."""
+        return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+
+    def groups(self, cols: int) -> int:
+        """Groups per row of a matrix with `cols` columns."""
+        if self.group_size is None:
+            return 1
+        if cols % self.group_size:
+            raise ValueError(f"{cols} columns do not split into groups of {self.group_size}; use a group_size that "
+                             f"divides {cols}, or None for one group per row")
+        return cols // self.group_size
+
+    def storage_bits(self, rows: int, cols: int) -> int:
+        """Bits stored for a [rows, cols] matrix in compressed-tensors' pack-quantized layout: the codes packed along
+        each row into int32 words (weight_packed [rows, ceil(cols*b/32)]), a 16-bit scale per row and group
+        (weight_scale [rows, groups]) and, asymmetric, the zero points packed along the columns of
+        weight_zero_point [ceil(rows*b/32), groups]. The two-int64 weight_shape (128 bits per matrix) is left out."""
+        groups = self.groups(cols)
+        codes = WORD_BITS * rows * math.ceil(cols * self.bits / WORD_BITS)
+        zeros = 0 if self.symmetric else WORD_BITS * math.ceil(rows * self.bits / WORD_BITS) * groups
+        return codes + SCALE_BITS * rows * groups + zeros
+
+    def bits_per_weight(self, rows: int, cols: int) -> float:
+        return self.storage_bits(rows, cols) / (rows * cols)
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """codes [..., rows, cols] int8, scales [..., rows, groups] (W's dtype), zeros [..., rows, groups] int8 or None
+    (symmetric)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    format: QuantFormat
+
+    def dequantize(self) -> torch.Tensor:
+        """(q - z) * s per group, in the scales' dtype (compressed-tensors' dequantize, operation for operation)."""
+        groups = self.scales.shape[-1]
+        q = self.codes.unflatten(-1, (groups, -1)).to(self.scales.dtype)  # [..., rows, groups, G]
+        if self.zeros is not None:
+            q = q - self.zeros.to(self.scales.dtype)[..., None]
+        return (q * self.scales[..., None]).flatten(-2)
+
+
+def minmax_qparams(W: torch.Tensor, format: QuantFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales [..., rows, groups] (W's dtype) and integer zero points (int8, None if symmetric) of W [..., rows, cols]
+    from each group's range, widened to include 0 so that 0 is exact (compressed-tensors' calculate_qparams):
+      symmetric   s = max(|lo|, |hi|) / ((2^b - 1) / 2)   (the range maps onto [-2^(b-1) + 1/2, 2^(b-1) - 1/2])
+      asymmetric  s = (hi - lo) / (2^b - 1),  z = round(clamp(q_min - lo / s, q_min, q_max))
+    An all-zero group gets s = eps of the dtype (not 0, which would divide by 0)."""
+    q_min, q_max = format.code_range
+    Wg = W.unflatten(-1, (format.groups(W.shape[-1]), -1))  # [..., rows, groups, G]
+    lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
+    eps = torch.finfo(W.dtype).eps
+    if format.symmetric:
+        return torch.maximum(lo.abs(), hi).div((q_max - q_min) / 2).masked_fill(hi == lo, eps), None
+    s = (hi - lo).div(q_max - q_min).masked_fill(hi == lo, eps)
+    # compressed-tensors takes z from the unfixed s, which makes it NaN (cast to int8: platform-defined) in an
+    # all-zero group; from the fixed s it is q_min there, and the group still dequantizes to 0
+    return s, (q_min - lo / s).clamp(q_min, q_max).round().to(torch.int8)
+
+
+def round_codes(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, format: QuantFormat) -> torch.Tensor:
+    """Codes round(clamp(w / s + z)) as floats, of W with s and z broadcast to it (compressed-tensors' quantize:
+    clamp first, then round half to even)."""
+    scaled = W / s if z is None else W / s + z.to(W.dtype)
+    return scaled.clamp(*format.code_range).round()
+
+
+def quantize_rtn(W: torch.Tensor, format: QuantFormat) -> QuantizedMatrix:
+    """Round to nearest of W [..., rows, cols] with min-max scales per group (compressed-tensors' quantization of a
+    weight: its observer's min and max, calculate_qparams, quantize), computed in W's dtype."""
+    s, z = minmax_qparams(W, format)
+    Wg = W.unflatten(-1, (s.shape[-1], -1))  # [..., rows, groups, G]
+    codes = round_codes(Wg, s[..., None], None if z is None else z[..., None], format)
+    return QuantizedMatrix(codes.flatten(-2).to(torch.int8), s, z, format)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, format: QuantFormat, block_size: int = 128,
+         damp: float = 0.01) -> QuantizedMatrix:
+    """GPTQ (Frantar et al. 2022, arXiv:2210.17323) of W [..., rows, cols]: codes that minimise
+    tr((W - Q) H (W - Q)^T) greedily, column by column, for H [..., cols, cols] (e.g. sum of x x^T over inputs x; its
+    scale does not matter). After column j is quantized, the columns from j on take up its error:
+      W[:, j:] -= (w_j - q_j) / [H_j^-1]_jj * [H_j^-1]_{j, j:}  (H_j: H restricted to the columns from j on)
+               = (w_j - q_j) / U_jj * U_{j, j:}                  (U: the upper Cholesky factor of H^-1),
+    so H^-1 is factored once; the updates to the columns after the current block of `block_size` are applied once
+    per block, as one product.
+
+    As llm-compressor: the scales and zero points are the min-max ones of the original W (static groups, so no g_idx),
+    no act-order (with groups it needs a g_idx, which vLLM rejects); a dead column (H_jj = 0) gets H_jj = 1 and a weight of 0;
+    H + damp * mean(diag H) * I is inverted; where its Cholesky factorization fails, that matrix falls back to round to
+    nearest (H^-1 = I: no error is propagated), with a warning. The sweep runs in fp32 (fp64 for an fp64 W), H^-1 in
+    fp64."""
+    cols = W.shape[-1]
+    if H.shape[-2:] != (cols, cols) or H.shape[:-2] != W.shape[:-2]:
+        raise ValueError(f"H is {list(H.shape)} but W is {list(W.shape)}; pass H of shape "
+                         f"{[*W.shape[:-2], cols, cols]} (the Gram of W's inputs)")
+    if block_size < 1 or damp < 0:
+        raise ValueError(f"block_size={block_size}, damp={damp}: use block_size >= 1 and damp >= 0")
+    s, z = minmax_qparams(W, format)
+    U = _inverse_hessian_factor(H, damp)
+    dtype = torch.promote_types(W.dtype, torch.float32)
+    dead = H.diagonal(dim1=-2, dim2=-1)[..., None, :] == 0  # [..., 1, cols]
+    W = W.to(dtype).masked_fill(dead, 0)
+    U = U.to(dtype)
+    G = cols // s.shape[-1]
+    S = s.to(dtype).repeat_interleave(G, -1)  # [..., rows, cols]: each column's scale
+    Z = None if z is None else z.repeat_interleave(G, -1)
+    codes = torch.empty_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, U1 = W[..., i1:i2].clone(), U[..., i1:i2, i1:i2]  # [..., rows, n], [..., n, n]
+        E1 = torch.empty_like(W1)  # each column's scaled error (w_j - q_j) / U_jj
+        for i in range(i2 - i1):
+            j = i1 + i
+            q = round_codes(W1[..., i], S[..., j], None if Z is None else Z[..., j], format)  # [..., rows]
+            codes[..., j] = q
+            w_hat = q if Z is None else q - Z[..., j].to(dtype)
+            E1[..., i] = (W1[..., i] - w_hat * S[..., j]) / U1[..., i, i, None]
+            W1[..., i:] -= E1[..., i, None] * U1[..., None, i, i:]
+        W[..., i2:] -= E1 @ U[..., i1:i2, i2:]
+    return QuantizedMatrix(codes.to(torch.int8), s, z, format)
+
+
+def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U [..., cols, cols] (fp64) of (H + damp * mean(diag H) * I)^-1, dead columns set to 1 on
+    the diagonal; the identity for a matrix whose damped H does not factor."""
+    H = H.double().clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    diag.masked_fill_(diag == 0, 1)
+    diag += damp * diag.mean(-1, keepdim=True)
+    L, info = torch.linalg.cholesky_ex(H)
+    failed = info != 0
+    if failed.any():
+        warnings.warn(f"GPTQ: the damped Hessian of {int(failed.sum())} of {failed.numel()} matrices is not positive "
+                      "definite; those are rounded to nearest instead. Raise damp, or add calibration tokens",
+                      stacklevel=3)
+        L = torch.where(failed[..., None, None], torch.eye(H.shape[-1], dtype=H.dtype, device=H.device), L)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # an SPD inverse: factors
+
+
+def _bit_positions(cols: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word index and bit offset [cols] of each code in the densely packed row: code i starts at bit i*b."""
+    start = torch.arange(cols) * bits
+    return start // WORD_BITS, start % WORD_BITS
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes [..., cols] (int8) -> int32 [..., ceil(cols*b/32)], bit for bit compressed-tensors' (0.18+)
+    pack_to_int32 along the last dimension: each code plus 2^(b-1) (unsigned), code 0 in the lowest bits of word 0,
+    densely, so that a 3-bit code may straddle two words. compressed-tensors 0.17 (pinned by vLLM 0.32) packs 2, 4 and
+    8 bits the same way, but 3 bits differently: 10 codes per word, in its low 30 bits, never straddling."""
+    QuantFormat(bits)  # checks bits
+    q_min, q_max = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if codes.dtype != torch.int8 or (codes.numel() and (codes.min() < q_min or codes.max() > q_max)):
+        raise ValueError(f"pack takes int8 codes in [{q_min}, {q_max}] for bits={bits}; got {codes.dtype} codes"
+                         + (f" in [{int(codes.min())}, {int(codes.max())}]" if codes.numel() else ""))
+    cols = codes.shape[-1]
+    word, offset = _bit_positions(cols, bits)
+    u = codes.long() - q_min  # [..., cols], unsigned
+    packed = torch.zeros(*codes.shape[:-1], math.ceil(cols * bits / WORD_BITS), dtype=torch.long)
+    last = packed.ndim - 1
+    packed.index_add_(last, word, (u << offset) & 0xFFFFFFFF)
+    straddles = offset + bits > WORD_BITS
+    packed.index_add_(last, word[straddles] + 1, u[..., straddles] >> (WORD_BITS - offset[straddles]))
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)  # the words as signed int32
+
+
+def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """The inverse of pack: int32 [..., ceil(cols*b/32)] -> signed int8 codes [..., cols]."""
+    QuantFormat(bits)  # checks bits
+    words = math.ceil(cols * bits / WORD_BITS)
+    if packed.dtype != torch.int32 or packed.shape[-1] != words:
+        raise ValueError(f"unpack takes int32 [..., {words}] for {cols} codes of {bits} bits; got {packed.dtype} "
+                         f"{list(packed.shape)}: pass the cols that were packed")
+    word, offset = _bit_positions(cols, bits)
+    unsigned = packed.long() & 0xFFFFFFFF
+    u = unsigned[..., word] >> offset
+    straddles = offset + bits > WORD_BITS
+    u[..., straddles] |= unsigned[..., word[straddles] + 1] << (WORD_BITS - offset[straddles])
+    return ((u & ((1 << bits) - 1)) - (1 << (bits - 1))).to(torch.int8)
