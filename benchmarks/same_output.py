@@ -6,7 +6,7 @@ data-free and calibrated, so that a change that should not alter results can be 
 
 What is compared: the sha256 of every safetensors file, and of config.json with the report's wall-clock seconds
 left out (they differ between any two runs) and the settings' record left out (its layout may change while the
-result does not; the modules' specs and the stats stay in). Results depend on the CPU's kernels, so the file records the CPU
+result does not): the modules' specs and the stats that describe the result stay in. Results depend on the CPU's kernels, so the file records the CPU
 capability they were made on.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results" / "same_output.json"
+RESULT_STATS = ("params_before", "params_after", "kept_fraction", "rel_error", "coverage")
 CALIBRATION = dict(source="testbed", num_sequences=16, seq_len=128)
 # (name, CompressionConfig kwargs, calibrated): every form, both allocations, one and several cores
 CASES = [
@@ -37,8 +38,9 @@ def folder_digest(folder: Path) -> dict[str, str]:
     for path in sorted(folder.glob("*.safetensors")):
         digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["stats"].pop("seconds", None)
-    config["quantization_config"].pop("compression")
+    quantization = config["quantization_config"]
+    quantization.pop("compression")
+    quantization["stats"] = {key: quantization["stats"][key] for key in RESULT_STATS}
     digests["config.json (no seconds)"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     return digests
 

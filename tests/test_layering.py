@@ -14,7 +14,8 @@ PACKAGE = ROOT / "src" / "moe_compress"
 # the math: what compresses one matrix or gathers one statistic, whatever drives it
 ALGORITHMS = ("moe_compress.experts", "moe_compress.fit", "moe_compress.discovery",
               "moe_compress.compression.allocation", "moe_compress.compression.grouping", "moe_compress.compression.budget",
-              "moe_compress.compression.fitting", "moe_compress.calibration.grams", "moe_compress.calibration.observe")
+              "moe_compress.compression.fitting", "moe_compress.calibration.grams", "moe_compress.calibration.observe",
+              "moe_compress.quantize")
 # what drives it, what writes or serves its results, and the commands on top
 ABOVE = ("moe_compress.compression.engine", "moe_compress.compression.in_memory",
          "moe_compress.compression.from_folder", "moe_compress.compression.checkpoint_index", "moe_compress.calibration.layers",

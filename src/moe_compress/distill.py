@@ -114,7 +114,12 @@ def select_trainable(model: nn.Module, train: str, train_routers: bool) -> tuple
             wanted = id(p) in routers
         p.requires_grad_(wanted)
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    if trainable == 0:
+        raise ValueError(f"train={train} leaves nothing to train: this model's compressed experts are stored as "
+                         "integers (compression.bits), and distillation trains float tensors; distill the float "
+                         "compression (no bits), or train the rest of the model (train=all, or train_routers=true)")
+    return trainable, sum(p.numel() for p in params)
 
 
 def _check_same_family(student: tuple[str, int | None], teacher: tuple[str, int | None]) -> None:

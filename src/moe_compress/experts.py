@@ -18,7 +18,9 @@ token on the routing-weighted sum of the pairs' inputs. Only rank-r products are
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,6 +30,7 @@ from torch import nn
 from transformers.integrations.moe import _default_apply_gate
 
 from moe_compress.discovery import join_weights, projection_names, split_weights
+from moe_compress.quantize import QuantFormat, QuantizedMatrix, pack, unpack
 
 
 @dataclass
@@ -114,8 +117,43 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
     return torch.cat(blocks) if blocks else x.new_zeros(0, w.shape[-1])
 
 
+@dataclass(frozen=True)
+class Stored:
+    """How a quantized tensor of a projection is kept: its format, its shape and dtype as a float tensor, and whether
+    its matrix is its transpose (the matrix's columns are what a product contracts, along which groups run)."""
+
+    format: QuantFormat
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    transposed: bool
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """(rows, cols) of each matrix of the stack."""
+        rows, cols = self.shape[-2:]
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """Scales are kept in 16 bits: bf16 for a bf16 tensor (its range), fp16 otherwise (its precision)."""
+        return torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float16
+
+
+def group_format(format: QuantFormat, cols: int) -> QuantFormat:
+    """`format` for a matrix of `cols` columns: one group per row where its group size does not divide them (the
+    narrow rank-r factors)."""
+    fits = format.group_size is not None and cols % format.group_size == 0
+    return format if fits or format.group_size is None else QuantFormat(format.bits, None, format.symmetric)
+
+
 class Projection(nn.Module):
-    """What both storage forms share: the cores, the expert -> core map, the optional per-expert bias."""
+    """What every storage form shares: the cores, the expert -> core map, the optional per-expert bias, and the
+    integer storage of any of its tensors (quantize_): packed codes and 16-bit scales, dequantized where the forward
+    reads them (once per forward, see dequantized_once)."""
+
+    TENSORS: tuple[str, ...] = ("core",)  # what the form stores, the bias and the expert -> core map aside
+    # the stored tensors whose matrix is their transpose: [in, r] factors that multiply the input (x @ v)
+    TRANSPOSED: frozenset[str] = frozenset()
 
     def __init__(self, num_experts: int, out_features: int, in_features: int, num_cores: int, bias: bool, **factory):
         super().__init__()
@@ -123,6 +161,23 @@ class Projection(nn.Module):
         self.register_buffer("expert_core", torch.zeros(num_experts, dtype=torch.long, device=factory.get("device")))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
         self._derived_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self.stored: dict[str, Stored] = {}  # the quantized tensors, by name
+        self._memo: dict[str, torch.Tensor] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        stored = self.__dict__.get("stored")
+        if stored and name in stored:  # a quantized tensor, read as the float tensor it stands for
+            memo = self.__dict__["_memo"]
+            if memo is None:
+                return self.dequantized(name)
+            if name not in memo:
+                memo[name] = self.dequantized(name)
+            return memo[name]
+        return super().__getattr__(name)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """A stored tensor's shape as a float tensor, without dequantizing it."""
+        return self.stored[name].shape if name in self.stored else tuple(self._parameters[name].shape)
 
     @property
     def num_experts(self) -> int:
@@ -130,7 +185,64 @@ class Projection(nn.Module):
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.core.shape[1], self.core.shape[2]
+        return self.shape_of("core")[1:]
+
+    def matrix(self, name: str) -> torch.Tensor:
+        """A float tensor as the stack of matrices it is quantized as: [..., rows, cols], cols contracted."""
+        value = self._parameters[name].detach()
+        return value.mT if name in self.TRANSPOSED else value
+
+    def quantize_(self, name: str, quantized: QuantizedMatrix) -> None:
+        """Keep the tensor `name` as `quantized` (of its matrix(name)): its parameter is replaced by packed codes,
+        scales and, asymmetric, packed zero points."""
+        parameter = self._parameters[name]
+        stored = Stored(quantized.format, tuple(parameter.shape), parameter.dtype, name in self.TRANSPOSED)
+        del self._parameters[name]
+        self._quantized_buffers(name, stored, quantized)
+
+    def empty_quantized_(self, name: str, format: QuantFormat) -> None:
+        """The tensor `name` as empty quantized storage in `format`, to load saved codes and scales into."""
+        parameter = self._parameters.pop(name)
+        transposed = name in self.TRANSPOSED
+        cols = parameter.shape[-2] if transposed else parameter.shape[-1]
+        stored = Stored(group_format(format, cols), tuple(parameter.shape), parameter.dtype, transposed)
+        rows, cols = stored.matrix
+        lead = parameter.shape[:-2]
+        codes = torch.empty(*lead, rows, cols, dtype=torch.int8, device=parameter.device)
+        groups = stored.format.groups(cols)
+        scales = torch.empty(*lead, rows, groups, dtype=stored.scale_dtype, device=parameter.device)
+        zeros = None if stored.format.symmetric else torch.empty(*lead, rows, groups, dtype=torch.int8,
+                                                                  device=parameter.device)
+        self._quantized_buffers(name, stored, QuantizedMatrix(codes, scales, zeros, stored.format), pack_codes=False)
+
+    def _quantized_buffers(self, name: str, stored: Stored, quantized: QuantizedMatrix, pack_codes: bool = True):
+        rows, cols = stored.matrix
+        codes, zeros = quantized.codes, quantized.zeros
+        words = lambda n: -(-n * stored.format.bits // 32)
+        device = codes.device
+        if pack_codes and device.type != "meta":
+            codes = pack(codes, stored.format.bits)
+            zeros = None if zeros is None else pack(zeros, stored.format.bits)
+        else:  # shapes only (the meta device, or storage to be loaded)
+            codes = torch.empty(*codes.shape[:-1], words(cols), dtype=torch.int32, device=device)
+            zeros = None if zeros is None else torch.empty(*zeros.shape[:-1], words(zeros.shape[-1]),
+                                                           dtype=torch.int32, device=device)
+        self.register_buffer(f"{name}_packed", codes)
+        self.register_buffer(f"{name}_scale", quantized.scales.to(stored.scale_dtype))
+        if zeros is not None:
+            self.register_buffer(f"{name}_zero", zeros)
+        self.stored[name] = stored
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """The float tensor a quantized one stands for, in its dtype and shape."""
+        stored = self.stored[name]
+        rows, cols = stored.matrix
+        scales = self._buffers[f"{name}_scale"]
+        codes = unpack(self._buffers[f"{name}_packed"], stored.format.bits, cols)
+        zeros = None if stored.format.symmetric else unpack(self._buffers[f"{name}_zero"], stored.format.bits,
+                                                            scales.shape[-1])
+        value = QuantizedMatrix(codes, scales, zeros, stored.format).dequantize().to(stored.dtype)
+        return value.mT if stored.transposed else value
 
     def train(self, mode: bool = True) -> Projection:
         # Trainers update parameters in ways the version counters below do not always see: start afresh
@@ -207,6 +319,8 @@ class WrappedProjection(Projection):
     """W_e = (I + U_out V_out^T) C (I + U_in V_in^T); U_out, V_out: [E, out, r]; U_in, V_in: [E, in, r]."""
 
     form = "wrapped"
+    TENSORS = ("core", "u_out", "v_out", "u_in", "v_in")
+    TRANSPOSED = frozenset({"v_out", "v_in"})
 
     def __init__(self, num_experts: int, out_features: int, in_features: int, rank: int, num_cores: int = 1,
                  bias: bool = False, **factory):
@@ -218,7 +332,7 @@ class WrappedProjection(Projection):
 
     @property
     def rank(self) -> int:
-        return self.u_out.shape[-1]
+        return self.shape_of("u_out")[-1]
 
     def dense(self) -> torch.Tensor:
         """The reference: every W_e rebuilt, [E, out, in]."""
@@ -253,6 +367,8 @@ class DeltaProjection(Projection):
     """The additive baseline of equal storage: W_e = C + U_e V_e^T; U: [E, out, 2r], V: [E, in, 2r]."""
 
     form = "delta"
+    TENSORS = ("core", "u", "v")
+    TRANSPOSED = frozenset({"v"})
 
     def __init__(self, num_experts: int, out_features: int, in_features: int, rank: int, num_cores: int = 1,
                  bias: bool = False, **factory):
@@ -262,7 +378,7 @@ class DeltaProjection(Projection):
 
     @property
     def rank(self) -> int:
-        return self.u.shape[-1] // 2
+        return self.shape_of("u")[-1] // 2
 
     def dense(self) -> torch.Tensor:
         return self.core[self.expert_core] + self.u @ self.v.transpose(1, 2)
@@ -292,6 +408,8 @@ class BasisProjection(Projection):
     runs once per token (V^T x before the pairs, U after the routing-weighted sum), like the core."""
 
     form = "basis"
+    TENSORS = ("core", "u", "v")
+    TRANSPOSED = frozenset({"v"})
 
     def __init__(self, num_experts: int, out_features: int, in_features: int, rank: int, num_cores: int = 1,
                  bias: bool = False, shared: str = "in", **factory):
@@ -310,7 +428,7 @@ class BasisProjection(Projection):
 
     @property
     def rank(self) -> int:
-        return self.u.shape[-1]
+        return self.shape_of("u")[-1]
 
     def dense(self) -> torch.Tensor:
         return self.core[self.expert_core] + self.u @ self.v.transpose(1, 2)  # the shared factor broadcasts
@@ -338,8 +456,44 @@ class BasisProjection(Projection):
         return y
 
 
+class DenseProjection(Projection):
+    """Every expert's own W_e, as the original stores it (kept fraction 1): stored as one core per expert, the form
+    of pure quantization, where the experts are only quantized. Its products are per pair, as the original's."""
+
+    form = "dense"
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, rank: int = 0, num_cores: int = 1,
+                 bias: bool = False, **factory):
+        super().__init__(num_experts, out_features, in_features, num_experts, bias, **factory)
+        self.expert_core.copy_(torch.arange(num_experts, device=self.expert_core.device))
+
+    @classmethod
+    def stored_params(cls, num_experts: int, out_features: int, in_features: int, rank: int = 0, num_cores: int = 1,
+                      projection: str = "up") -> int:
+        return num_experts * out_features * in_features
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    def dense(self) -> torch.Tensor:
+        return self.core
+
+    def _pairs(self, core_x: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
+        return core_x
+
+    def expand(self, x: torch.Tensor, x_pairs: torch.Tensor, route: Route) -> torch.Tensor:
+        return self.pairs(x_pairs, route)
+
+    def core_on_pairs(self, h: torch.Tensor, route: Route) -> torch.Tensor:
+        return grouped_mm(h, self.core.transpose(1, 2), route)
+
+    def reduce(self, h: torch.Tensor, route: Route) -> torch.Tensor:
+        return route.to_tokens(self.pairs(h, route) * route.weight.unsqueeze(-1))
+
+
 PROJECTION_FORMS: dict[str, type[Projection]] = {"wrapped": WrappedProjection, "delta": DeltaProjection,
-                                                  "basis": BasisProjection}
+                                                  "basis": BasisProjection, "dense": DenseProjection}
 
 
 FORM_DESCRIPTIONS = {
@@ -349,6 +503,7 @@ FORM_DESCRIPTIONS = {
              "V shared) or C + U V_e^T (down; U shared)",
     "mixed": "one shared core C per projection, with per-expert factors on an input basis the experts share for gate "
              "and up (W_e ~ C + U_e V^T) and a per-expert low-rank term for down (W_e ~ C + U_e V_e^T)",
+    "dense": "its own W_e, as the original stores it",
 }
 
 
@@ -371,18 +526,23 @@ class ModuleSpec:
     form: str | Mapping[str, str]
     ranks: Mapping[str, int]
     num_cores: int = 1
+    quant: Mapping[str, QuantFormat] | None = None  # projection -> the integer format of all its stored tensors
 
     def form_of(self, projection: str) -> str:
         return form_of(self.form, projection)
 
     def to_dict(self) -> dict[str, Any]:
         form = self.form if isinstance(self.form, str) else dict(self.form)
-        return {"form": form, "num_cores": self.num_cores, "ranks": dict(self.ranks)}
+        spec = {"form": form, "num_cores": self.num_cores, "ranks": dict(self.ranks)}
+        if self.quant:
+            spec["quant"] = {p: dataclasses.asdict(format) for p, format in self.quant.items()}
+        return spec
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> ModuleSpec:
         """A spec as a folder records it."""
-        return cls(spec["form"], dict(spec["ranks"]), spec.get("num_cores", 1))
+        quant = {p: QuantFormat(**format) for p, format in spec["quant"].items()} if spec.get("quant") else None
+        return cls(spec["form"], dict(spec["ranks"]), spec.get("num_cores", 1), quant)
 
 
 def make_projection(form: str, projection: str, num_experts: int, out_features: int, in_features: int, rank: int,
@@ -390,6 +550,20 @@ def make_projection(form: str, projection: str, num_experts: int, out_features: 
     """An unfitted projection of `form` for the expert projection named `projection` (gate, up or down)."""
     extra = {"shared": basis_side(projection)} if form == "basis" else {}
     return PROJECTION_FORMS[form](num_experts, out_features, in_features, rank, num_cores, bias, **extra, **factory)
+
+
+@contextmanager
+def dequantized_once(projections) -> Iterator[None]:
+    """Within the block, each quantized tensor is dequantized once, at its first read, and the float copies are
+    dropped at its end: a forward reads a core several times, and resident memory stays the integer storage."""
+    projections = list(projections)
+    for proj in projections:
+        proj._memo = {}
+    try:
+        yield
+    finally:
+        for proj in projections:
+            proj._memo = None
 
 
 class SharedCoreExperts(nn.Module):
@@ -420,6 +594,9 @@ class SharedCoreExperts(nn.Module):
             W, bias = parts[name]
             projections[name] = make_projection(spec.form_of(name), name, *W.shape, spec.ranks[name], spec.num_cores,
                                                 bias is not None, dtype=W.dtype, device=W.device)
+            if spec.quant and name in spec.quant:
+                for tensor in projections[name].TENSORS:
+                    projections[name].empty_quantized_(tensor, spec.quant[name])
         return cls(cls.from_template(experts), projections).train(experts.training)
 
     @staticmethod
@@ -432,6 +609,10 @@ class SharedCoreExperts(nn.Module):
         return template
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        with dequantized_once(self.projections.values()):
+            return self._forward(hidden_states, top_k_index, top_k_weights)
+
+    def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         route = Route.build(top_k_index, top_k_weights.to(hidden_states.dtype), self.num_experts)
         p, x, x_pairs = self.projections, hidden_states, hidden_states[route.token]
         if self.has_gate:

@@ -329,12 +329,24 @@ def _top_eigenvectors(gram: torch.Tensor, k: int) -> torch.Tensor:
     return torch.linalg.eigh(gram.double())[1][..., -k:].flip(-1).to(gram.dtype)
 
 
+def solve_u(R: torch.Tensor, V: torch.Tensor, M: torch.Tensor | None = None) -> torch.Tensor:
+    """The U [E, out, k] minimising sum_e tr((R_e - U_e V_e^T) M_e (R_e - U_e V_e^T)^T) for fixed V [E or 1, in, k]
+    (M_e = I when None): U_e = R_e M_e V_e (V_e^T M_e V_e)^-1, the least-squares output side."""
+    MV = V if M is None else M @ V  # [E, in, k]
+    return torch.linalg.solve((V.mT @ MV).double(), (R @ MV).mT.double()).mT.to(R.dtype)
+
+
+def solve_v(R: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """The V [E, in, k] minimising sum_e tr((R_e - U_e V_e^T) M_e (R_e - U_e V_e^T)^T) for fixed U [E or 1, out, k]:
+    V_e^T = (U_e^T U_e)^-1 U_e^T R_e, whatever the input metric M_e (it weighs only the side V_e spans freely)."""
+    return torch.linalg.solve((U.mT @ U).double(), (U.mT @ R).double()).mT.to(R.dtype)
+
+
 def _basis_in_step(R: torch.Tensor, M: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Given the shared input basis V [in, k]: each U_e = R_e M_e V (V^T M_e V)^-1 in closed form; then V refit by
     conjugate gradient from where it is, on its normal equations sum_e (U_e^T U_e) V^T M_e = sum_e U_e^T R_e M_e,
     preconditioned by their Kronecker approximation X -> (sum_e U_e^T U_e)^-1 X (sum_e M_e)^-1."""
-    MV = M @ V  # [E, in, k]
-    U = torch.linalg.solve((V.mT @ MV).double(), (R @ MV).mT.double()).mT.to(R.dtype)  # [E, out, k]
+    U = solve_u(R, V, M)  # [E, out, k]
     A = U.mT @ U  # [E, k, k]
     rhs = torch.einsum("eok,eoi->ki", U, R @ M)  # [k, in]
     left_inv, right_inv = _spd_inverse(A.sum(0)), _spd_inverse(M.sum(0))
@@ -370,6 +382,33 @@ def _principal_basis(R: torch.Tensor, rank: int, shared: str,
     return R @ V, V
 
 
+def _whitened_input_basis(R: torch.Tensor, total: torch.Tensor, rank: int) -> torch.Tensor:
+    """The start of a shared input basis in a metric: the principal components of R_e L (L L^T the experts' mean
+    metric, total / E), mapped back by L^-T: [in, k]."""
+    L = cholesky(total / R.shape[0]).to(R.dtype)
+    V = _principal_basis(R @ L, rank, "in")[1][0]
+    return torch.linalg.solve_triangular(L.mT.double(), V.double(), upper=True).to(R.dtype)
+
+
+def factors_for_core(R: torch.Tensor, form: str, rank: int, shared: str = "in", metric: torch.Tensor | None = None,
+                     solver_iters: int = 10) -> dict[str, torch.Tensor]:
+    """The factors of `form` fitted to R = W - C for a core held fixed (a quantized one, say), R [E, out, in], as the
+    form's own fit fits them: delta's (whitened) truncated SVD of rank 2r; a shared basis of width k = rank, closed
+    form on the output side, from the whitened principal components and one alternation of the input side."""
+    if form == "delta":
+        U, V = _truncated_svd(R, 2 * rank, metric)
+        return {"u": U, "v": V}
+    if form != "basis":
+        raise ValueError(f"form {form!r} has no factors to fit for a fixed core; use delta or basis")
+    if shared == "out":
+        return dict(zip(("u", "v"), _balance_shared(*_principal_basis(R, rank, "out", metric))))
+    if metric is None:
+        return dict(zip(("u", "v"), _balance_shared(*_principal_basis(R, rank, "in"))))
+    V = _whitened_input_basis(R, metric.sum(0), rank)
+    U, V = _basis_in_step(R, metric, V, solver_iters)
+    return dict(zip(("u", "v"), _balance_shared(U, V.unsqueeze(0))))
+
+
 def fit_basis(W: torch.Tensor, rank: int, shared: str = "in", iters: int = 3,
               metric: torch.Tensor | None = None, solver_iters: int = 10) -> dict[str, torch.Tensor]:
     """W_e ~ C + U_e V^T (shared="in", V: [1, in, k]) or C + U V_e^T (shared="out", U: [1, out, k]); k = rank.
@@ -385,13 +424,10 @@ def fit_basis(W: torch.Tensor, rank: int, shared: str = "in", iters: int = 3,
         C = W.mean(0, keepdim=True)
         U, V = _balance_shared(*_principal_basis(W - C, rank, shared))
         return {"core": C, "u": U, "v": V}
-    E = W.shape[0]
     prepared = Metric.of(W, metric)
     C = prepared.regmean()
     if shared == "in":
-        L = cholesky(prepared.total / E).to(W.dtype)
-        V = _principal_basis((W - C) @ L, rank, "in")[1][0]
-        V = torch.linalg.solve_triangular(L.mT.double(), V.double(), upper=True).to(W.dtype)
+        V = _whitened_input_basis(W - C, prepared.total, rank)
     for _ in range(max(1, iters)):
         R = W - C
         if shared == "out":

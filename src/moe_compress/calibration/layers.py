@@ -147,7 +147,8 @@ def release_free_heap() -> None:
 
 def layer_statistics(model: nn.Module, inputs: LayerInputs, wanted: Callable[[str], bool],
                      make_grams: Callable[[str], ExpertGrams], recompute: bool = False,
-                     dtype: torch.dtype | None = None, around_layer: Callable[[nn.Module], AbstractContextManager] = lambda layer: nullcontext(),
+                     dtype: torch.dtype | None = None,
+                     around_layer: Callable[[nn.Module], AbstractContextManager] = lambda layer: nullcontext(),
                      progress: bool = False, desc: str = "calibration") -> Iterator[dict[str, ExpertGrams]]:
     """Layer by layer, the statistics of the `wanted` experts modules of each decoder layer on the inputs that reach
     it ({} for a layer with none), each module's made by make_grams(name). Before the next layer the caller may

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from moe_compress.compression.config import CompressionConfig
-from moe_compress.experts import PROJECTION_FORMS
+from moe_compress.experts import PROJECTION_FORMS, Projection
 
 
 class RankTooLargeError(ValueError):
@@ -40,6 +40,8 @@ def rank_limit(config: CompressionConfig, projection: str, num_experts: int, out
 def choose_rank(config: CompressionConfig, projection: str, num_experts: int, out_f: int, in_f: int) -> int:
     """The rank of one projection: from target_ratio, or the given rank. A rank r means the storage of rank r in every
     form: the basis form gets the width k that stores as much (r and k are both checked against the original)."""
+    if config.method == "quantize":
+        return 0  # the experts as they are
     original = num_experts * out_f * in_f
     shape = f"E={num_experts}, {out_f}x{in_f}"
     if config.cores > num_experts:
@@ -71,3 +73,9 @@ def choose_rank(config: CompressionConfig, projection: str, num_experts: int, ou
         )
     return rank
 
+
+
+def stored_bits(proj: Projection) -> int:
+    """Bits a projection stores for its experts' weights: every stored tensor, integer codes, scales and zero points
+    included (the bias, which the original stores too, aside), as they lie in its state dict and in a saved folder."""
+    return sum(8 * t.numel() * t.element_size() for name, t in proj.state_dict().items() if name != "bias")

@@ -14,8 +14,9 @@ from typing import Any, Optional
 from moe_compress.calibration.grams import Regularisation
 from moe_compress.data import DataConfig
 from moe_compress.experts import form_of
+from moe_compress.quantize import QuantFormat
 
-METHODS = ("auto", "als", "adam", "delta", "basis", "mixed")
+METHODS = ("auto", "als", "adam", "delta", "basis", "mixed", "quantize")
 # method=mixed: the shared input basis for gate and up, which read the residual stream every expert reads, and a
 # per-expert delta for down, whose input is each expert's own (BENCHMARKS §9)
 MIXED_FORMS = {"gate": "basis", "up": "basis", "down": "delta"}
@@ -109,12 +110,20 @@ class CompressionConfig:
     device: Optional[str] = None
     rank_allocation: Optional[str] = None  # "global" (default with target_ratio) or "uniform"
     num_cores: Any = 1  # cores per projection, each shared by a k-means group of experts; or "auto" (1, 2 or 4)
+    bits: Optional[int] = None  # integer storage of every stored tensor (2, 3, 4 or 8 bits); None: floats
+    group_size: Optional[int] = 128  # columns sharing a scale (narrower factors: one scale per row); None: per row
+    symmetric: bool = True  # no zero points (vLLM's uint4b8); False adds one per group
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self):
         if isinstance(self.calibration, dict):  # from Hydra or JSON
             object.__setattr__(self, "calibration", CalibrationConfig(**self.calibration))
         ranks = dict(self.ranks or {})
+        if self.method == "quantize":  # the experts as they are, only quantized: no rank, no budget in parameters
+            if self.bits is None or self.rank is not None or self.target_ratio is not None or ranks:
+                raise ValueError("method=quantize stores every expert as it is, quantized: give bits=<2, 3, 4 or 8> "
+                                 "and no rank or target_ratio")
+            ranks = dict.fromkeys(PROJECTIONS, 0)
         if self.rank is None and self.target_ratio is None and set(ranks) != set(PROJECTIONS):
             raise ValueError("CompressionConfig needs a size: set rank=<int> or target_ratio=<kept fraction in (0, 1)>")
         if self.rank is not None and self.target_ratio is not None:
@@ -125,7 +134,7 @@ class CompressionConfig:
         if unknown:
             raise ValueError(f"ranks has unknown projections {sorted(unknown)}; use keys among {list(PROJECTIONS)}")
         for name, r in [("rank", self.rank), *ranks.items()]:
-            if r is not None and (not isinstance(r, int) or r < 1):
+            if r is not None and (not isinstance(r, int) or r < 1) and self.method != "quantize":
                 raise ValueError(f"{name}={r} is not a positive integer rank; use rank >= 1")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; use one of {list(METHODS)}")
@@ -144,9 +153,19 @@ class CompressionConfig:
                 raise ValueError("num_cores=auto chooses within a budget: give target_ratio=<kept fraction>")
         elif not isinstance(self.num_cores, int) or self.num_cores < 1:
             raise ValueError(f"num_cores={self.num_cores} is not a positive integer or auto; use num_cores >= 1")
-        elif self.num_cores > 1 and self.method in ("basis", "mixed"):
+        elif self.num_cores > 1 and self.method in ("basis", "mixed", "quantize"):
             raise ValueError(f"method={self.method} shares one basis and one core per projection; use num_cores=1 "
                              "with it")
+        if self.bits is not None:
+            self.quant_format  # checks bits and group_size
+            if self.method in ("als", "adam"):
+                raise ValueError(f"method={self.method} (the wrapped form) has no quantized storage; use method=delta, "
+                                 "basis, mixed, auto or quantize with bits")
+
+    @property
+    def quant_format(self) -> Optional[QuantFormat]:
+        """The integer format of every stored tensor, or None for float storage."""
+        return None if self.bits is None else QuantFormat(self.bits, self.group_size, self.symmetric)
 
     @property
     def cores(self) -> int:
@@ -161,6 +180,8 @@ class CompressionConfig:
                              "use config.for_data(calibrated)")
         if self.method == "mixed":
             return dict(MIXED_FORMS)
+        if self.method == "quantize":
+            return "dense"
         return self.method if self.method in ("delta", "basis") else "wrapped"
 
     def form_of(self, projection: str) -> str:

@@ -15,6 +15,7 @@ for resuming, and assembles the folder.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Protocol
@@ -59,7 +60,8 @@ def plan(source: ExpertsSource, config: CompressionConfig) -> dict[str, ModuleSp
     for name, experts in source.experts():
         parts = split_weights(experts)
         ranks = {p: choose_rank(config, p, *parts[p][0].shape) for p in projection_names(experts)}
-        specs[name] = ModuleSpec(config.form, ranks, config.cores)
+        quant = None if config.quant_format is None else dict.fromkeys(ranks, config.quant_format)
+        specs[name] = ModuleSpec(config.form, ranks, config.cores, quant)
     return specs
 
 
@@ -104,7 +106,7 @@ def allocated_specs(config: CompressionConfig, found: dict[str, tuple[dict[str, 
     by_unit = {(name, p): curve for name, (module, _) in found.items() for p, curve in module.items()}
     uniform = {(name, p): r for name, spec in specs.items() for p, r in spec.ranks.items()}
     ranks = allocate(by_unit, config.target_ratio * params, start=uniform)
-    return {name: ModuleSpec(spec.form, {p: ranks[name, p] for p in spec.ranks}, spec.num_cores)
+    return {name: dataclasses.replace(spec, ranks={p: ranks[name, p] for p in spec.ranks})
             for name, spec in specs.items()}
 
 

@@ -18,11 +18,12 @@ import torch
 from moe_compress import fit
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.compression.allocation import Curve, error_curve
-from moe_compress.compression.budget import max_rank, rank_limit, stored_params
+from moe_compress.compression.budget import max_rank, rank_limit, stored_bits, stored_params
 from moe_compress.compression.config import CORE_CHOICES, CompressionConfig
 from moe_compress.compression.grouping import expert_features, kmeans
 from moe_compress.compression.report import ProjectionStats
-from moe_compress.experts import ModuleSpec, Projection, make_projection
+from moe_compress.experts import ModuleSpec, Projection, group_format, make_projection
+from moe_compress.quantize import QuantFormat, QuantizedMatrix, gptq, quantize_rtn
 
 Weights = dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]  # projection -> (W [E, out, in], bias [E, out])
 
@@ -80,16 +81,70 @@ def fit_into(proj: Projection, W: torch.Tensor, bias: Optional[torch.Tensor], co
         config = dataclasses.replace(config, method="als" if proj.form == "wrapped" else proj.form)
     W = W.to(device, torch.float32)
     metric = None if metric is None else metric.to(device)
-    groups = expert_groups(W, proj.core.shape[0], config.seed, metric)
-    factors = fit_grouped(W, proj.rank, config, metric, groups, getattr(proj, "shared", "in"))
+    if proj.form == "dense":  # nothing to fit: each expert is its own core
+        groups, factors = torch.arange(W.shape[0], device=device), {"core": W}
+    else:
+        groups = expert_groups(W, proj.core.shape[0], config.seed, metric)
+        factors = fit_grouped(W, proj.rank, config, metric, groups, getattr(proj, "shared", "in"))
     with torch.no_grad():
         proj.expert_core.copy_(groups)
         for key, value in factors.items():
             getattr(proj, key).copy_(value)
         if bias is not None:
             proj.bias.copy_(bias)
-        W_hat = proj.dense().float().to(device)
-        return fit.relative_error(W, W_hat), None if metric is None else fit.relative_error(W, W_hat, metric)
+    return errors(proj, W, metric)
+
+
+def errors(proj: Projection, W: torch.Tensor, metric: Optional[torch.Tensor] = None) -> tuple[float, Optional[float]]:
+    """The relative error of a projection's weights as stored (quantized ones dequantized) against W [E, out, in], and
+    in the metric M [E, in, in] when given."""
+    with torch.no_grad():
+        W_hat = proj.dense().float().to(W.device)
+    return fit.relative_error(W, W_hat), None if metric is None else fit.relative_error(W, W_hat, metric)
+
+
+def quantized(X: torch.Tensor, format: QuantFormat, H: Optional[torch.Tensor]) -> QuantizedMatrix:
+    """A stack of matrices X [..., rows, cols] in `format` (one group per row where it does not divide cols): GPTQ in
+    the Hessians H [..., cols, cols] of their inputs, round to nearest without them (GPTQ's equal with H = I)."""
+    format = group_format(format, X.shape[-1])
+    return quantize_rtn(X, format) if H is None else gptq(X, H.to(X.dtype), format)
+
+
+def quantize_into(proj: Projection, W: torch.Tensor, format: QuantFormat, metric: Optional[torch.Tensor] = None,
+                  solver_iters: int = 10) -> None:
+    """Keep a fitted projection's tensors as integers in `format`, in place, each quantized in what its error costs
+    and the float ones refitted to what the quantized ones leave, in the order the error flows:
+      the core, by GPTQ in the summed metric of the experts that share it (its inputs are theirs);
+      the factors, refitted to the residual of the quantized core (delta's SVD, the basis's closed form);
+      the input side (V^T, or the shared U of down's basis), then the other side refitted to it by least squares and
+      quantized in its own Hessian (V^T M_e V for U, M_e for V^T).
+    W [E, out, in] fp32 and M [E, in, in] (None: data-free, every Hessian the identity) on the fit device."""
+    metric = None if metric is None else metric.to(W.device)
+    cores = proj.expert_core
+    with torch.no_grad():
+        G = proj.shape_of("core")[0]
+        H = None if metric is None else torch.stack([metric[cores == g].sum(0) for g in range(G)])
+        proj.quantize_("core", quantized(proj.matrix("core").float(), format, H))
+        if proj.form == "dense":
+            return
+        R = W - proj.core.float()[cores]  # what the quantized cores leave: [E, out, in]
+        factors = fit.factors_for_core(R, proj.form, proj.rank, getattr(proj, "shared", "in"), metric, solver_iters)
+        shared_out = getattr(proj, "shared", "in") == "out"
+        for name, value in factors.items():
+            getattr(proj, name).copy_(value)
+        if shared_out:  # down's shared output basis U [1, out, k] first; then each V_e, refitted to it
+            V = factors["v"]
+            H = None if metric is None else (V.mT @ metric @ V).sum(0, keepdim=True)
+            proj.quantize_("u", quantized(proj.matrix("u").float(), format, H))
+            proj.v.copy_(fit.solve_v(R, proj.u.float()))
+            proj.quantize_("v", quantized(proj.matrix("v").float(), format, metric))
+            return
+        H = None if metric is None else metric if proj.shape_of("v")[0] > 1 else metric.sum(0, keepdim=True)
+        proj.quantize_("v", quantized(proj.matrix("v").float(), format, H))
+        V = proj.v.float()  # [E or 1, in, k], as stored
+        proj.u.copy_(fit.solve_u(R, V, metric))
+        H = None if metric is None else V.mT @ metric @ V  # [E, k, k]
+        proj.quantize_("u", quantized(proj.matrix("u").float(), format, H))
 
 
 @dataclass
@@ -123,10 +178,14 @@ def fit_module(name: str, weights: Weights, spec: ModuleSpec, config: Compressio
                                device=device)
         metric = None if grams is None else grams.metric(projection, config.calibration.regularisation)
         error, output_error = fit_into(proj, W.detach(), bias, config, device, metric)
+        if spec.quant and projection in spec.quant:
+            W32 = W.detach().to(device, torch.float32)
+            quantize_into(proj, W32, spec.quant[projection], metric)
+            error, output_error = errors(proj, W32, None if metric is None else metric.to(device))
         fitted.projections[projection] = proj
         fitted.rows.append(ProjectionStats(name, projection, E, (out_f, in_f), rank, error, E * out_f * in_f,
                                            stored_params(E, out_f, in_f, rank, cores, form, projection),
-                                           time.perf_counter() - start, output_error))
+                                           time.perf_counter() - start, output_error, stored_bits(proj)))
     return fitted
 
 

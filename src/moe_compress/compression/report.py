@@ -26,6 +26,7 @@ class ProjectionStats:
     params_after: int
     seconds: float
     output_error: Optional[float] = None  # relative error in the calibrated metric: on the routed inputs
+    stored_bits: Optional[int] = None  # bits the projection stores for its experts, scales and codes included
 
 
 @dataclass
@@ -59,12 +60,20 @@ class CompressionReport:
     def seconds(self) -> float:
         return sum(r.seconds for r in self.rows)
 
+    @property
+    def bits_per_weight(self) -> Optional[float]:
+        """Bits stored per original expert weight, every stored tensor and scale counted (bf16 experts: 16)."""
+        if any(r.stored_bits is None for r in self.rows):
+            return None
+        return sum(r.stored_bits for r in self.rows) / self.params_before
+
     def to_dict(self) -> dict:
         return {
             "config": self.config.to_dict(),
             "params_before": self.params_before,
             "params_after": self.params_after,
             "kept_fraction": self.kept_fraction,
+            "bits_per_weight": self.bits_per_weight,
             "rel_error": self.rel_error,
             "seconds": self.seconds,
             "rows": [dataclasses.asdict(r) for r in self.rows],
@@ -96,7 +105,9 @@ class CompressionReport:
             )
         lines.append(
             f"total: {self.params_before:,} -> {self.params_after:,} expert parameters "
-            f"(kept {self.kept_fraction:.3f}), relative error {self.rel_error:.4f}, fit {self.seconds:.1f} s "
+            f"(kept {self.kept_fraction:.3f}"
+            + (f", {self.bits_per_weight:.2f} bits per weight" if self.bits_per_weight is not None else "")
+            + f"), relative error {self.rel_error:.4f}, fit {self.seconds:.1f} s "
             f"[{self.config.method}]"
         )
         return "\n".join(lines)

@@ -158,6 +158,8 @@ def model_card(model: nn.Module) -> str:
         f"| method | {settings.get('method')} |",
         f"| expert parameters | {stats.get('params_before', 0):,} -> {stats.get('params_after', 0):,} |",
         f"| kept fraction | {stats.get('kept_fraction', float('nan')):.4f} |",
+        *([f"| bits per expert weight (every stored tensor and scale) | {stats['bits_per_weight']:.3f} |"]
+          if stats.get("bits_per_weight") is not None else []),
         f"| relative reconstruction error | {stats.get('rel_error', float('nan')):.4f} |",
         f"| compressed experts modules | {len(compression.modules)} |",
         "",

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 
@@ -58,6 +59,12 @@ def fitted_to(calibration: Any) -> str:
             f"{calibration.data.seq_len} tokens of {calibration.data.source}")
 
 
+def dtype_bits(folder: Path) -> int:
+    """Bits per weight of the original's float experts: its dtype's, as the folder's config.json records it."""
+    dtype = json.loads((folder / "config.json").read_text()).get("dtype") or "float32"
+    return torch.finfo(getattr(torch, dtype)).bits
+
+
 def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
     """report.md in the run folder, readable by someone who did not run it, and summary.json for sweeps."""
     report = run.report
@@ -82,6 +89,8 @@ def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
         _markdown_table(["", "original", "compressed"], [
             ["expert parameters", f"{report.params_before:,}", f"{report.params_after:,}"],
             ["kept fraction of expert parameters", "1", f"{report.kept_fraction:.3f}"],
+            ["bits per expert weight (every stored tensor and scale)", str(dtype_bits(run.compressed)),
+             f"{report.bits_per_weight:.2f}"],
             ["weights on disk", size(before_bytes), size(after_bytes)],
         ]),
         "",

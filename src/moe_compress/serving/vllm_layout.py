@@ -59,6 +59,11 @@ def new_projections(spec: ModuleSpec, num_experts: int, hidden: int, intermediat
         raise ValueError(f"{where}: activation {activation!r} is not served by moe-compress's vLLM plugin (it serves "
                          f"{', '.join(ACTIVATIONS)}, gated or _no_mul); serve a dense copy (`moe-compress export`)")
     form = spec.form
+    if spec.quant:
+        bits = next(iter(spec.quant.values())).bits
+        raise ValueError(f"{where}: the folder stores its experts as integers (bits={bits}), which moe-compress's "
+                         "vLLM plugin does not serve yet; serve its dense export "
+                         "(`moe-compress export`) or a float compression")
     if not {spec.form_of(p) for p in spec.ranks} <= set(SUPPORTED_FORMS):
         raise ValueError(f"{where}: form {form!r} cannot be served by moe-compress's vLLM plugin (it serves "
                          f"{', '.join(SUPPORTED_FORMS)}); serve a dense copy (`moe-compress export`) instead")

@@ -1,0 +1,161 @@
+"""Integer storage of what every form stores (CompressionConfig(bits=...)): the quantized modules compute what their
+dequantized weights do, the folder stores packed codes and scales whose bits are the report's, it loads back to the
+same logits by every route, and the resident memory holds the integers, not float copies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import calibration_ids, tiny_model, token_ids
+from safetensors import safe_open
+
+import moe_compress as mc
+from moe_compress import fit
+from moe_compress.calibration.grams import ExpertGrams
+from moe_compress.calibration.observe import observe
+from moe_compress.compression.fitting import fit_into, quantize_into
+from moe_compress.discovery import split_weights
+from moe_compress.distill import select_trainable
+from moe_compress.experts import ModuleSpec, make_projection
+from moe_compress.serving.vllm_layout import new_projections
+from moe_compress.quantize import QuantFormat, quantize_rtn
+
+METHODS = [("delta", {"target_ratio": 0.5}), ("basis", {"target_ratio": 0.5}), ("mixed", {"target_ratio": 0.5}),
+           ("quantize", {})]
+
+
+def compressed(method: str, size: dict, bits: int, symmetric: bool = True, calibrated: bool = True):
+    model = tiny_model("qwen3_moe")
+    config = mc.CompressionConfig(method=method, bits=bits, group_size=16, symmetric=symmetric, **size)
+    report = mc.compress(model, config, calibration=calibration_ids() if calibrated else None, progress=False)
+    return model, report
+
+
+def folder_bits(folder, report) -> float:
+    """Bits the folder stores per original expert weight: every tensor of the experts modules but their biases."""
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        total = sum(8 * f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+                    for k in f.keys() if ".experts." in k and not k.endswith(".bias"))
+    return total / report.params_before
+
+
+@pytest.mark.parametrize("bits,symmetric", [(2, False), (3, True), (4, True), (8, False)])
+@pytest.mark.parametrize("method,size", METHODS, ids=[m for m, _ in METHODS])
+def test_a_quantized_module_computes_what_its_dequantized_weights_do(method, size, bits, symmetric):
+    model, report = compressed(method, size, bits, symmetric)
+    experts = model.model.layers[0].mlp.experts
+    for projection in experts.projections.values():
+        assert not any(name in dict(projection.named_parameters()) for name in projection.TENSORS)  # all integers
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 32, generator=generator)
+    index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(24)])
+    weights = torch.rand(24, 2, generator=generator).softmax(-1)
+    with torch.no_grad():  # transformers' own experts code on every W_e rebuilt from the dequantized tensors
+        assert torch.allclose(experts(x, index, weights), experts.reference_forward(x, index, weights), atol=1e-5)
+    assert all(r.stored_bits is not None for r in report.rows)
+
+
+@pytest.mark.parametrize("method,size", METHODS, ids=[m for m, _ in METHODS])
+def test_the_folder_stores_the_reported_bits_and_loads_back_to_the_same_logits(tmp_path, method, size):
+    model, report = compressed(method, size, bits=3, symmetric=False)
+    folder = mc.save_compressed(model, tmp_path / "q", report=report)
+    assert folder_bits(folder, report) == pytest.approx(report.bits_per_weight, rel=1e-12)
+    loaded = mc.load_compressed(folder)
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids()).logits, model(token_ids()).logits)
+    # resident: integer codes and 16-bit scales, no float copy of a quantized tensor left behind by a forward
+    resident = {name: t for name, t in loaded.state_dict().items() if ".experts." in name}
+    assert not any(name.endswith((".core", ".u", ".v")) for name in resident)
+    assert all(t.dtype in (torch.int32, torch.int64, torch.float16) for t in resident.values())
+    assert all(p._memo is None for m in loaded.modules() if isinstance(m, mc.SharedCoreExperts)
+               for p in m.projections.values())
+
+
+def test_streamed_data_free_quantization_writes_the_in_memory_folders_tensors(tmp_path):
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
+    config = mc.CompressionConfig(target_ratio=0.5, method="delta", bits=4, group_size=16)
+    streamed = mc.compress_checkpoint(tmp_path / "model", tmp_path / "streamed", config, progress=False)
+    model = tiny_model("qwen3_moe")
+    in_memory = mc.compress(model, config, progress=False)
+    assert streamed.bits_per_weight == in_memory.bits_per_weight
+    loaded = mc.load_compressed(tmp_path / "streamed")
+    ours = {k: v for k, v in model.state_dict().items() if ".experts." in k}
+    theirs = {k: v for k, v in loaded.state_dict().items() if ".experts." in k}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_dense_export_of_a_quantized_folder_computes_its_logits(tmp_path):
+    model, report = compressed("mixed", {"target_ratio": 0.5}, bits=4)
+    folder = mc.save_compressed(model, tmp_path / "q", report=report)
+    mc.export_dense(folder, tmp_path / "dense")
+    with torch.no_grad():
+        assert torch.allclose(mc.load_model(str(tmp_path / "dense"))(token_ids()).logits, model(token_ids()).logits,
+                              atol=1e-5)
+
+
+def projection_and_metric(form: str):
+    """A fitted float projection of the tiny model's first up projection, W and its calibrated metric."""
+    model = tiny_model("qwen3_moe")
+    name, grams = next(iter(observe(model, calibration_ids(), ExpertGrams, progress=False).items()))
+    W = split_weights(model.get_submodule(name))["up"][0].detach().float()
+    metric = grams.metric("up")
+    proj = make_projection(form, "up", *W.shape, rank=2)
+    fit_into(proj, W, None, mc.CompressionConfig(rank=2, method=form), torch.device("cpu"), metric)
+    return proj, W, metric
+
+
+@pytest.mark.parametrize("form", ["delta", "basis"])
+def test_refitting_what_stays_in_floats_lowers_the_error_of_quantizing_each_tensor_alone(form):
+    """quantize_into refits the factors to the quantized core and each side to the other: against rounding each
+    fitted tensor as it is (the crude stack), its error in the metric is lower."""
+    format = QuantFormat(bits=2, group_size=16, symmetric=False)
+    proj, W, metric = projection_and_metric(form)
+    crude = copy.deepcopy(proj)
+    with torch.no_grad():
+        for name in crude.TENSORS:
+            value = crude.matrix(name).float()
+            rounded = quantize_rtn(value, format if value.shape[-1] % 16 == 0 else QuantFormat(2, None, False))
+            crude.quantize_(name, rounded)
+    quantize_into(proj, W, format, metric)
+    careful, naive = (fit.relative_error(W, p.dense().float(), metric) for p in (proj, crude))
+    assert careful < naive, (careful, naive)
+
+
+def test_gptq_in_the_metric_beats_rounding_in_the_metric():
+    """The experts quantized as they are (the dense form): GPTQ in each expert's routed-input metric against round to
+    nearest, both measured in that metric."""
+    model = tiny_model("qwen3_moe")
+    name, grams = next(iter(observe(model, calibration_ids(), ExpertGrams, progress=False).items()))
+    W = split_weights(model.get_submodule(name))["up"][0].detach().float()
+    metric = grams.metric("up")
+    format = QuantFormat(bits=3, group_size=16, symmetric=True)
+    calibrated, rounded = (make_projection("dense", "up", *W.shape, 0) for _ in range(2))
+    for proj, M in ((calibrated, metric), (rounded, None)):
+        fit_into(proj, W, None, mc.CompressionConfig(method="quantize", bits=3), torch.device("cpu"))
+        quantize_into(proj, W, format, M)
+    errors = [fit.relative_error(W, p.dense().float(), metric) for p in (calibrated, rounded)]
+    assert errors[0] < errors[1], errors
+
+
+def test_bad_quantization_settings_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="method=quantize stores every expert as it is, quantized: give bits"):
+        mc.CompressionConfig(method="quantize")
+    with pytest.raises(ValueError, match="bits=5 is not supported"):
+        mc.CompressionConfig(target_ratio=0.3, bits=5)
+    with pytest.raises(ValueError, match="the wrapped form.*has no quantized storage"):
+        mc.CompressionConfig(target_ratio=0.3, method="als", bits=4)
+
+
+def test_what_does_not_take_integer_storage_yet_says_so_in_one_line(tmp_path):
+    model, report = compressed("mixed", {"target_ratio": 0.5}, bits=4)
+    with pytest.raises(ValueError, match="train=wrappers\\+cores leaves nothing to train: .* stored as integers") as error:
+        select_trainable(model, "wrappers+cores", train_routers=False)
+    assert "\n" not in str(error.value)
+    assert select_trainable(model, "wrappers+cores", train_routers=True)[0] > 0  # the routers are floats
+    spec = ModuleSpec.from_dict(model.config.quantization_config.modules["model.layers.0.mlp.experts"])
+    with pytest.raises(ValueError, match="stores its experts as integers \\(bits=4\\).*does not serve yet"):
+        new_projections(spec, 4, 32, 32, "silu", False, torch.float32, "model.layers.0.mlp.experts")
+    card = (mc.save_compressed(model, tmp_path / "q", report=report) / "README.md").read_text()
+    assert f"| bits per expert weight (every stored tensor and scale) | {report.bits_per_weight:.3f} |" in card
