@@ -159,3 +159,36 @@ def test_what_does_not_take_integer_storage_yet_says_so_in_one_line(tmp_path):
         new_projections(spec, 4, 32, 32, "silu", False, torch.float32, "model.layers.0.mlp.experts")
     card = (mc.save_compressed(model, tmp_path / "q", report=report) / "README.md").read_text()
     assert f"| bits per expert weight (every stored tensor and scale) | {report.bits_per_weight:.3f} |" in card
+
+
+@pytest.mark.parametrize("budget", [3.0, 5.0])
+def test_target_bits_is_respected_as_the_saved_folder_measures_it_and_takes_the_least_error(tmp_path, budget):
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
+    config = mc.CompressionConfig(target_bits=budget, group_size=16)
+    model = tiny_model("qwen3_moe")
+    report = mc.compress(model, config, calibration=calibration_ids(), progress=False)
+    folder = mc.save_compressed(model, tmp_path / "q", report=report)
+    assert folder_bits(folder, report) == pytest.approx(report.bits_per_weight, rel=1e-12)
+    assert report.bits_per_weight <= budget
+    candidates = report.choice["candidates"]
+    assert all(c["bits_per_weight"] <= budget for c in candidates) and len(candidates) >= 2
+    assert report.choice["chosen"] == min(candidates, key=lambda c: c["error"])
+    assert report.choice["chosen"]["bits_per_weight"] == pytest.approx(report.bits_per_weight, rel=1e-12)
+    # the folder records the budget as asked; a checkpoint folder compressed to it makes the same choice
+    assert model.config.quantization_config.compression["target_bits"] == budget
+    streamed = mc.compress_checkpoint(tmp_path / "model", tmp_path / "s", config, calibration=calibration_ids(),
+                                      progress=False)
+    assert streamed.choice["chosen"]["method"] == report.choice["chosen"]["method"]
+    assert streamed.bits_per_weight <= budget
+
+
+def test_target_bits_below_every_choice_or_beside_other_sizes_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"target_bits=0.5 is below what any choice stores \(the least: "
+                                         r"[\d.]+ bits per weight\); use target_bits >= [\d.]+") as error:
+        mc.compress(tiny_model("qwen3_moe"), mc.CompressionConfig(target_bits=0.5), progress=False)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="target_bits picks the kept fraction, the form and the bits itself; drop "
+                                         "target_ratio, bits"):
+        mc.CompressionConfig(target_bits=3, target_ratio=0.3, bits=4)
+    with pytest.raises(ValueError, match="target_bits=-1 is not a budget"):
+        mc.CompressionConfig(target_bits=-1)

@@ -99,6 +99,7 @@ class CompressionConfig:
 
     rank: Optional[int] = None
     target_ratio: Optional[float] = None
+    target_bits: Optional[float] = None  # bits stored per original expert weight; picks kept fraction, form, bits
     ranks: Optional[dict[str, int]] = None
     method: str = "auto"
     als_iters: int = 3
@@ -119,6 +120,18 @@ class CompressionConfig:
         if isinstance(self.calibration, dict):  # from Hydra or JSON
             object.__setattr__(self, "calibration", CalibrationConfig(**self.calibration))
         ranks = dict(self.ranks or {})
+        if self.target_bits is not None:  # compression/bits.py picks the rest
+            if not self.target_bits > 0:
+                raise ValueError(f"target_bits={self.target_bits} is not a budget; give the bits per expert weight to "
+                                 "keep, e.g. target_bits=2.5 (bf16 experts store 16)")
+            given = [n for n in ("rank", "target_ratio", "bits") if getattr(self, n) is not None] + (
+                ["ranks"] if ranks else []) + ([f"method={self.method}"] if self.method != "auto" else [])
+            if given:
+                raise ValueError(f"target_bits picks the kept fraction, the form and the bits itself; drop "
+                                 f"{', '.join(given)}, or give those without target_bits")
+            if self.num_cores != 1:
+                raise ValueError("target_bits chooses among forms of one core per projection; use num_cores=1")
+            return  # the chosen config is checked in its turn
         if self.method == "quantize":  # the experts as they are, only quantized: no rank, no budget in parameters
             if self.bits is None or self.rank is not None or self.target_ratio is not None or ranks:
                 raise ValueError("method=quantize stores every expert as it is, quantized: give bits=<2, 3, 4 or 8> "
@@ -191,7 +204,7 @@ class CompressionConfig:
         """This config with method=auto made concrete. With calibration statistics: basis when the fits keep at least
         BASIS_FROM of the expert parameters, mixed below; delta without them, or with several cores (a basis has one
         core)."""
-        if self.method != "auto":
+        if self.method != "auto" or self.target_bits is not None:  # target_bits: made concrete by its choice
             return self
         if not calibrated or self.num_cores not in (1, "auto"):
             return dataclasses.replace(self, method="delta")

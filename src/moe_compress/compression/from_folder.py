@@ -32,7 +32,7 @@ from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.observe import Calibration, token_batches
 from moe_compress.calibration.offloaded import gather_statistics
 from moe_compress.calibration.store import load_statistics, load_token_counts, statistics_dir
-from moe_compress.compression import engine
+from moe_compress.compression import bits, engine
 from moe_compress.compression.allocation import Curve
 from moe_compress.compression.budget import stored_params
 from moe_compress.compression.checkpoint_index import SourceCheckpoint, open_checkpoint, params_of, read_experts
@@ -219,18 +219,20 @@ def copy_side_files(source: Path, staging: Path) -> None:
 
 
 def assemble(source: CheckpointFolder, specs: dict[str, ModuleSpec], config: CompressionConfig, manifest: Manifest,
-             output_dir: Path, max_shard_size: str | int) -> CompressionReport:
+             output_dir: Path, max_shard_size: str | int, record: CompressionConfig,
+             choice: Optional[dict] = None) -> CompressionReport:
     """Write the compressed folder from the verified units and the source's other tensors and files: sharded
-    safetensors, config.json with the quantization_config, tokenizer and generation files, model card, report and
-    error heat map. Built in the work folder and renamed into place."""
+    safetensors, config.json with the quantization_config (`record`: the settings as asked), tokenizer and generation
+    files, model card, report and error heat map. Built in the work folder and renamed into place."""
     report = verified_report(config, specs, manifest)
     coverage = {name: load_token_counts(source.store, name) for name in specs} if source.calibrated else {}
     report = engine.report_of(config, report.rows, coverage, source)
+    report.choice = choice
     staging = manifest.folder / "assembled"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        write_folder(source, specs, config, manifest, report, staging, max_shard_size)
+        write_folder(source, specs, record, manifest, report, staging, max_shard_size)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a full disk: what it took is given back before the message
         raise
@@ -238,7 +240,7 @@ def assemble(source: CheckpointFolder, specs: dict[str, ModuleSpec], config: Com
     return report
 
 
-def write_folder(source: CheckpointFolder, specs: dict[str, ModuleSpec], config: CompressionConfig,
+def write_folder(source: CheckpointFolder, specs: dict[str, ModuleSpec], record: CompressionConfig,
                  manifest: Manifest, report: CompressionReport, staging: Path, max_shard_size: str | int) -> None:
     checkpoint = source.checkpoint
     files = {path: stored_tensors(path) for path in {checkpoint.path(key) for key in checkpoint.other_keys}}
@@ -247,7 +249,7 @@ def write_folder(source: CheckpointFolder, specs: dict[str, ModuleSpec], config:
         for projection in spec.ranks:
             tensors.update(stored_tensors(manifest.path(unit_name(name, projection))))
     write_weights(tensors, staging, convert_file_size_to_int(max_shard_size))
-    attach_quantization_config(checkpoint.model, specs, config, report)
+    attach_quantization_config(checkpoint.model, specs, record, report)
     source_config = json.loads((checkpoint.folder / "config.json").read_text())
     source_config["quantization_config"] = checkpoint.model.config.quantization_config.to_dict()
     (staging / "config.json").write_text(json.dumps(mark_dict(source_config), indent=2, sort_keys=True) + "\n")
@@ -285,33 +287,38 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
     inputs its experts are routed; the statistics are kept beside output_dir for compressions at other sizes."""
     checkpoint = open_checkpoint(source, trust_remote_code)
     token_ids = calibration_token_ids(checkpoint.folder, config, calibration)
-    config = config.for_data(token_ids is not None)
-    if token_ids is not None and config.calibration.propagate != "original":
+    record = config.for_data(token_ids is not None)  # what the folder records: target_bits as asked, not as chosen
+    if token_ids is not None and record.calibration.propagate != "original":
         raise ValueError("compressing a checkpoint folder gathers its statistics on the original layers' outputs; "
                          "set compression.calibration.propagate=original, or compress the loaded model with "
                          "moe_compress.compress(model, config, calibration)")
     folder = CheckpointFolder(checkpoint)
-    specs = engine.plan(folder, config)
+    specs = engine.plan(folder, record) if record.target_bits is None else {}  # bad ranks refused before any work
     output_dir = Path(output_dir)
     if output_dir.resolve() == checkpoint.folder.resolve():
         raise ValueError(f"output_dir {output_dir} is the source folder; choose another output_dir")
-    check_output_dir(output_dir, checkpoint.config, config.to_dict(), overwrite)
+    check_output_dir(output_dir, checkpoint.config, record.to_dict(), overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    units = [(name, p) for name, spec in specs.items() for p in spec.ranks]
     device = fit_device(config.device)
     work = work_dir(output_dir)
+    units = []
     kept = lambda: (f"the {len(Manifest(work).records())} finished (layer, projection) units in {work} are kept, and "
                     "the same command resumes from them")
-    needed = lambda: expected_bytes(folder, specs, 1 - len(Manifest(work).records()) / len(units))
+    needed = lambda: expected_bytes(folder, specs, 1 - len(Manifest(work).records()) / max(1, len(units)))
     with distributed(device) as ranks, exclusive(output_dir, ranks), no_space(output_dir, needed, kept):
         if ranks.is_main:
-            open_work_dir(work, {**source_settings(checkpoint), "compression": config.to_dict()}, overwrite)
+            open_work_dir(work, {**source_settings(checkpoint), "compression": record.to_dict()}, overwrite)
         barrier()
         if token_ids is not None:
-            folder = CheckpointFolder(checkpoint, gathered_statistics(checkpoint, token_ids, config, output_dir,
+            folder = CheckpointFolder(checkpoint, gathered_statistics(checkpoint, token_ids, record, output_dir,
                                                                       device, ranks, progress))
+        config, choice = record, None
+        if record.target_bits is not None:  # chosen once, on the main process, for all
+            config, choice = from_main(bits.choose(folder, record, device, progress) if ranks.is_main else None)
+            specs = engine.plan(folder, config)
         if engine.curves_decide(config):
             specs = allocated(folder, specs, config, device, work, ranks, progress)
+        units = [(name, p) for name, spec in specs.items() for p in spec.ranks]
         manifest = Manifest(work, ranks.rank)
         pending = None
         if ranks.is_main:
@@ -327,6 +334,6 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
         barrier()
         report = None
         if ranks.is_main:
-            report = assemble(folder, specs, config, manifest, output_dir, max_shard_size)
+            report = assemble(folder, specs, config, manifest, output_dir, max_shard_size, record, choice)
             shutil.rmtree(work)
         return from_main(report)

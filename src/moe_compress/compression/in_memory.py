@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.layers import loaded_statistics
 from moe_compress.calibration.observe import Calibration, token_batches
-from moe_compress.compression import engine
+from moe_compress.compression import bits, engine
 from moe_compress.compression.config import CompressionConfig
 from moe_compress.compression.fitting import FittedModule, Weights
 from moe_compress.compression.report import CompressionReport
@@ -84,14 +84,17 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[
     inputs each expert is routed in them (config.calibration says how the statistics are regularised); without it,
     config.calibration.data names calibration text to read with the model's tokenizer."""
     source = LoadedModel(model, calibration_batches(model, config, calibration), config.calibration.batch_size)
-    config = config.for_data(source.calibrated)
+    record = config.for_data(source.calibrated)  # what the folder records: target_bits as asked, not as chosen
+    config, choice = record, None
+    if record.target_bits is not None:
+        config, choice = bits.choose(source, record, fit_device(config.device), progress)
     specs = engine.plan(source, config)
     if engine.curves_decide(config):
         with tqdm(total=len(specs), desc="rank curves", unit="module", disable=not progress) as bar:
             found = {name: (curves, spec) for name, curves, spec in
                      engine.curves(source, specs, specs, config, fit_device(config.device), bar)}
         specs = engine.allocated_specs(config, found, engine.params_before(source))
-    return fit_in_place(source, specs, config, progress)
+    return fit_in_place(source, specs, config, progress, record, choice)
 
 
 def plan(model: nn.Module, config: CompressionConfig) -> dict[str, ModuleSpec]:
@@ -107,10 +110,10 @@ def compress_as(model: nn.Module, specs: dict[str, ModuleSpec], config: Compress
     return fit_in_place(source, specs, config.for_data(source.calibrated), progress)
 
 
-def fit_in_place(source: LoadedModel, specs: dict[str, ModuleSpec], config: CompressionConfig,
-                 progress: bool) -> CompressionReport:
+def fit_in_place(source: LoadedModel, specs: dict[str, ModuleSpec], config: CompressionConfig, progress: bool,
+                 record: Optional[CompressionConfig] = None, choice: Optional[dict] = None) -> CompressionReport:
     """Fit every experts module of `specs` and swap it in, layer by layer; record the compression in the model's
-    config."""
+    config (`record`: the settings as asked, config when None; `choice`: what target_bits chose)."""
     rows, coverage = [], {}
     with tqdm(total=sum(len(s.ranks) for s in specs.values()), desc="compress", disable=not progress) as bar:
         units = {name: list(spec.ranks) for name, spec in specs.items()}
@@ -120,5 +123,6 @@ def fit_in_place(source: LoadedModel, specs: dict[str, ModuleSpec], config: Comp
             if fitted.coverage is not None:
                 coverage[fitted.name] = fitted.coverage
     report = engine.report_of(config, rows, coverage, source)
-    attach_quantization_config(source.model, specs, config, report)
+    report.choice = choice
+    attach_quantization_config(source.model, specs, record or config, report)
     return report

@@ -37,6 +37,7 @@ class CompressionReport:
     config: CompressionConfig
     rows: list[ProjectionStats] = field(default_factory=list)
     coverage: dict[str, list[int]] = field(default_factory=dict)  # experts module -> calibration tokens per expert
+    choice: Optional[dict] = None  # with target_bits: the candidates measured and the one chosen (compression/bits.py)
 
     @property
     def params_before(self) -> int:
@@ -78,6 +79,7 @@ class CompressionReport:
             "seconds": self.seconds,
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "coverage": self.coverage,
+            **({"target_bits": self.choice} if self.choice is not None else {}),
         }
 
     def to_json(self) -> str:
