@@ -69,6 +69,8 @@ def test_the_folder_stores_the_reported_bits_and_loads_back_to_the_same_logits(t
     resident = {name: t for name, t in loaded.state_dict().items() if ".experts." in name}
     assert not any(name.endswith((".core", ".u", ".v")) for name in resident)
     assert all(t.dtype in (torch.int32, torch.int64, torch.float16) for t in resident.values())
+    resident_bits = sum(8 * t.numel() * t.element_size() for name, t in resident.items() if not name.endswith("bias"))
+    assert resident_bits / report.params_before == pytest.approx(folder_bits(folder, report), rel=1e-12)
     assert all(p._memo is None for m in loaded.modules() if isinstance(m, mc.SharedCoreExperts)
                for p in m.projections.values())
 
@@ -150,7 +152,8 @@ def test_bad_quantization_settings_are_refused_in_one_line():
 
 def test_what_does_not_take_integer_storage_yet_says_so_in_one_line(tmp_path):
     model, report = compressed("mixed", {"target_ratio": 0.5}, bits=4)
-    with pytest.raises(ValueError, match="train=wrappers\\+cores leaves nothing to train: .* stored as integers") as error:
+    with pytest.raises(ValueError, match=r"train=wrappers\+cores leaves nothing to train: .* stored as integers") as \
+            error:
         select_trainable(model, "wrappers+cores", train_routers=False)
     assert "\n" not in str(error.value)
     assert select_trainable(model, "wrappers+cores", train_routers=True)[0] > 0  # the routers are floats
