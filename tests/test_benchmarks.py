@@ -18,11 +18,12 @@ def test_benchmark_smoke_run_writes_report_and_plots(tmp_path):
     report = (tmp_path / "BENCHMARKS.md").read_text()
     for heading in ("Quality at equal storage", "Fit speed", "Inference speed", "parameter-count claim",
                     "Distillation of the compressed testbed", "Streaming, parallel compression",
-                    "Start-up cost of the loading hook", "Cost of calibration", "Where the budget goes"):
+                    "Start-up cost of the loading hook", "Cost of calibration", "Where the budget goes",
+                    "Quality against bits per weight"):
         assert heading in report
     # the parameter-count section's worked example: Mixtral-8x7B's projection (8 experts of 14336 x 4096) at rank 64
     E, out_f, in_f, r = 8, 14336, 4096, 64
     assert "| per-expert SVD |" in report and f"{out_f * in_f + E * 2 * r * (out_f + in_f):,}" in report
     assert "| REAP pruning |" in report and "| HC-SMoE merging |" in report and "fine-grained testbed" in report
-    for plot in ("quality.png", "quality_fine.png", "fit_speed.png", "distillation.png"):
+    for plot in ("quality.png", "quality_fine.png", "fit_speed.png", "distillation.png", "bits.png"):
         assert (tmp_path / "benchmarks" / plot).stat().st_size > 10_000

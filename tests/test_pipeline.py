@@ -2,6 +2,7 @@
 rank sweep ending in the trade-off plot."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -23,12 +24,15 @@ def pipeline(*args, cwd):
 def test_pipeline_writes_a_report_with_every_stage(tmp_path):
     run = tmp_path / "run"
     # settings the watcher once dropped: the checkpoints must be scored as the teacher is
-    result = pipeline(*TINY, "eval.max_length=128", "eval.dtype=float32", f"hydra.run.dir={run}", cwd=tmp_path)
+    result = pipeline(*TINY, "eval.max_length=128", "eval.dtype=float32", "distill.teacher_quantization=4bit",
+                      f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FutureWarning" not in result.stderr
     report = (run / "report.md").read_text()
     config = AutoConfig.from_pretrained(TESTBED_DIR)  # layers x (gate, up, down) x experts x width x hidden
     expert_params = config.num_hidden_layers * 3 * config.num_experts * config.moe_intermediate_size * config.hidden_size
+    assert re.search(r"\| teacher in memory while distilling \| [\d.]+ MiB resident, 0\.2\dx its [\d.]+ MiB in bf16 \|",
+                     report), report
     for text in (f"{expert_params:,}", "kept fraction", "compressed, zero-shot", "distilled, step 2", "distilled, step 4",
                  "bits_per_byte", "acc_norm", "| distill |", "| compress |", "8 sequences of 256 tokens of testbed"):
         assert text in report, text

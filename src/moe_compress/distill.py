@@ -17,16 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import BitsAndBytesConfig, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from moe_compress.compression.config import CompressionConfig
+from moe_compress.compression.in_memory import compress
 from moe_compress.data import DataConfig, build_datasets
 from moe_compress.experts import SharedCoreExperts
+from moe_compress.quantize import QuantFormat, QuantizedLinear
 from moe_compress.folder.load import check_compressed, compression_of, load_model, model_family
 from moe_compress.training_run import END_MARKER
 
 TRAINABLE = ("wrappers", "wrappers+cores", "all")
-QUANTIZATIONS = (None, "8bit", "4bit")
 WRAPPER_PARAMS = ("u_out", "v_out", "u_in", "v_in", "u", "v")
 
 
@@ -37,7 +39,7 @@ class DistillationConfig:
     train: str = "wrappers+cores"  # wrappers (cores frozen) | wrappers+cores | all
     train_routers: bool = False
     chunk_tokens: int = 1024  # tokens per KL chunk
-    teacher_quantization: Optional[str] = None  # null | 8bit | 4bit (bitsandbytes, CUDA only)
+    teacher_quantization: Optional[str] = None  # null | 8bit | 4bit: the teacher's experts as integers (load_teacher)
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -48,7 +50,7 @@ class DistillationConfig:
             raise ValueError(f"train={self.train!r} is unknown; use one of {list(TRAINABLE)}")
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={self.chunk_tokens} must be >= 1")
-        if self.teacher_quantization not in QUANTIZATIONS:
+        if self.teacher_quantization not in (None, *TEACHER_BITS):
             raise ValueError(f"teacher_quantization={self.teacher_quantization!r} is unknown; use null, 8bit or 4bit")
 
     def to_dict(self) -> dict:
@@ -151,9 +153,7 @@ class DistillationTrainer(Trainer):
     def __init__(self, *args: Any, teacher: nn.Module, distillation: DistillationConfig, **kwargs: Any):
         super().__init__(*args, **kwargs)
         check_pair(self.model, teacher)
-        self.teacher = teacher.eval().requires_grad_(False)
-        if distillation.teacher_quantization is None:
-            self.teacher.to(self.args.device)
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.distillation = distillation
         self._parts: dict[str, list[float]] = {}
 
@@ -179,17 +179,67 @@ class DistillationTrainer(Trainer):
         super().log(logs, start_time)
 
 
+TEACHER_BITS = {"8bit": 8, "4bit": 4}
+TEACHER_GROUP = 128  # columns per scale: compressed-tensors' W4A16 and W8A16 presets
+
+
+@dataclass(frozen=True)
+class TeacherMemory:
+    """What a teacher holds in memory, and what it would hold in bf16 (its weights at 2 bytes each)."""
+
+    resident: int  # bytes of its parameters and buffers
+    bf16: int
+
+    def __str__(self) -> str:
+        return (f"{self.resident / 2**20:,.1f} MiB resident, {self.resident / self.bf16:.2f}x its "
+                f"{self.bf16 / 2**20:,.1f} MiB in bf16")
+
+
+def teacher_memory(teacher: nn.Module) -> TeacherMemory:
+    tensors = [*teacher.parameters(), *teacher.buffers()]
+    weights = sum(p.numel() for p in teacher.parameters())  # and those kept as integers:
+    weights += sum(m.shape[0] * m.shape[1] for m in teacher.modules() if isinstance(m, QuantizedLinear))
+    if getattr(teacher.config, "quantization_config", None) is not None:  # the experts
+        weights += compression_of(teacher).stats["params_before"]
+    return TeacherMemory(sum(t.numel() * t.element_size() for t in tensors), 2 * weights)
+
+
+def quantize_linears(model: nn.Module, format: QuantFormat) -> None:
+    """Every nn.Linear of `model` as a QuantizedLinear in `format`, round to nearest, but those of the MoE blocks
+    around the experts (routers, shared experts: a router's choice is worth its bytes) and an output layer tied to the
+    embeddings (quantizing it would untie them)."""
+    keep = {id(model.get_output_embeddings())} if getattr(model.config, "tie_word_embeddings", False) else set()
+    for name, module in model.named_modules():
+        if isinstance(module, SharedCoreExperts):
+            keep |= {id(m) for m in model.get_submodule(name.rpartition(".")[0]).modules()}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and id(module) not in keep:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, QuantizedLinear(module, format))
+
+
 def load_teacher(name_or_path: str, quantization: str | None = None, dtype: str = "auto") -> nn.Module:
-    """The teacher, optionally quantized to 8 or 4 bit by bitsandbytes, which needs CUDA: never a silent fallback."""
+    """The teacher; with quantization ("8bit" or "4bit") its experts stored as 8- or 4-bit integers.
+
+    The experts are nearly all of an MoE's bytes (95% of Qwen3-30B-A3B's), and bitsandbytes, through transformers,
+    quantizes only nn.Linear layers: it leaves the fused 3-D expert tensors in their float dtype. So the experts go
+    through moe-compress's own integer storage (method=quantize: round to nearest, asymmetric, groups of 128 columns,
+    dequantized once per forward), and so do the other linear layers (attention), the same route on CPU and CUDA;
+    routers, embeddings and a tied output layer stay as loaded."""
+    teacher = load_model(name_or_path, dtype=dtype)
     if quantization is None:
-        return load_model(name_or_path, dtype=dtype)
-    if not torch.cuda.is_available():
-        raise ValueError(f"teacher_quantization={quantization} needs a CUDA GPU (bitsandbytes) and none is visible; "
-                         "set distill.teacher_quantization=null or run on a GPU")
-    bits = BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
-                              bnb_4bit_compute_dtype=torch.bfloat16)
-    return load_model(name_or_path, dtype=dtype, quantization_config=bits,
-                      device_map={"": torch.cuda.current_device()})
+        return teacher
+    if quantization not in TEACHER_BITS:
+        raise ValueError(f"teacher_quantization={quantization!r} is unknown; use null, 8bit or 4bit")
+    before = teacher_memory(teacher)
+    config = CompressionConfig(method="quantize", bits=TEACHER_BITS[quantization], group_size=TEACHER_GROUP,
+                               symmetric=False)
+    compress(teacher, config, progress=False)
+    quantize_linears(teacher, config.quant_format)
+    print(f"teacher: experts and linear layers stored as {config.bits}-bit integers (moe-compress's integer storage, "
+          f"round to nearest, groups of {TEACHER_GROUP}; the same route on CPU and CUDA): {teacher_memory(teacher)}; "
+          f"as loaded {before.resident / 2**20:,.1f} MiB", flush=True)
+    return teacher
 
 
 def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: DataConfig,
@@ -201,7 +251,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: DataCo
     train_set, eval_set = build_datasets(data, tokenizer)
     trainable, total = select_trainable(student, distillation.train, distillation.train_routers)
     print(f"distill: training {trainable:,} of {total:,} student parameters ({distillation.train}"
-          f"{' + routers' if distillation.train_routers else ''})")
+          f"{' + routers' if distillation.train_routers else ''}); teacher: {teacher_memory(teacher)}")
     trainer = DistillationTrainer(model=student, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                   processing_class=tokenizer, teacher=teacher, distillation=distillation)
     last = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None

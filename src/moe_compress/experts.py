@@ -220,13 +220,15 @@ class Projection(nn.Module):
         codes, zeros = quantized.codes, quantized.zeros
         words = lambda n: -(-n * stored.format.bits // 32)
         device = codes.device
+        # zero points packed along the rows, as compressed-tensors packs them: [..., groups, words of rows]
+        zeros = None if zeros is None else zeros.mT
         if pack_codes and device.type != "meta":
             codes = pack(codes, stored.format.bits)
-            zeros = None if zeros is None else pack(zeros, stored.format.bits)
+            zeros = None if zeros is None else pack(zeros.contiguous(), stored.format.bits)
         else:  # shapes only (the meta device, or storage to be loaded)
             codes = torch.empty(*codes.shape[:-1], words(cols), dtype=torch.int32, device=device)
-            zeros = None if zeros is None else torch.empty(*zeros.shape[:-1], words(zeros.shape[-1]),
-                                                           dtype=torch.int32, device=device)
+            zeros = None if zeros is None else torch.empty(*zeros.shape[:-1], words(rows), dtype=torch.int32,
+                                                           device=device)
         self.register_buffer(f"{name}_packed", codes)
         self.register_buffer(f"{name}_scale", quantized.scales.to(stored.scale_dtype))
         if zeros is not None:
@@ -240,7 +242,7 @@ class Projection(nn.Module):
         scales = self._buffers[f"{name}_scale"]
         codes = unpack(self._buffers[f"{name}_packed"], stored.format.bits, cols)
         zeros = None if stored.format.symmetric else unpack(self._buffers[f"{name}_zero"], stored.format.bits,
-                                                            scales.shape[-1])
+                                                            rows).mT
         value = QuantizedMatrix(codes, scales, zeros, stored.format).dequantize().to(stored.dtype)
         return value.mT if stored.transposed else value
 

@@ -227,3 +227,31 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     straddles = offset + bits > WORD_BITS
     u[..., straddles] |= unsigned[..., word[straddles] + 1] << (WORD_BITS - offset[straddles])
     return ((u & ((1 << bits) - 1)) - (1 << (bits - 1))).to(torch.int8)
+
+
+class QuantizedLinear(torch.nn.Module):
+    """An nn.Linear whose weight [out, in] is kept as packed codes, 16-bit scales and (asymmetric) packed zero points,
+    dequantized at each forward and dropped after it: its resident memory is the integers."""
+
+    def __init__(self, linear: torch.nn.Linear, format: QuantFormat):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.shape, self.dtype = tuple(weight.shape), weight.dtype
+        scale_dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float16
+        self.format = format if format.group_size is None or weight.shape[1] % format.group_size == 0 else \
+            QuantFormat(format.bits, None, format.symmetric)
+        quantized = quantize_rtn(weight.to(scale_dtype), self.format)
+        self.register_buffer("weight_packed", pack(quantized.codes, format.bits))
+        self.register_buffer("weight_scale", quantized.scales)
+        if quantized.zeros is not None:  # along the rows, as compressed-tensors packs them
+            self.register_buffer("weight_zero", pack(quantized.zeros.mT.contiguous(), format.bits))
+        self.bias = linear.bias
+
+    def weight(self) -> torch.Tensor:
+        rows, cols = self.shape
+        zeros = None if self.format.symmetric else unpack(self.weight_zero, self.format.bits, rows).mT
+        codes = unpack(self.weight_packed, self.format.bits, cols)
+        return QuantizedMatrix(codes, self.weight_scale, zeros, self.format).dequantize().to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight(), self.bias)

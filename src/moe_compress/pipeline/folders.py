@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_compress.compression.report import CompressionReport
+from moe_compress.distill import TeacherMemory
 
 
 @dataclass
@@ -15,6 +16,7 @@ class PipelineRun:
     folder: Path
     seconds: dict[str, float] = field(default_factory=dict)
     report: CompressionReport | None = None
+    teacher: TeacherMemory | None = None  # what the teacher held in memory while it was distilled from
 
     @property
     def compressed(self) -> Path:

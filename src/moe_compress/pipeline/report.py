@@ -92,6 +92,7 @@ def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
             ["bits per expert weight (every stored tensor and scale)", str(dtype_bits(run.compressed)),
              f"{report.bits_per_weight:.2f}"],
             ["weights on disk", size(before_bytes), size(after_bytes)],
+            *([["teacher in memory while distilling", f"{run.teacher}", "-"]] if run.teacher is not None else []),
         ]),
         "",
         f"Relative reconstruction error of the expert weights: **{report.rel_error:.4f}** (before distillation).",
