@@ -9,19 +9,59 @@ from __future__ import annotations
 import tempfile
 import time
 
+import torch
 from transformers import TrainingArguments
 
 from benchmarks.common import plot_to, table
 from moe_compress import CompressionConfig, compress
 from moe_compress.data import DataConfig
-from moe_compress.distill import DistillationConfig, distill
-from moe_compress.testbed import heldout_loss, load_testbed, read_split
+from moe_compress.distill import DistillationConfig, distill, load_teacher, teacher_memory
+from moe_compress.testbed import TESTBEDS, heldout_loss, load_testbed, read_split
 
 FULL = dict(ratio=0.3, steps=300, batch=16, seq_len=256, lr=1e-4, alpha=0.9, eval_steps=50, max_tokens=None)
 QUICK = dict(ratio=0.3, steps=4, batch=2, seq_len=64, lr=1e-4, alpha=0.9, eval_steps=4, max_tokens=4096)
+TEACHER_TESTBED = "testbed_fine"
+
+
+def distilled(testbed: str, teacher: torch.nn.Module, s: dict) -> dict:
+    """The testbed compressed to kept s["ratio"] (default fit) and distilled from `teacher`: losses and seconds."""
+    student, tokenizer = load_testbed(path=TESTBEDS[testbed])
+    compress(student, CompressionConfig(target_ratio=s["ratio"]), progress=False)
+    loss = lambda model: heldout_loss(model, read_split("validation"), max_tokens=s["max_tokens"])
+    before = loss(student)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="distill-bench-"), max_steps=s["steps"], per_device_train_batch_size=s["batch"],
+        learning_rate=s["lr"], lr_scheduler_type="cosine", warmup_steps=s["steps"] // 20, save_strategy="no",
+        report_to="none", use_cpu=True, seed=0, disable_tqdm=True, logging_steps=max(1, s["steps"] // 30))
+    start = time.perf_counter()
+    distill(student, teacher, tokenizer, DataConfig(seq_len=s["seq_len"]), DistillationConfig(alpha=s["alpha"]), args)
+    seconds = time.perf_counter() - start
+    return {"before": before, "after": loss(student), "seconds_per_step": seconds / s["steps"]}
+
+
+def teachers(quick: bool) -> dict:
+    """Full, 8-bit and 4-bit teachers of the fine-grained testbed, each distilling the same compressed student."""
+    s = QUICK if quick else FULL
+    original = heldout_loss(load_teacher(TEACHER_TESTBED, dtype="float32"), read_split("validation"),
+                            max_tokens=s["max_tokens"])
+    rows = {}
+    for quantization in (None, "4bit") if quick else (None, "8bit", "4bit"):
+        teacher = load_teacher(TEACHER_TESTBED, quantization, dtype="float32")
+        memory = teacher_memory(load_teacher(TEACHER_TESTBED, quantization))  # resident as it would run: bf16
+        rows[quantization or "full"] = {**distilled(TEACHER_TESTBED, teacher, s), "resident": memory.resident,
+                                        "bf16": memory.bf16}
+    full = rows["full"]
+    for row in rows.values():  # what each recovers, against what the full teacher recovers
+        row["recovered"] = row["before"] - row["after"]
+        row["share_of_full"] = row["recovered"] / (full["before"] - full["after"])
+    return {"testbed": TEACHER_TESTBED, "original": original, "rows": rows}
 
 
 def run(quick: bool = False) -> dict:
+    return {**trained(quick), "teachers": teachers(quick)}
+
+
+def trained(quick: bool = False) -> dict:
     s = QUICK if quick else FULL
     teacher, tokenizer = load_testbed()
     student, _ = load_testbed()
@@ -57,7 +97,26 @@ def plot(result: dict, path: str) -> None:
         ax.axhline(result["teacher"], color="gray", linestyle="--", label="teacher held-out loss")
 
 
+def teachers_markdown(found: dict) -> str:
+    rows = [[name, f"{row['resident'] / 2**20:,.2f} MiB ({row['resident'] / row['bf16']:.2f}x)",
+             f"{row['before']:.4f}", f"{row['after']:.4f}", f"{row['recovered']:+.4f}",
+             f"{100 * row['share_of_full']:.0f}%", f"{row['seconds_per_step']:.2f}"]
+            for name, row in found["rows"].items()]
+    full, four = found["rows"]["full"], found["rows"]["4bit"]  # the smoke run has no 8-bit row
+    return (f"**Quantized teachers** (distill.teacher_quantization): the {found['testbed']} testbed at kept 0.3, "
+            f"distilled for the same steps from each teacher; the original's held-out loss {found['original']:.4f}. "
+            "Resident memory as the teacher runs (loaded in the checkpoint's bf16), against its bf16 bytes.\n\n"
+            + table(["teacher", "resident memory", "student before", "student after", "recovered",
+                     "share of the full teacher's recovery", "s / step"], rows)
+            + f"\n\nThe 4-bit teacher recovers {100 * four['share_of_full']:.0f}% of what the full one does "
+            f"(goal: at least 90%), at {four['seconds_per_step'] / full['seconds_per_step']:.2f}x its step time.")
+
+
 def markdown(result: dict) -> str:
+    return trained_markdown(result) + "\n\n" + teachers_markdown(result["teachers"])
+
+
+def trained_markdown(result: dict) -> str:
     s = result["setting"]
     rows = [["teacher (original)", f"{result['teacher']:.4f}"],
             ["compressed, zero-shot", f"{result['before']:.4f}"],
