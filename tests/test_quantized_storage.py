@@ -18,8 +18,7 @@ from moe_compress.calibration.observe import observe
 from moe_compress.compression.fitting import fit_into, quantize_into
 from moe_compress.discovery import split_weights
 from moe_compress.distill import select_trainable
-from moe_compress.experts import ModuleSpec, make_projection
-from moe_compress.serving.vllm_layout import new_projections
+from moe_compress.experts import make_projection
 from moe_compress.quantize import QuantFormat, quantize_rtn
 
 METHODS = [("delta", {"target_ratio": 0.5}), ("basis", {"target_ratio": 0.5}), ("mixed", {"target_ratio": 0.5}),
@@ -150,16 +149,13 @@ def test_bad_quantization_settings_are_refused_in_one_line():
         mc.CompressionConfig(target_ratio=0.3, method="als", bits=4)
 
 
-def test_what_does_not_take_integer_storage_yet_says_so_in_one_line(tmp_path):
+def test_distillation_refuses_integer_storage_in_one_line_and_the_card_gives_the_bits(tmp_path):
     model, report = compressed("mixed", {"target_ratio": 0.5}, bits=4)
     with pytest.raises(ValueError, match=r"train=wrappers\+cores leaves nothing to train: .* stored as integers") as \
             error:
         select_trainable(model, "wrappers+cores", train_routers=False)
     assert "\n" not in str(error.value)
     assert select_trainable(model, "wrappers+cores", train_routers=True)[0] > 0  # the routers are floats
-    spec = ModuleSpec.from_dict(model.config.quantization_config.modules["model.layers.0.mlp.experts"])
-    with pytest.raises(ValueError, match="stores its experts as integers \\(bits=4\\).*does not serve yet"):
-        new_projections(spec, 4, 32, 32, "silu", False, torch.float32, "model.layers.0.mlp.experts")
     card = (mc.save_compressed(model, tmp_path / "q", report=report) / "README.md").read_text()
     assert f"| bits per expert weight (every stored tensor and scale) | {report.bits_per_weight:.3f} |" in card
 

@@ -99,10 +99,15 @@ def plugin(monkeypatch):
     return importlib.import_module("moe_compress.serving.vllm_plugin")
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+FOLDERS = {"mixed": dict(rank=2, method="mixed"), "mixed-4bit": dict(rank=2, method="mixed", bits=4, group_size=16),
+           "delta-2cores": dict(rank=2, method="delta", num_cores=2),
+           "quantize-3bit": dict(method="quantize", bits=3, group_size=16, symmetric=False)}
+
+
+@pytest.fixture(scope="module", params=list(FOLDERS))
+def folder(request, tmp_path_factory) -> Path:
     model = tiny_model("qwen3_moe", moe_intermediate_size=F)
-    report = mc.compress(model, mc.CompressionConfig(rank=2, method="mixed"), progress=False)
+    report = mc.compress(model, mc.CompressionConfig(**FOLDERS[request.param]), progress=False)
     return mc.save_compressed(model, tmp_path_factory.mktemp("vllm") / "model", report=report)
 
 
@@ -156,10 +161,11 @@ def test_a_folder_loads_into_vllm_layers_and_serves_what_the_compressed_model_co
                 renamed = mapper.map_name(name)
                 found = re.search(r"experts\.0\.(gate_proj|up_proj|down_proj)\.(\w+)$", renamed)
                 param = f"{'w2' if found[1] == 'down_proj' else 'w13'}_{found[2]}"
-                target = dict([*layer.named_parameters(), *layer.named_buffers()])[param]
+                target = dict(layer.named_parameters())[param]  # vLLM's loader fills parameters alone
                 target.weight_loader(target, tensor, renamed, shard_id="w1", expert_id=0)
                 loaded.add(param)
-        assert loaded == {n for n, _ in [*layer.named_parameters(), *layer.named_buffers()]}  # one to one
+        # one to one, every tensor of the layer a parameter: integer codes, scales and the expert -> core map too
+        assert loaded == {n for n, _ in layer.named_parameters()} and not list(layer.named_buffers())
         generator = torch.Generator().manual_seed(index)
         x = torch.randn(7, H, generator=generator)
         ids = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(7)])
@@ -181,6 +187,6 @@ def test_what_the_plugin_cannot_serve_is_refused_in_one_line(plugin, folder):
     method = config.get_quant_method(moe_layer(plugin, prefix), prefix)
     layer = moe_layer(plugin, prefix)
     method.create_weights(layer, 4, H, F, torch.float32)
-    core = layer.w13_gate_core
+    name, param = next(iter(layer.named_parameters()))
     with pytest.raises(ValueError, match=r"the folder holds shape \(1, 3\), the layer expects"):
-        core.weight_loader(core, torch.zeros(1, 3), "model.layers.0.mlp.experts.0.gate_proj.gate_core")
+        param.weight_loader(param, torch.zeros(1, 3), f"model.layers.0.mlp.experts.0.gate_proj.{name}")

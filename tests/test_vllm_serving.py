@@ -41,11 +41,18 @@ SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(C
                "--hf-overrides", json.dumps({"max_position_embeddings": CONTEXT + 2})]
 
 
-@pytest.fixture(scope="module", params=["als", "delta", "basis", "mixed"])
+SETTINGS = {"als": dict(method="als"), "delta": dict(method="delta"), "basis": dict(method="basis"),
+            "mixed": dict(method="mixed"), "delta-2cores": dict(method="delta", num_cores=2, target_ratio=0.4),
+            "mixed-4bit": dict(method="mixed", bits=4, group_size=32, symmetric=False)}
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
 def compressed(request, tmp_path_factory) -> Path:
-    """The fine-grained testbed compressed to 0.3 of its expert parameters, in the form of each method."""
+    """The fine-grained testbed compressed to 0.3 of its expert parameters in the form of each method; with two
+    cores (each expert's core read through the loaded expert -> core map); with integer storage."""
     model, tokenizer = load_testbed(path=FINE_TESTBED_DIR)
-    report = moe_compress.compress(model, moe_compress.CompressionConfig(target_ratio=0.3, method=request.param))
+    settings = {"target_ratio": 0.3, **SETTINGS[request.param]}
+    report = moe_compress.compress(model, moe_compress.CompressionConfig(**settings))
     return moe_compress.save_compressed(model, tmp_path_factory.mktemp(request.param) / "model", tokenizer=tokenizer,
                                         report=report)
 

@@ -533,6 +533,10 @@ class ModuleSpec:
     def form_of(self, projection: str) -> str:
         return form_of(self.form, projection)
 
+    def quant_of(self, projection: str) -> QuantFormat | None:
+        """The integer format of the projection's stored tensors, None for floats."""
+        return (self.quant or {}).get(projection)
+
     def to_dict(self) -> dict[str, Any]:
         form = self.form if isinstance(self.form, str) else dict(self.form)
         spec = {"form": form, "num_cores": self.num_cores, "ranks": dict(self.ranks)}
@@ -548,10 +552,14 @@ class ModuleSpec:
 
 
 def make_projection(form: str, projection: str, num_experts: int, out_features: int, in_features: int, rank: int,
-                    num_cores: int = 1, bias: bool = False, **factory) -> Projection:
-    """An unfitted projection of `form` for the expert projection named `projection` (gate, up or down)."""
+                    num_cores: int = 1, bias: bool = False, quant: QuantFormat | None = None, **factory) -> Projection:
+    """An unfitted projection of `form` for the expert projection named `projection` (gate, up or down); with `quant`,
+    its tensors as empty integer storage in that format, to load saved codes and scales into."""
     extra = {"shared": basis_side(projection)} if form == "basis" else {}
-    return PROJECTION_FORMS[form](num_experts, out_features, in_features, rank, num_cores, bias, **extra, **factory)
+    proj = PROJECTION_FORMS[form](num_experts, out_features, in_features, rank, num_cores, bias, **extra, **factory)
+    for tensor in proj.TENSORS if quant is not None else ():
+        proj.empty_quantized_(tensor, quant)
+    return proj
 
 
 @contextmanager
@@ -595,10 +603,7 @@ class SharedCoreExperts(nn.Module):
         for name in projection_names(experts):
             W, bias = parts[name]
             projections[name] = make_projection(spec.form_of(name), name, *W.shape, spec.ranks[name], spec.num_cores,
-                                                bias is not None, dtype=W.dtype, device=W.device)
-            if spec.quant and name in spec.quant:
-                for tensor in projections[name].TENSORS:
-                    projections[name].empty_quantized_(tensor, spec.quant[name])
+                                                bias is not None, spec.quant_of(name), dtype=W.dtype, device=W.device)
         return cls(cls.from_template(experts), projections).train(experts.training)
 
     @staticmethod

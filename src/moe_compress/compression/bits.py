@@ -52,9 +52,8 @@ def planned_bits(source: engine.ExpertsSource, config: CompressionConfig) -> Opt
         spec = specs[name]
         for projection, (W, bias) in split_weights(experts).items():
             proj = make_projection(spec.form_of(projection), projection, *W.shape, spec.ranks[projection],
-                                   spec.num_cores, bias is not None, dtype=W.dtype, device="meta")
-            for tensor in proj.TENSORS:
-                proj.empty_quantized_(tensor, spec.quant[projection])
+                                   spec.num_cores, bias is not None, spec.quant_of(projection), dtype=W.dtype,
+                                   device="meta")
             total += stored_bits(proj)
             weights += W.numel()
     return total / weights

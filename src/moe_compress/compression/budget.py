@@ -50,7 +50,8 @@ def choose_rank(config: CompressionConfig, projection: str, num_experts: int, ou
     limit = rank_limit(config, projection, num_experts, out_f, in_f)
     rank = (config.ranks or {}).get(projection, config.rank)
     if rank is not None and config.form_of(projection) == "basis":
-        wrapped_limit = rank_limit(dataclasses.replace(config, method="als"), projection, num_experts, out_f, in_f)
+        wrapped = dataclasses.replace(config, method="als", bits=None)  # what rank r stores in the wrapped form
+        wrapped_limit = rank_limit(wrapped, projection, num_experts, out_f, in_f)
         if rank > wrapped_limit:
             limit = wrapped_limit
         else:

@@ -24,9 +24,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moe_compress.experts import ModuleSpec, Projection, Route, make_projection
+from moe_compress.experts import ModuleSpec, Projection, Route, dequantized_once, make_projection
 
-SUPPORTED_FORMS = ("wrapped", "delta", "basis")
+SUPPORTED_FORMS = ("wrapped", "delta", "basis", "dense")
 # vLLM's shard ids: w1 gate, w3 up (both in w13), w2 down; an ungated experts module's up projection is vLLM's w1
 SHARD = {"gate": "w1", "up": "w3", "down": "w2"}
 # vLLM's MoE activations (MoEActivation values) in plain torch: gated ones multiply by up, "_no_mul" ones do not
@@ -59,11 +59,6 @@ def new_projections(spec: ModuleSpec, num_experts: int, hidden: int, intermediat
         raise ValueError(f"{where}: activation {activation!r} is not served by moe-compress's vLLM plugin (it serves "
                          f"{', '.join(ACTIVATIONS)}, gated or _no_mul); serve a dense copy (`moe-compress export`)")
     form = spec.form
-    if spec.quant:
-        bits = next(iter(spec.quant.values())).bits
-        raise ValueError(f"{where}: the folder stores its experts as integers (bits={bits}), which moe-compress's "
-                         "vLLM plugin does not serve yet; serve its dense export "
-                         "(`moe-compress export`) or a float compression")
     if not {spec.form_of(p) for p in spec.ranks} <= set(SUPPORTED_FORMS):
         raise ValueError(f"{where}: form {form!r} cannot be served by moe-compress's vLLM plugin (it serves "
                          f"{', '.join(SUPPORTED_FORMS)}); serve a dense copy (`moe-compress export`) instead")
@@ -75,7 +70,7 @@ def new_projections(spec: ModuleSpec, num_experts: int, hidden: int, intermediat
     projections = {}
     for name in names:
         proj = make_projection(spec.form_of(name), name, num_experts, *shapes[name], spec.ranks[name],
-                               spec.num_cores, bias, dtype=dtype)
+                               spec.num_cores, bias, spec.quant_of(name), dtype=dtype)
         projections[name] = proj.eval().requires_grad_(False)
     return projections
 
@@ -92,6 +87,12 @@ def routed_forward(projections: dict[str, Projection], activation: str, x: torch
     topk_weights [T, K]: [T, H]. The same algebra as SharedCoreExperts.forward (each core once per token)."""
     gated = not activation.endswith("_no_mul")
     act = ACTIVATIONS[activation.removesuffix("_no_mul")]
+    with dequantized_once(projections.values()):  # integer storage: each tensor dequantized once per forward
+        return _routed(projections, gated, act, x, topk_weights, topk_ids)
+
+
+def _routed(projections: dict[str, Projection], gated: bool, act: Callable[[torch.Tensor], torch.Tensor],
+            x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     down = projections["down"]
     route = Route.build(topk_ids.long(), topk_weights.to(x.dtype), down.num_experts)
     x_pairs = x[route.token]  # [S, H]

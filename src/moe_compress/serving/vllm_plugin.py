@@ -123,11 +123,12 @@ class SharedCoreMoEMethod(FusedMoEMethodBase):
         self.projections = new_projections(self.spec, num_experts, hidden_size, intermediate_size_per_partition,
                                            layer.activation.value, self.moe.has_bias, params_dtype, self.prefix)
         for name, tensor in layer_tensors(self.projections).items():
-            if isinstance(tensor, torch.nn.Parameter):
-                layer.register_parameter(name, tensor)
-            else:
-                layer.register_buffer(name, tensor)  # the expert -> core map: an integer tensor, not a parameter
-            tensor.weight_loader = load_whole
+            # every tensor a parameter of the layer, buffers too (the expert -> core map, integer codes and scales):
+            # vLLM's loader fills only parameters. The parameter shares the projection's storage, which it fills.
+            param = tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor,
+                                                                                             requires_grad=False)
+            param.weight_loader = load_whole
+            layer.register_parameter(name, param)
 
     def get_fused_moe_quant_config(self, layer: RoutedExperts) -> FusedMoEQuantConfig | None:
         return None
