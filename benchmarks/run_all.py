@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from benchmarks import (budget, calibration, distillation, fit_speed, inference, param_count, quality, startup,
+from benchmarks import (bits, budget, calibration, distillation, fit_speed, inference, param_count, quality, startup,
                         streaming, vllm_serving)
 from benchmarks.common import machine
 
@@ -26,10 +26,11 @@ SECTIONS = {
     "calibration": (calibration, "8. Cost of calibration, in memory and time"),
     "budget": (budget, "9. Where the budget goes: rank allocation, several cores, a shared basis"),
     "vllm_serving": (vllm_serving, "10. Serving with vLLM: tokens per second, compressed against original"),
+    "bits": (bits, "11. Quality against bits per weight: the compressed forms beside the quantizers"),
 }
 # seconds of each section's smoke run on 2 cores (--quick), for --jobs to start the longest first
 SMOKE_SECONDS = {"distillation": 52, "streaming": 46, "calibration": 43, "fit_speed": 22, "budget": 13,
-                 "inference": 12, "quality": 11, "startup": 2}
+                 "inference": 12, "quality": 11, "bits": 8, "startup": 2}
 # the figures a section's own markdown does not embed
 FIGURES = {"fit_speed": "![error against fit time](benchmarks/fit_speed.png)",
            "distillation": "![distillation loss curve](benchmarks/distillation.png)"}
