@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import calibration_ids, tiny_model, token_ids
 from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import TrainingArguments
 
 import moe_compress as mc
 from moe_compress import fit
@@ -17,9 +19,11 @@ from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.observe import observe
 from moe_compress.compression.fitting import fit_into, quantize_into
 from moe_compress.discovery import split_weights
-from moe_compress.distill import select_trainable
+from moe_compress.data import DataConfig
+from moe_compress.distill import DistillationConfig, distill, select_trainable, train_quantization_aware
 from moe_compress.experts import make_projection
 from moe_compress.quantize import QuantFormat, quantize_rtn
+from moe_compress.testbed import load_testbed
 
 METHODS = [("delta", {"target_ratio": 0.5}), ("basis", {"target_ratio": 0.5}), ("mixed", {"target_ratio": 0.5}),
            ("quantize", {})]
@@ -149,15 +153,54 @@ def test_bad_quantization_settings_are_refused_in_one_line():
         mc.CompressionConfig(target_ratio=0.3, method="als", bits=4)
 
 
-def test_distillation_refuses_integer_storage_in_one_line_and_the_card_gives_the_bits(tmp_path):
-    model, report = compressed("mixed", {"target_ratio": 0.5}, bits=4)
-    with pytest.raises(ValueError, match=r"train=wrappers\+cores leaves nothing to train: .* stored as integers") as \
-            error:
-        select_trainable(model, "wrappers+cores", train_routers=False)
+def test_pure_quantization_has_no_wrappers_to_train_said_in_one_line_and_the_card_gives_the_bits(tmp_path):
+    model, report = compressed("quantize", {}, bits=4)
+    with pytest.raises(ValueError, match=r"train=wrappers leaves nothing to train: .* hold no wrappers") as error:
+        select_trainable(model, "wrappers", train_routers=False)
     assert "\n" not in str(error.value)
-    assert select_trainable(model, "wrappers+cores", train_routers=True)[0] > 0  # the routers are floats
+    assert select_trainable(model, "wrappers", train_routers=True)[0] > 0  # the routers are floats
     card = (mc.save_compressed(model, tmp_path / "q", report=report) / "README.md").read_text()
     assert f"| bits per expert weight (every stored tensor and scale) | {report.bits_per_weight:.3f} |" in card
+
+
+def experts_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if ".experts." in k}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_quantized_folder_distills_quantization_aware_into_quantized_checkpoints_and_resumes(tmp_path):
+    teacher, tokenizer = load_testbed()
+    student, _ = load_testbed()
+    report = mc.compress(student, mc.CompressionConfig(target_ratio=0.3, method="delta", bits=4), progress=False)
+    student = mc.load_compressed(mc.save_compressed(student, tmp_path / "q", report=report))
+    before = experts_state(student)
+    args = lambda steps: TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=2, save_steps=2,
+        learning_rate=1e-2, report_to="none", use_cpu=True, seed=0, disable_tqdm=True)  # a rate that moves codes
+    data, config = DataConfig(seq_len=32), DistillationConfig(train="wrappers+cores")
+    distill(student, teacher, tokenizer, data, config, args(2))
+    checkpoint = experts_state(mc.load_compressed(tmp_path / "run" / "checkpoint-2"))
+    assert checkpoint.keys() == before.keys()  # the same integer storage, no float shadow saved
+    assert all(v.dtype in (torch.int32, torch.int64, torch.float16) for v in checkpoint.values())
+    packed = [k for k in before if k.endswith("_packed")]
+    assert all(torch.equal(checkpoint[k], before[k]) for k in before if k not in packed)  # scales fixed
+    assert sum((checkpoint[k] != before[k]).sum().item() for k in packed) > 0.1 * sum(before[k].numel() for k in packed)
+    ids = token_ids(length=16)
+    student.eval()
+    with torch.no_grad():  # the trained model computes what its checkpoint does: the forward rounds as saving does
+        assert torch.equal(student(ids).logits, mc.load_compressed(tmp_path / "run" / "checkpoint-2")(ids).logits)
+    # resuming loads a checkpoint, which holds no shadows, into a model training quantization-aware, as the Trainer
+    # does: nothing missing, the shadows set from its codes
+    fresh = mc.load_compressed(tmp_path / "q")
+    train_quantization_aware(fresh)
+    loaded = fresh.load_state_dict(load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors"), strict=False)
+    assert loaded.missing_keys == ["lm_head.weight"] and not loaded.unexpected_keys  # the head is tied, not saved
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, student(ids).logits)
+    resumed = distill(mc.load_compressed(tmp_path / "q"), teacher, tokenizer, data, config, args(4))
+    assert resumed.state.global_step == 4 and (tmp_path / "run" / "checkpoint-4").is_dir()
 
 
 @pytest.mark.parametrize("budget", [3.0, 5.0])

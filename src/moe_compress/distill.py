@@ -101,6 +101,19 @@ def router_parameters(model: nn.Module) -> set[int]:
     return found
 
 
+def train_quantization_aware(model: nn.Module) -> None:
+    """Make the integer storage of the compressed experts trainable through float shadows, rounded to the stored
+    format at every forward with straight-through gradients; checkpoints keep storing integers."""
+    quantized = [p for m in model.modules() if isinstance(m, SharedCoreExperts) for p in m.projections.values()
+                 if p.stored]
+    for projection in quantized:
+        projection.train_quantization_aware_()
+    if quantized:
+        print("distill: the experts' integer storage trains quantization-aware (float shadows rounded to the stored "
+              "format at every forward, straight-through gradients, scales and zero points fixed); checkpoints store "
+              "the integers")
+
+
 def select_trainable(model: nn.Module, train: str, train_routers: bool) -> tuple[int, int]:
     """Freeze all but what `train` names; return (trainable, total) parameter counts."""
     compression_of(model)
@@ -118,9 +131,9 @@ def select_trainable(model: nn.Module, train: str, train_routers: bool) -> tuple
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     if trainable == 0:
-        raise ValueError(f"train={train} leaves nothing to train: this model's compressed experts are stored as "
-                         "integers (compression.bits), and distillation trains float tensors; distill the float "
-                         "compression (no bits), or train the rest of the model (train=all, or train_routers=true)")
+        raise ValueError(f"train={train} leaves nothing to train: this model's compressed experts hold no wrappers "
+                         "(pure quantization, method=quantize, keeps each expert as its own core); use "
+                         "train=wrappers+cores (the cores, quantization-aware) or train=all")
     return trainable, sum(p.numel() for p in params)
 
 
@@ -249,6 +262,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: DataCo
     Resumes from the last checkpoint in args.output_dir when there is one; writes END_MARKER there when done."""
     check_pair(student, teacher)
     train_set, eval_set = build_datasets(data, tokenizer)
+    train_quantization_aware(student)
     trainable, total = select_trainable(student, distillation.train, distillation.train_routers)
     print(f"distill: training {trainable:,} of {total:,} student parameters ({distillation.train}"
           f"{' + routers' if distillation.train_routers else ''}); teacher: {teacher_memory(teacher)}")

@@ -30,7 +30,7 @@ from torch import nn
 from transformers.integrations.moe import _default_apply_gate
 
 from moe_compress.discovery import join_weights, projection_names, split_weights
-from moe_compress.quantize import QuantFormat, QuantizedMatrix, pack, unpack
+from moe_compress.quantize import QuantFormat, QuantizedMatrix, pack, round_codes, unpack
 
 
 @dataclass
@@ -168,12 +168,55 @@ class Projection(nn.Module):
         stored = self.__dict__.get("stored")
         if stored and name in stored:  # a quantized tensor, read as the float tensor it stands for
             memo = self.__dict__["_memo"]
-            if memo is None:
-                return self.dequantized(name)
-            if name not in memo:
-                memo[name] = self.dequantized(name)
-            return memo[name]
+            value = None if memo is None else memo.get(name)
+            if value is None:
+                value = self.fake_quantized(name) if name in self._parameters else self.dequantized(name)
+                if memo is not None:
+                    memo[name] = value
+            return value
         return super().__getattr__(name)
+
+    def train_quantization_aware_(self) -> None:
+        """Make the quantized tensors trainable: each gets a float shadow parameter, read through its rounding to the
+        stored format (scales and zero points fixed) with a straight-through gradient; saving writes the shadows'
+        codes into the integer storage and leaves the shadows out, so that a checkpoint is a quantized folder, and
+        loading one sets the shadows from its codes."""
+        for name in self.stored:
+            if name not in self._parameters:
+                self._parameters[name] = nn.Parameter(self.dequantized(name).detach().clone())
+        if not self.__dict__.get("_qat_hooks"):
+            self._qat_hooks = (self.register_state_dict_post_hook(_shadows_into_codes),
+                               self.register_load_state_dict_pre_hook(_shadows_expected),
+                               self.register_load_state_dict_post_hook(_codes_into_shadows))
+
+    def _zeros(self, name: str) -> torch.Tensor | None:
+        stored = self.stored[name]
+        if stored.format.symmetric:
+            return None
+        return unpack(self._buffers[f"{name}_zero"], stored.format.bits, stored.matrix[0]).mT
+
+    def _codes_of(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """The codes [..., rows, cols] (int8) of a float tensor shaped as `name`, rounded with its stored scales and
+        zero points."""
+        stored = self.stored[name]
+        with torch.no_grad():
+            X = value.mT if stored.transposed else value
+            scales, zeros = self._buffers[f"{name}_scale"].to(X.dtype), self._zeros(name)
+            Xg = X.unflatten(-1, (scales.shape[-1], -1))  # [..., rows, groups, G]
+            codes = round_codes(Xg, scales[..., None], None if zeros is None else zeros[..., None], stored.format)
+        return codes.flatten(-2).to(torch.int8)
+
+    def _from_codes(self, name: str, codes: torch.Tensor) -> torch.Tensor:
+        """The float tensor, in its dtype and shape, that codes [..., rows, cols] of `name` stand for."""
+        stored = self.stored[name]
+        value = QuantizedMatrix(codes, self._buffers[f"{name}_scale"], self._zeros(name), stored.format)
+        value = value.dequantize().to(stored.dtype)
+        return value.mT if stored.transposed else value
+
+    def fake_quantized(self, name: str) -> torch.Tensor:
+        """The shadow of a quantized tensor as its codes would store it, the gradient passed straight through."""
+        shadow = self._parameters[name]
+        return shadow + (self._from_codes(name, self._codes_of(name, shadow)) - shadow).detach()
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         """A stored tensor's shape as a float tensor, without dequantizing it."""
@@ -237,14 +280,8 @@ class Projection(nn.Module):
 
     def dequantized(self, name: str) -> torch.Tensor:
         """The float tensor a quantized one stands for, in its dtype and shape."""
-        stored = self.stored[name]
-        rows, cols = stored.matrix
-        scales = self._buffers[f"{name}_scale"]
-        codes = unpack(self._buffers[f"{name}_packed"], stored.format.bits, cols)
-        zeros = None if stored.format.symmetric else unpack(self._buffers[f"{name}_zero"], stored.format.bits,
-                                                            rows).mT
-        value = QuantizedMatrix(codes, scales, zeros, stored.format).dequantize().to(stored.dtype)
-        return value.mT if stored.transposed else value
+        return self._from_codes(name, unpack(self._buffers[f"{name}_packed"], self.stored[name].format.bits,
+                                             self.stored[name].matrix[1]))
 
     def train(self, mode: bool = True) -> Projection:
         # Trainers update parameters in ways the version counters below do not always see: start afresh
@@ -560,6 +597,33 @@ def make_projection(form: str, projection: str, num_experts: int, out_features: 
     for tensor in proj.TENSORS if quant is not None else ():
         proj.empty_quantized_(tensor, quant)
     return proj
+
+
+def _shadows_into_codes(module: Projection, state: dict, prefix: str, local_metadata: Any) -> None:
+    """state_dict post hook of a projection trained quantization-aware: the shadows' codes into the integer storage
+    (the module's and the state's), the shadows themselves left out."""
+    for name in module.stored:
+        shadow = state.pop(prefix + name, None)
+        if shadow is not None:
+            packed = module._buffers[f"{name}_packed"]
+            packed.copy_(pack(module._codes_of(name, shadow), module.stored[name].format.bits))
+            state[prefix + f"{name}_packed"] = packed
+
+
+def _shadows_expected(module: Projection, state: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict pre hook: a checkpoint holds no shadows (the post hook sets them from its codes), so that they
+    are not reported missing."""
+    for name in module.stored:
+        if name in module._parameters:
+            state.setdefault(prefix + name, module._parameters[name].detach())
+
+
+def _codes_into_shadows(module: Projection, incompatible: Any) -> None:
+    """load_state_dict post hook: the shadows from the integer storage just loaded (a checkpoint resumed)."""
+    with torch.no_grad():
+        for name in module.stored:
+            if name in module._parameters:
+                module._parameters[name].copy_(module.dequantized(name))
 
 
 @contextmanager
