@@ -6,6 +6,8 @@ experts are 16 bits per weight). At equal bytes, side by side:
   fractions, every stored tensor (cores, factors, shared bases) in integers of 2, 3, 4 or 8 bits (asymmetric, groups
   of 128 columns where they divide, one scale per row of the narrow factors; symmetric too at 4 and 8 bits) or in
   bf16;
+- ours as a user gets it: CompressionConfig(target_bits=B) at each budget of the table, calibrated, which picks the
+  form, kept fraction and bit width itself (among them pure quantization, GPTQ in our metric);
 - round to nearest (RTN) and GPTQ of the experts as they are (method=quantize without and with calibration tokens;
   GPTQ sequential, each layer calibrated on the outputs of the quantized layers before it, propagate=compressed, at
   the library's damping and at the literature's 0.01), groups of 128 at 3 and 4 bits (one per row where 128 does not
@@ -39,13 +41,16 @@ from moe_compress.testbed import TESTBEDS, heldout_loss, load_testbed, read_spli
 
 FULL = dict(testbeds=("testbed", "testbed_fine"), kept=(0.25, 0.3, 0.4, 0.5, 0.75), bits=(2, 3, 4, 8, None),
             symmetric_bits=(4, 8), quantizer_bits=(2, 3, 4), gptq_damps=(1.0, 0.01), hqq_groups=(None, 64),
-            peer_kept=(0.25, 0.5, 0.75), max_tokens=None, calibration_sequences=64)
+            peer_kept=(0.25, 0.5, 0.75), target_bits=(1.5, 2, 2.5, 3, 4, 4.25), max_tokens=None,
+            calibration_sequences=64)
 QUICK = dict(testbeds=("testbed",), kept=(0.3,), bits=(4,), symmetric_bits=(), quantizer_bits=(2,),
-             gptq_damps=(1.0,), hqq_groups=(None,), peer_kept=(0.5,), max_tokens=2048, calibration_sequences=4)
+             gptq_damps=(1.0,), hqq_groups=(None,), peer_kept=(0.5,), target_bits=(2.5,), max_tokens=2048,
+             calibration_sequences=4)
 BUDGETS = (1.5, 2, 2.5, 3, 4, 4.25)
-FAMILIES = {"ours": "ours (calibrated default)", "rtn": "RTN", "gptq": "GPTQ", "hqq": "HQQ",
-            "reap": "REAP pruning", "hc-smoe": "HC-SMoE merging"}
+FAMILIES = {"target": "ours, target_bits (the default choice)", "ours": "ours (calibrated default)", "rtn": "RTN",
+            "gptq": "GPTQ", "hqq": "HQQ", "reap": "REAP pruning", "hc-smoe": "HC-SMoE merging"}
 QUANTIZERS = ("rtn", "gptq", "hqq")
+PEER_FAMILIES = (*QUANTIZERS, "reap", "hc-smoe")
 FLOAT_BITS = 16  # bf16
 WITHIN = 0.02  # nats per byte: "how low does it go within +0.02"
 # bits over a budget that still count as within it: compress stores each expert's core index (64 bits per expert and
@@ -95,6 +100,29 @@ def our_runs(original, setting: dict, calibration, loss) -> list[dict]:
             label = f"kept {kept} ({config.for_data(True).method}), {format_label(bits, symmetric)}"
             runs.append(compressed_run(original, "ours", label, config, calibration, loss))
     return runs
+
+
+def target_runs(original, setting: dict, calibration, loss) -> list[dict]:
+    """CompressionConfig(target_bits=B) at each budget, calibrated: what the product picks, form, kept fraction and
+    bit width, by itself."""
+    runs = []
+    for budget in setting["target_bits"]:
+        model = copy.deepcopy(original)
+        start = time.perf_counter()
+        report = compress(model, CompressionConfig(target_bits=budget), calibration=calibration, progress=False)
+        seconds = time.perf_counter() - start
+        runs.append({"family": "target", "budget": budget,
+                     "setting": f"target_bits={budget}: {chosen(report.choice['chosen'])}",
+                     "bits": report.bits_per_weight, "kept": report.kept_fraction, "loss": loss(in_fp32(model)),
+                     "seconds": seconds})
+    return runs
+
+
+def chosen(choice: dict) -> str:
+    """What target_bits chose (its report's record), in the words of the other runs' settings."""
+    width = format_label(choice["bits"], symmetric=True)  # the default format
+    return (f"quantize, {width}" if choice["method"] == "quantize"
+            else f"kept {choice['kept']} ({choice['method']}), {width}")
 
 
 def quantizer_runs(original, setting: dict, calibration, loss) -> list[dict]:
@@ -176,7 +204,7 @@ def run_testbed(name: str, setting: dict) -> dict:
     calibration = calibration_windows(setting["calibration_sequences"])
     hqq, hqq_skipped = hqq_runs(original, setting, loss)
     parts = [quantizer_runs(original, setting, calibration, loss), hqq, peer_runs(original, setting, calibration, loss),
-             our_runs(original, setting, calibration, loss)]
+             our_runs(original, setting, calibration, loss), target_runs(original, setting, calibration, loss)]
     runs = [run for part in parts for run in part]
     for run in runs:
         run["increase"] = run["loss"] - base
@@ -194,8 +222,10 @@ def run(quick: bool = False) -> dict:
 
 
 def best_within(runs: list[dict], families, budget: float) -> dict | None:
-    """The run of lowest loss increase among `families` that stores at most `budget` bits per weight (+ SLACK)."""
-    fits = [r for r in runs if r["family"] in families and r["bits"] <= budget + SLACK]
+    """The run of lowest loss increase among `families` that stores at most `budget` bits per weight (+ SLACK); of the
+    target_bits runs, the one asked for that budget."""
+    fits = [r for r in runs if r["family"] in families and r["bits"] <= budget + SLACK
+            and r.get("budget", budget) == budget]
     return min(fits, key=lambda r: r["increase"]) if fits else None
 
 
@@ -278,7 +308,20 @@ def findings(name: str, found: dict, budgets) -> str:
             reach.append(f"{label} {min(r['bits'] for r in fits):.2f}" if fits else f"{label} never")
     return (f"- {TESTBED_NAMES[name]}: lowest within each budget (bits): {'; '.join(lowest)}. Ours' loss increase over "
             f"the best quantizer's (RTN, GPTQ, HQQ): {'; '.join(ratios) or 'no common budget'}. Fewest "
-            f"bits per weight within +{WITHIN} nats/byte: {', '.join(reach)}.")
+            f"bits per weight within +{WITHIN} nats/byte: {', '.join(reach)}.{target_against_peers(runs)}")
+
+
+def target_against_peers(runs: list[dict]) -> str:
+    """Each target_bits run's increase over the best peer's (quantizers, pruning, merging) within its budget."""
+    found = []
+    for run in (r for r in runs if r["family"] == "target"):
+        budget = run["budget"]
+        peer = best_within(runs, PEER_FAMILIES, budget)
+        against = "no peer stores this few" if peer is None else \
+            f"{run['increase'] / peer['increase']:.2f}x {short(peer)}"
+        setting = run["setting"].split(": ")[1]
+        found.append(f"{budget} bits: {run['increase']:+.4f} ({run['bits']:.2f} bits, {setting}), {against}")
+    return f" target_bits against the best peer within its budget: {'; '.join(found)}." if found else ""
 
 
 def markdown(result: dict) -> str:
