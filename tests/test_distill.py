@@ -57,6 +57,10 @@ def test_what_trains(train, routers, expected):
     if routers:
         assert all(n.endswith("mlp.gate.weight") for n in names if n.endswith(".weight"))
     assert select_trainable(model, "all", False)[0] == total
+    outside = select_trainable(model, "outside-experts", False)[0]
+    experts = {n for n, p in model.named_parameters() if ".experts." in n}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters()} - experts
+    assert outside == total - sum(p.numel() for n, p in model.named_parameters() if n in experts)
 
 
 def test_the_shared_basis_trains_its_factors_shared_and_per_expert_alike():

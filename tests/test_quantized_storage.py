@@ -163,6 +163,16 @@ def test_pure_quantization_has_no_wrappers_to_train_said_in_one_line_and_the_car
     assert f"| bits per expert weight (every stored tensor and scale) | {report.bits_per_weight:.3f} |" in card
 
 
+@pytest.mark.parametrize("train,shadows", [("outside-experts", set()), ("wrappers", {"u", "v"}),
+                                           ("wrappers+cores", {"core", "u", "v"})])
+def test_only_the_quantized_tensors_that_train_get_float_shadows(train, shadows):
+    model, _ = compressed("mixed", {"target_ratio": 0.5}, bits=4)
+    train_quantization_aware(model, train)
+    projections = [p for m in model.modules() if isinstance(m, mc.SharedCoreExperts) for p in m.projections.values()]
+    assert all(set(p._parameters) - {"bias"} == shadows for p in projections)
+    assert all(set(p.stored) == {"core", "u", "v"} for p in projections)  # the integer storage stays
+
+
 def experts_state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if ".experts." in k}
 
@@ -193,7 +203,7 @@ def test_a_quantized_folder_distills_quantization_aware_into_quantized_checkpoin
     # resuming loads a checkpoint, which holds no shadows, into a model training quantization-aware, as the Trainer
     # does: nothing missing, the shadows set from its codes
     fresh = mc.load_compressed(tmp_path / "q")
-    train_quantization_aware(fresh)
+    train_quantization_aware(fresh, "wrappers+cores")
     loaded = fresh.load_state_dict(load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors"), strict=False)
     assert loaded.missing_keys == ["lm_head.weight"] and not loaded.unexpected_keys  # the head is tied, not saved
     fresh.eval()

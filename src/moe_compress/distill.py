@@ -28,7 +28,7 @@ from moe_compress.quantize import QuantFormat, QuantizedLinear
 from moe_compress.folder.load import check_compressed, compression_of, load_model, model_family
 from moe_compress.training_run import END_MARKER
 
-TRAINABLE = ("wrappers", "wrappers+cores", "all")
+TRAINABLE = ("wrappers", "wrappers+cores", "all", "outside-experts")
 WRAPPER_PARAMS = ("u_out", "v_out", "u_in", "v_in", "u", "v")
 
 
@@ -36,7 +36,7 @@ WRAPPER_PARAMS = ("u_out", "v_out", "u_in", "v_in", "u", "v")
 class DistillationConfig:
     alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the cross-entropy on the data
     temperature: float = 2.0
-    train: str = "wrappers+cores"  # wrappers (cores frozen) | wrappers+cores | all
+    train: str = "wrappers+cores"  # wrappers (cores frozen) | wrappers+cores | all | outside-experts (experts frozen)
     train_routers: bool = False
     chunk_tokens: int = 1024  # tokens per KL chunk
     teacher_quantization: Optional[str] = None  # null | 8bit | 4bit: the teacher's experts as integers (load_teacher)
@@ -101,17 +101,25 @@ def router_parameters(model: nn.Module) -> set[int]:
     return found
 
 
-def train_quantization_aware(model: nn.Module) -> None:
-    """Make the integer storage of the compressed experts trainable through float shadows, rounded to the stored
-    format at every forward with straight-through gradients; checkpoints keep storing integers."""
+def trains(train: str, tensor: str) -> bool:
+    """Whether `train` trains the compressed experts' tensor of that name."""
+    if train in ("all", "outside-experts"):
+        return train == "all"
+    return tensor in WRAPPER_PARAMS or (train == "wrappers+cores" and tensor == "core")
+
+
+def train_quantization_aware(model: nn.Module, train: str) -> None:
+    """Make the integer storage of the compressed experts that `train` trains trainable through float shadows, rounded
+    to the stored format at every forward with straight-through gradients; checkpoints keep storing integers."""
     quantized = [p for m in model.modules() if isinstance(m, SharedCoreExperts) for p in m.projections.values()
-                 if p.stored]
+                 if any(trains(train, name) for name in p.stored)]
     for projection in quantized:
-        projection.train_quantization_aware_()
+        projection.train_quantization_aware_(name for name in projection.stored if trains(train, name))
     if quantized:
         print("distill: the experts' integer storage trains quantization-aware (float shadows rounded to the stored "
-              "format at every forward, straight-through gradients, scales and zero points fixed); checkpoints store "
-              "the integers")
+              "format at every forward, straight-through gradients, scales and zero points fixed; checkpoints store "
+              "the integers): codes move only once updates pass half a rounding step, so take a learning rate near "
+              "1e-3 (README, Distillation)")
 
 
 def select_trainable(model: nn.Module, train: str, train_routers: bool) -> tuple[int, int]:
@@ -120,13 +128,10 @@ def select_trainable(model: nn.Module, train: str, train_routers: bool) -> tuple
     shared = {id(p) for m in model.modules() if isinstance(m, SharedCoreExperts) for p in m.parameters()}
     routers = router_parameters(model) if train_routers else set()
     for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if train == "all":
-            wanted = True
-        elif id(p) in shared:
-            wanted = leaf in WRAPPER_PARAMS or (train == "wrappers+cores" and leaf == "core")
+        if id(p) in shared:
+            wanted = trains(train, name.rsplit(".", 1)[-1])
         else:
-            wanted = id(p) in routers
+            wanted = train in ("all", "outside-experts") or id(p) in routers
         p.requires_grad_(wanted)
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -262,7 +267,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, data: DataCo
     Resumes from the last checkpoint in args.output_dir when there is one; writes END_MARKER there when done."""
     check_pair(student, teacher)
     train_set, eval_set = build_datasets(data, tokenizer)
-    train_quantization_aware(student)
+    train_quantization_aware(student, distillation.train)
     trainable, total = select_trainable(student, distillation.train, distillation.train_routers)
     print(f"distill: training {trainable:,} of {total:,} student parameters ({distillation.train}"
           f"{' + routers' if distillation.train_routers else ''}); teacher: {teacher_memory(teacher)}")

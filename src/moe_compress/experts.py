@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -176,12 +176,12 @@ class Projection(nn.Module):
             return value
         return super().__getattr__(name)
 
-    def train_quantization_aware_(self) -> None:
-        """Make the quantized tensors trainable: each gets a float shadow parameter, read through its rounding to the
-        stored format (scales and zero points fixed) with a straight-through gradient; saving writes the shadows'
-        codes into the integer storage and leaves the shadows out, so that a checkpoint is a quantized folder, and
-        loading one sets the shadows from its codes."""
-        for name in self.stored:
+    def train_quantization_aware_(self, names: Iterable[str]) -> None:
+        """Make the quantized tensors among `names` trainable: each gets a float shadow parameter, read through its
+        rounding to the stored format (scales and zero points fixed) with a straight-through gradient; saving writes
+        the shadows' codes into the integer storage and leaves the shadows out, so that a checkpoint is a quantized
+        folder, and loading one sets the shadows from its codes."""
+        for name in set(names) & set(self.stored):
             if name not in self._parameters:
                 self._parameters[name] = nn.Parameter(self.dequantized(name).detach().clone())
         if not self.__dict__.get("_qat_hooks"):
