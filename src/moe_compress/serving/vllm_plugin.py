@@ -90,13 +90,21 @@ class SharedCoreVllmConfig(QuantizationConfig):
             return SharedCoreMoEMethod(layer.moe_config, spec, prefix)
         return None
 
+    def get_cache_scale_mapper(self) -> WeightsMapper:
+        """Ours first: vLLM maps every name ending in .q_scale, .k_scale or .v_scale onto the attention's KV-cache
+        scales, and would take the scales of our integer `v` factors for them (never loaded, with no warning)."""
+        return self.experts_renames() | super().get_cache_scale_mapper()
+
     def get_checkpoint_weight_mapper(self) -> WeightsMapper:
         """vLLM's own renames, and ours of the compressed experts' tensors (moe_compress.serving.vllm_layout)."""
+        return super().get_checkpoint_weight_mapper() | self.experts_renames()
+
+    def experts_renames(self) -> WeightsMapper:
         if len(self.ckpt_names) > 1:
             raise ValueError(f"the experts layers of this model name their projections in several ways "
                              f"({sorted(self.ckpt_names)}); moe-compress's vLLM plugin maps one naming only")
         names = next(iter(self.ckpt_names), ("gate_proj", "down_proj", "up_proj"))
-        return super().get_checkpoint_weight_mapper() | WeightsMapper(orig_to_new_regex=checkpoint_renames(*names))
+        return WeightsMapper(orig_to_new_regex=checkpoint_renames(*names))
 
 
 class SharedCoreMoEMethod(FusedMoEMethodBase):
@@ -130,6 +138,15 @@ class SharedCoreMoEMethod(FusedMoEMethodBase):
             param.weight_loader = load_whole
             layer.register_parameter(name, param)
 
+    def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        """A layer whose tensors the folder filled only in part would serve garbage (vLLM skips names it maps
+        elsewhere without a word): refused. One filled by none of them is dummy weights (--load-format dummy)."""
+        names = layer_tensors(self.projections)
+        missing = [name for name in names if not getattr(getattr(layer, name), "loaded_from_folder", False)]
+        if missing and len(missing) < len(names):
+            raise ValueError(f"{self.prefix}: vLLM did not load {', '.join(missing)} from the folder; the folder "
+                             "was written by another moe-compress version or renamed by another vLLM mapping")
+
     def get_fused_moe_quant_config(self, layer: RoutedExperts) -> FusedMoEQuantConfig | None:
         return None
 
@@ -147,4 +164,5 @@ def load_whole(param: torch.Tensor, loaded_weight: torch.Tensor, weight_name: st
         raise ValueError(f"{weight_name}: the folder holds shape {tuple(loaded_weight.shape)}, the layer expects "
                          f"{tuple(param.shape)}; the folder's quantization_config does not match its weights")
     param.data.copy_(loaded_weight)
+    param.loaded_from_folder = True
     return True if return_success else None
