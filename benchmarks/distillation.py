@@ -34,16 +34,22 @@ TRAINS = {"wrappers+cores": "the experts (quantization-aware)", "outside-experts
           "all": "both"}
 
 
+def training_args(s: dict, lr: float, **extra) -> TrainingArguments:
+    """The benchmark's Trainer settings: s["steps"] steps of s["batch"] sequences at `lr`, cosine, 5% warm-up, on CPU,
+    nothing saved."""
+    return TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="distill-bench-"), max_steps=s["steps"],
+        per_device_train_batch_size=s["batch"], learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=s["steps"] // 20, save_strategy="no",
+        report_to="none", use_cpu=True, seed=0, disable_tqdm=True, logging_steps=max(1, s["steps"] // 30), **extra)
+
+
 def distilled(testbed: str, teacher: torch.nn.Module, s: dict) -> dict:
     """The testbed compressed to kept s["ratio"] (default fit) and distilled from `teacher`: losses and seconds."""
     student, tokenizer = load_testbed(path=TESTBEDS[testbed])
     compress(student, CompressionConfig(target_ratio=s["ratio"]), progress=False)
     loss = lambda model: heldout_loss(model, read_split("validation"), max_tokens=s["max_tokens"])
     before = loss(student)
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="distill-bench-"), max_steps=s["steps"], per_device_train_batch_size=s["batch"],
-        learning_rate=s["lr"], lr_scheduler_type="cosine", warmup_steps=s["steps"] // 20, save_strategy="no",
-        report_to="none", use_cpu=True, seed=0, disable_tqdm=True, logging_steps=max(1, s["steps"] // 30))
+    args = training_args(s, s["lr"])
     start = time.perf_counter()
     distill(student, teacher, tokenizer, DataConfig(seq_len=s["seq_len"]), DistillationConfig(alpha=s["alpha"]), args)
     seconds = time.perf_counter() - start
@@ -82,11 +88,7 @@ def quantized_student(quick: bool) -> dict:
     for lr in s["lrs"]:
         for train in s["trains"]:
             model = copy.deepcopy(student)
-            args = TrainingArguments(
-                output_dir=tempfile.mkdtemp(prefix="distill-bench-"), max_steps=s["steps"],
-                per_device_train_batch_size=s["batch"], learning_rate=lr, lr_scheduler_type="cosine",
-                warmup_steps=s["steps"] // 20, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-                disable_tqdm=True, logging_steps=s["steps"])
+            args = training_args(s, lr)
             start = time.perf_counter()
             distill(model, teacher, tokenizer, DataConfig(seq_len=s["seq_len"]),
                     DistillationConfig(alpha=s["alpha"], train=train), args)
@@ -108,15 +110,11 @@ def trained(quick: bool = False) -> dict:
     text = read_split("validation")
     loss = lambda model: heldout_loss(model, text, max_tokens=s["max_tokens"])
     teacher_loss, before = loss(teacher), loss(student)
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="distill-bench-"), max_steps=s["steps"], per_device_train_batch_size=s["batch"],
-        per_device_eval_batch_size=s["batch"], learning_rate=s["lr"], lr_scheduler_type="cosine", warmup_steps=s["steps"] // 20,
-        logging_steps=max(1, s["steps"] // 30), eval_strategy="steps", eval_steps=s["eval_steps"], save_strategy="no",
-        report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
-    )
+    args = training_args(s, s["lr"], per_device_eval_batch_size=s["batch"], eval_strategy="steps",
+                         eval_steps=s["eval_steps"])
     start = time.perf_counter()
-    trainer = distill(student, teacher, tokenizer, DataConfig(seq_len=s["seq_len"]), DistillationConfig(alpha=s["alpha"]),
-                      args)
+    trainer = distill(student, teacher, tokenizer, DataConfig(seq_len=s["seq_len"]),
+                      DistillationConfig(alpha=s["alpha"]), args)
     seconds = time.perf_counter() - start
     after = loss(student)
     return {"setting": s, "kept_fraction": report.kept_fraction, "teacher": teacher_loss, "before": before,
@@ -157,7 +155,10 @@ def quantized_student_markdown(found: dict) -> str:
              f"{(found['before'] - row['after']) / (found['before'] - base):.0%}", f"{row['seconds_per_step']:.2f}"]
             for row in found["rows"]]
     best = min(found["rows"], key=lambda row: row["after"])
-    return (f"**A quantized student** (`--quantized-student`, run alone): the {TEACHER_TESTBED} testbed compressed "
+    meta = found.get("meta")  # the smoke run prints the part without one
+    ran = "" if meta is None else (f" Machine: {meta['machine']}. Command: `{meta['command']}` "
+                                   f"({meta['seconds']:.0f} s, {meta['date']}).")
+    return (f"**A quantized student** (run alone).{ran} The {TEACHER_TESTBED} testbed compressed "
             f"(calibrated default) to kept {found['kept_fraction']:.2f} with every stored tensor in {s['bits']}-bit "
             f"integers, {found['bits']:.2f} bits per expert weight; its held-out loss increase over the original "
             f"({base:.4f}) is {found['before'] - base:+.4f} zero-shot. Distilled for {s['steps']} steps of "
