@@ -39,8 +39,9 @@ def training_args(s: dict, lr: float, **extra) -> TrainingArguments:
     nothing saved."""
     return TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="distill-bench-"), max_steps=s["steps"],
-        per_device_train_batch_size=s["batch"], learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=s["steps"] // 20, save_strategy="no",
-        report_to="none", use_cpu=True, seed=0, disable_tqdm=True, logging_steps=max(1, s["steps"] // 30), **extra)
+        per_device_train_batch_size=s["batch"], learning_rate=lr, lr_scheduler_type="cosine",
+        warmup_steps=s["steps"] // 20, save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+        logging_steps=max(1, s["steps"] // 30), **extra)
 
 
 def distilled(testbed: str, teacher: torch.nn.Module, s: dict) -> dict:
