@@ -120,7 +120,7 @@ def target_runs(original, setting: dict, calibration, loss) -> list[dict]:
 
 def chosen(choice: dict) -> str:
     """What target_bits chose (its report's record), in the words of the other runs' settings."""
-    width = format_label(choice["bits"], symmetric=True)  # the default format
+    width = format_label(choice["bits"], choice["symmetric"])
     return (f"quantize, {width}" if choice["method"] == "quantize"
             else f"kept {choice['kept']} ({choice['method']}), {width}")
 
