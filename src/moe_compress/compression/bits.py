@@ -39,9 +39,10 @@ def candidates(config: CompressionConfig) -> list[CompressionConfig]:
     calibration). Uniform ranks: the global allocation spends a budget of parameters, which would not bound the bits."""
     found = []
     for symmetric in (True, False):
-        base = dataclasses.replace(config, target_bits=None, symmetric=symmetric)
-        found += [dataclasses.replace(base, method="quantize", bits=b, rank_allocation=None) for b in BIT_WIDTHS]
-        found += [dataclasses.replace(base, target_ratio=k, bits=b, rank_allocation="uniform")
+        common = {"target_bits": None, "symmetric": symmetric}
+        found += [dataclasses.replace(config, **common, method="quantize", bits=b, rank_allocation=None)
+                  for b in BIT_WIDTHS]
+        found += [dataclasses.replace(config, **common, target_ratio=k, bits=b, rank_allocation="uniform")
                   for k in KEPT for b in BIT_WIDTHS]
     return found
 
