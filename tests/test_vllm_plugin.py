@@ -52,6 +52,9 @@ def stand_in_vllm(version: str) -> dict[str, ModuleType]:
         def get_checkpoint_weight_mapper(self):
             return WeightsMapper()
 
+        def get_cache_scale_mapper(self):  # vLLM's default rule: any name ending in .q/k/v_scale is attention's
+            return WeightsMapper({re.compile(r"(?<!\.attn)\.([qkv])_scale$"): r".attn.\1_scale"})
+
     class QuantizeMethodBase:
         pass
 
@@ -149,7 +152,7 @@ def test_a_folder_loads_into_vllm_layers_and_serves_what_the_compressed_model_co
     assert type(dense).__name__ == "UnquantizedFusedMoEMethod"
 
     model, saved = mc.load_compressed(folder).eval(), load_file(folder / "model.safetensors")
-    mapper = config.get_checkpoint_weight_mapper()
+    mapper = config.get_cache_scale_mapper() | config.get_checkpoint_weight_mapper()  # vLLM's loader's order
     for index in range(model.config.num_hidden_layers):
         prefix = f"model.layers.{index}.mlp.experts"
         layer = moe_layer(plugin, prefix)
@@ -166,6 +169,7 @@ def test_a_folder_loads_into_vllm_layers_and_serves_what_the_compressed_model_co
                 loaded.add(param)
         # one to one, every tensor of the layer a parameter: integer codes, scales and the expert -> core map too
         assert loaded == {n for n, _ in layer.named_parameters()} and not list(layer.named_buffers())
+        method.process_weights_after_loading(layer)  # every tensor loaded: nothing to refuse
         generator = torch.Generator().manual_seed(index)
         x = torch.randn(7, H, generator=generator)
         ids = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(7)])
@@ -187,6 +191,11 @@ def test_what_the_plugin_cannot_serve_is_refused_in_one_line(plugin, folder):
     method = config.get_quant_method(moe_layer(plugin, prefix), prefix)
     layer = moe_layer(plugin, prefix)
     method.create_weights(layer, 4, H, F, torch.float32)
-    name, param = next(iter(layer.named_parameters()))
+    method.process_weights_after_loading(layer)  # nothing loaded: dummy weights (--load-format dummy) pass
+    (name, param), *others = layer.named_parameters()
     with pytest.raises(ValueError, match=r"the folder holds shape \(1, 3\), the layer expects"):
         param.weight_loader(param, torch.zeros(1, 3), f"model.layers.0.mlp.experts.0.gate_proj.{name}")
+    param.weight_loader(param, param.detach().clone(), f"model.layers.0.mlp.experts.0.gate_proj.{name}")
+    with pytest.raises(ValueError, match=rf"{prefix}: vLLM did not load {others[0][0]}, .* from the folder") as error:
+        method.process_weights_after_loading(layer)  # loaded in part: refused, naming what is missing
+    assert "\n" not in str(error.value)
