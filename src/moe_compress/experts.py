@@ -30,7 +30,8 @@ from torch import nn
 from transformers.integrations.moe import _default_apply_gate
 
 from moe_compress.discovery import join_weights, projection_names, split_weights
-from moe_compress.quantize import QuantFormat, QuantizedMatrix, pack, round_codes, unpack
+from moe_compress.quantize import (QuantFormat, QuantizedMatrix, pack, pack_zeros, packed_words, round_codes,
+                                   unpack, unpack_zeros)
 
 
 @dataclass
@@ -193,7 +194,7 @@ class Projection(nn.Module):
         stored = self.stored[name]
         if stored.format.symmetric:
             return None
-        return unpack(self._buffers[f"{name}_zero"], stored.format.bits, stored.matrix[0]).mT
+        return unpack_zeros(self._buffers[f"{name}_zero"], stored.format.bits, stored.matrix[0])
 
     def _codes_of(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """The codes [..., rows, cols] (int8) of a float tensor shaped as `name`, rounded with its stored scales and
@@ -260,18 +261,15 @@ class Projection(nn.Module):
 
     def _quantized_buffers(self, name: str, stored: Stored, quantized: QuantizedMatrix, pack_codes: bool = True):
         rows, cols = stored.matrix
-        codes, zeros = quantized.codes, quantized.zeros
-        words = lambda n: -(-n * stored.format.bits // 32)
+        bits, codes, zeros = stored.format.bits, quantized.codes, quantized.zeros
         device = codes.device
-        # zero points packed along the rows, as compressed-tensors packs them: [..., groups, words of rows]
-        zeros = None if zeros is None else zeros.mT
         if pack_codes and device.type != "meta":
-            codes = pack(codes, stored.format.bits)
-            zeros = None if zeros is None else pack(zeros.contiguous(), stored.format.bits)
-        else:  # shapes only (the meta device, or storage to be loaded)
-            codes = torch.empty(*codes.shape[:-1], words(cols), dtype=torch.int32, device=device)
-            zeros = None if zeros is None else torch.empty(*zeros.shape[:-1], words(rows), dtype=torch.int32,
-                                                           device=device)
+            codes = pack(codes, bits)
+            zeros = None if zeros is None else pack_zeros(zeros, bits)
+        else:  # shapes only (the meta device, or storage to be loaded): pack's and pack_zeros' shapes
+            codes = torch.empty(*codes.shape[:-1], packed_words(cols, bits), dtype=torch.int32, device=device)
+            zeros = None if zeros is None else torch.empty(*zeros.shape[:-2], zeros.shape[-1], packed_words(rows, bits),
+                                                           dtype=torch.int32, device=device)
         self.register_buffer(f"{name}_packed", codes)
         self.register_buffer(f"{name}_scale", quantized.scales.to(stored.scale_dtype))
         if zeros is not None:

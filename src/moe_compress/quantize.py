@@ -63,8 +63,8 @@ class QuantFormat:
         (weight_scale [rows, groups]) and, asymmetric, the zero points packed along the columns of
         weight_zero_point [ceil(rows*b/32), groups]. The two-int64 weight_shape (128 bits per matrix) is left out."""
         groups = self.groups(cols)
-        codes = WORD_BITS * rows * math.ceil(cols * self.bits / WORD_BITS)
-        zeros = 0 if self.symmetric else WORD_BITS * math.ceil(rows * self.bits / WORD_BITS) * groups
+        codes = WORD_BITS * rows * packed_words(cols, self.bits)
+        zeros = 0 if self.symmetric else WORD_BITS * packed_words(rows, self.bits) * groups
         return codes + SCALE_BITS * rows * groups + zeros
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
@@ -193,6 +193,11 @@ def _bit_positions(cols: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return start // WORD_BITS, start % WORD_BITS
 
 
+def packed_words(count: int, bits: int) -> int:
+    """int32 words that `count` codes of `bits` bits take, packed densely."""
+    return math.ceil(count * bits / WORD_BITS)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed codes [..., cols] (int8) -> int32 [..., ceil(cols*b/32)], bit for bit compressed-tensors' (0.18+)
     pack_to_int32 along the last dimension: each code plus 2^(b-1) (unsigned), code 0 in the lowest bits of word 0,
@@ -206,7 +211,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     cols = codes.shape[-1]
     word, offset = _bit_positions(cols, bits)
     u = codes.long() - q_min  # [..., cols], unsigned
-    packed = torch.zeros(*codes.shape[:-1], math.ceil(cols * bits / WORD_BITS), dtype=torch.long)
+    packed = torch.zeros(*codes.shape[:-1], packed_words(cols, bits), dtype=torch.long)
     last = packed.ndim - 1
     packed.index_add_(last, word, (u << offset) & 0xFFFFFFFF)
     straddles = offset + bits > WORD_BITS
@@ -217,7 +222,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """The inverse of pack: int32 [..., ceil(cols*b/32)] -> signed int8 codes [..., cols]."""
     QuantFormat(bits)  # checks bits
-    words = math.ceil(cols * bits / WORD_BITS)
+    words = packed_words(cols, bits)
     if packed.dtype != torch.int32 or packed.shape[-1] != words:
         raise ValueError(f"unpack takes int32 [..., {words}] for {cols} codes of {bits} bits; got {packed.dtype} "
                          f"{list(packed.shape)}: pass the cols that were packed")
@@ -227,6 +232,17 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     straddles = offset + bits > WORD_BITS
     u[..., straddles] |= unsigned[..., word[straddles] + 1] << (WORD_BITS - offset[straddles])
     return ((u & ((1 << bits) - 1)) - (1 << (bits - 1))).to(torch.int8)
+
+
+def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points [..., rows, groups] (int8) packed along the rows, as compressed-tensors packs them:
+    int32 [..., groups, ceil(rows*b/32)]."""
+    return pack(zeros.mT.contiguous(), bits)
+
+
+def unpack_zeros(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """The inverse of pack_zeros: int8 zero points [..., rows, groups]."""
+    return unpack(packed, bits, rows).mT
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -243,13 +259,13 @@ class QuantizedLinear(torch.nn.Module):
         quantized = quantize_rtn(weight.to(scale_dtype), self.format)
         self.register_buffer("weight_packed", pack(quantized.codes, format.bits))
         self.register_buffer("weight_scale", quantized.scales)
-        if quantized.zeros is not None:  # along the rows, as compressed-tensors packs them
-            self.register_buffer("weight_zero", pack(quantized.zeros.mT.contiguous(), format.bits))
+        if quantized.zeros is not None:
+            self.register_buffer("weight_zero", pack_zeros(quantized.zeros, format.bits))
         self.bias = linear.bias
 
     def weight(self) -> torch.Tensor:
         rows, cols = self.shape
-        zeros = None if self.format.symmetric else unpack(self.weight_zero, self.format.bits, rows).mT
+        zeros = None if self.format.symmetric else unpack_zeros(self.weight_zero, self.format.bits, rows)
         codes = unpack(self.weight_packed, self.format.bits, cols)
         return QuantizedMatrix(codes, self.weight_scale, zeros, self.format).dequantize().to(self.dtype)
 
