@@ -31,6 +31,7 @@ _EXPORTS = {
     "CalibrationConfig": "moe_compress.compression.config",
     "CompressionConfig": "moe_compress.compression.config",
     "CompressionReport": "moe_compress.compression.report",
+    "ReconstructionConfig": "moe_compress.compression.config",
     "RankTooLargeError": "moe_compress.compression.budget",
     "compress": "moe_compress.compression.in_memory",
     "compress_checkpoint": "moe_compress.compression.from_folder",
@@ -82,7 +83,7 @@ if TYPE_CHECKING:
 
     from moe_compress.baselines import merge_experts, prune_experts
     from moe_compress.compression.budget import RankTooLargeError
-    from moe_compress.compression.config import CalibrationConfig, CompressionConfig
+    from moe_compress.compression.config import CalibrationConfig, CompressionConfig, ReconstructionConfig
     from moe_compress.compression.from_folder import compress_checkpoint
     from moe_compress.compression.in_memory import compress
     from moe_compress.compression.report import CompressionReport

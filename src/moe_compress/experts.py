@@ -190,6 +190,23 @@ class Projection(nn.Module):
                                self.register_load_state_dict_pre_hook(_shadows_expected),
                                self.register_load_state_dict_post_hook(_codes_into_shadows))
 
+    def end_quantization_aware_(self) -> None:
+        """The shadows' codes written into the integer storage and the shadows dropped: plain quantized storage, as
+        before train_quantization_aware_."""
+        for name in self.stored:
+            shadow = self._parameters.pop(name, None)
+            if shadow is not None:
+                self.write_codes(name, shadow)
+        for handle in self.__dict__.pop("_qat_hooks", ()):
+            handle.remove()
+
+    def write_codes(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """The integer storage of `name` set to the codes of the float tensor `value` (rounded with its stored scales
+        and zero points); the packed buffer."""
+        packed = self._buffers[f"{name}_packed"]
+        packed.copy_(pack(self._codes_of(name, value), self.stored[name].format.bits))
+        return packed
+
     def _zeros(self, name: str) -> torch.Tensor | None:
         stored = self.stored[name]
         if stored.format.symmetric:
@@ -603,9 +620,7 @@ def _shadows_into_codes(module: Projection, state: dict, prefix: str, local_meta
     for name in module.stored:
         shadow = state.pop(prefix + name, None)
         if shadow is not None:
-            packed = module._buffers[f"{name}_packed"]
-            packed.copy_(pack(module._codes_of(name, shadow), module.stored[name].format.bits))
-            state[prefix + f"{name}_packed"] = packed
+            state[prefix + f"{name}_packed"] = module.write_codes(name, shadow)
 
 
 def _shadows_expected(module: Projection, state: dict, prefix: str, *args: Any) -> None:

@@ -243,7 +243,7 @@ def fit_als(W: torch.Tensor, rank: int, iters: int = 3, core_iters: int = 5, cal
             callback(dict(f))
         if tol > 0:  # ALS converges linearly: a small relative gain now means small gains from then on
             objective, previous = _squared_error(W - wrapped_weights(**f), M), objective
-            if previous - objective <= tol * previous:
+            if _converged(previous, objective, tol):
                 break
     rows = {"u_out": out_f, "v_out": out_f, "u_in": in_f, "v_in": in_f}  # a side left unfitted (iters=0) is zero
     return {name: W.new_zeros(E, rows[name], rank) if t is None else t for name, t in f.items()}
@@ -279,34 +279,53 @@ def fit_adam(W: torch.Tensor, steps: int, lr: float, init: dict[str, torch.Tenso
 
 
 def _truncated_svd(D: torch.Tensor, rank: int,
-                   M: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   M: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, V [E, *, rank] with U V^T the best rank-r approximation of D [E, out, in] in ||.||_F, or with a metric
-    M [E, in, in] in sum_e tr((D_e - X_e) M_e (D_e - X_e)^T): SVD-LLM's [D_e L_e]_r L_e^-1 (M_e = L_e L_e^T)."""
+    M [E, in, in] in sum_e tr((D_e - X_e) M_e (D_e - X_e)^T): SVD-LLM's [D_e L_e]_r L_e^-1 (M_e = L_e L_e^T); and the
+    error it leaves, summed over experts in fp64: the spectrum below the rank, which the decomposition computes
+    anyway."""
     if M is None:
         U, S, Vh = torch.linalg.svd(D, full_matrices=False)
         root = S[..., :rank].sqrt().unsqueeze(-2)
-        return U[..., :rank] * root, Vh[..., :rank, :].mT * root
+        return U[..., :rank] * root, Vh[..., :rank, :].mT * root, _tail(S.square(), rank)
     out_f, in_f = D.shape[-2:]
     if out_f <= in_f:  # [D L]_r L^-1 = U_r U_r^T D, U_r the top eigenvectors of D M D^T: no square root of M needed
-        U_r = torch.linalg.eigh((D @ M) @ D.mT)[1][..., -rank:]
-        return _balance(U_r, D.mT @ U_r)
+        s2, U = torch.linalg.eigh((D @ M) @ D.mT)
+        U_r = U[..., -rank:]
+        return *_balance(U_r, D.mT @ U_r), _tail(s2.flip(-1), rank)
     L = cholesky(M)
     DL = D @ L.to(D.dtype)
-    V_r = torch.linalg.eigh(DL.mT @ DL)[1][..., -rank:]  # top right singular vectors of D L
-    return _balance(DL @ V_r, torch.linalg.solve_triangular(L.mT, V_r.double(), upper=True).to(D.dtype))
+    s2, V = torch.linalg.eigh(DL.mT @ DL)
+    V_r = V[..., -rank:]  # top right singular vectors of D L
+    U, V = _balance(DL @ V_r, torch.linalg.solve_triangular(L.mT, V_r.double(), upper=True).to(D.dtype))
+    return U, V, _tail(s2.flip(-1), rank)
 
 
-def fit_delta(W: torch.Tensor, rank: int, iters: int = 3,
-              metric: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def _tail(spectrum: torch.Tensor, rank: int) -> torch.Tensor:
+    """The sum over experts of a descending spectrum [E, n] beyond its first `rank` values, in fp64."""
+    return spectrum[..., rank:].clamp_min(0).sum(dtype=torch.float64)
+
+
+def _converged(previous: torch.Tensor | None, objective: torch.Tensor, tol: float) -> bool:
+    """Whether a round improved the objective by at most `tol` of its previous value (never with tol = 0)."""
+    return tol > 0 and previous is not None and bool(previous - objective <= tol * previous)
+
+
+def fit_delta(W: torch.Tensor, rank: int, iters: int = 3, metric: torch.Tensor | None = None,
+              tol: float = 0.0) -> dict[str, torch.Tensor]:
     """W_e ~ C + U_e V_e^T with rank 2r: the SVD of W_e - C, then C refit as the mean of what the factors leave.
     With a metric M [E, in, in]: the whitened SVD, and the core in closed form,
-    C = (sum_e (W_e - U_e V_e^T) M_e)(sum_e M_e)^-1."""
+    C = (sum_e (W_e - U_e V_e^T) M_e)(sum_e M_e)^-1. Up to `iters` rounds; the first whose SVD finds the objective
+    improved by at most `tol` of its previous value is the last (tol = 0: always `iters`). The alternation converges
+    linearly: on experts that are exactly of this form, 3 rounds left 0.7% of the logits' norm, 30 left 5e-5."""
     prepared = None if metric is None else Metric.of(W, metric)
     C = W.mean(0, keepdim=True) if prepared is None else prepared.regmean()
+    previous = None
     for step in range(iters):
-        U, V = _truncated_svd(W - C, 2 * rank, None if prepared is None else prepared.M)
-        if step == iters - 1:
+        U, V, objective = _truncated_svd(W - C, 2 * rank, None if prepared is None else prepared.M)
+        if step == iters - 1 or _converged(previous, objective, tol):
             break
+        previous = objective
         if prepared is None:
             C = (W - U @ V.mT).mean(0, keepdim=True)
         else:  # sum_e (W_e - U_e V_e^T) M_e = sum_e W_e M_e - sum_e U_e (V_e^T M_e): no [E, out, in] temporary
@@ -396,7 +415,7 @@ def factors_for_core(R: torch.Tensor, form: str, rank: int, shared: str = "in", 
     form's own fit fits them: delta's (whitened) truncated SVD of rank 2r; a shared basis of width k = rank, closed
     form on the output side, from the whitened principal components and one alternation of the input side."""
     if form == "delta":
-        U, V = _truncated_svd(R, 2 * rank, metric)
+        U, V, _ = _truncated_svd(R, 2 * rank, metric)
         return {"u": U, "v": V}
     if form != "basis":
         raise ValueError(f"form {form!r} has no factors to fit for a fixed core; use delta or basis")
@@ -410,14 +429,15 @@ def factors_for_core(R: torch.Tensor, form: str, rank: int, shared: str = "in", 
 
 
 def fit_basis(W: torch.Tensor, rank: int, shared: str = "in", iters: int = 3,
-              metric: torch.Tensor | None = None, solver_iters: int = 10) -> dict[str, torch.Tensor]:
+              metric: torch.Tensor | None = None, solver_iters: int = 10, tol: float = 0.0) -> dict[str, torch.Tensor]:
     """W_e ~ C + U_e V^T (shared="in", V: [1, in, k]) or C + U V_e^T (shared="out", U: [1, out, k]); k = rank.
 
     Without a metric both are the principal components of the deviations R_e = W_e - mean (and the mean stays the
     optimal core). In a metric M [E, in, in], a shared output basis is still closed form given C (the top
     eigenvectors of sum_e R_e M_e R_e^T, V_e^T = U^T R_e); a shared input basis starts from the principal components
     of R_e L (L L^T the experts' mean metric), mapped back by L^-T, and alternates U_e (closed form) and V (conjugate
-    gradient). Each of `iters` rounds then refits C in closed form: every step lowers the objective."""
+    gradient). Each of up to `iters` rounds then refits C in closed form: every step lowers the objective, and a round
+    that lowers it by at most `tol` of its previous value is the last (tol = 0: always `iters`)."""
     if shared not in ("in", "out"):
         raise ValueError(f"shared={shared!r} is not a side; use 'in' or 'out'")
     if metric is None:
@@ -428,6 +448,7 @@ def fit_basis(W: torch.Tensor, rank: int, shared: str = "in", iters: int = 3,
     C = prepared.regmean()
     if shared == "in":
         V = _whitened_input_basis(W - C, prepared.total, rank)
+    objective = None
     for _ in range(max(1, iters)):
         R = W - C
         if shared == "out":
@@ -437,6 +458,11 @@ def fit_basis(W: torch.Tensor, rank: int, shared: str = "in", iters: int = 3,
             U_e, V = _basis_in_step(R, prepared.M, V, solver_iters)
             UVM = torch.einsum("eok,eki->oi", U_e, V.mT @ prepared.M)  # sum_e U_e V^T M_e
         C = prepared.solve(prepared.target - UVM)
+        if tol > 0:
+            UV = U @ V_e.mT if shared == "out" else U_e @ V.mT
+            objective, previous = _squared_error(W - C - UV, prepared.M), objective
+            if _converged(previous, objective, tol):
+                break
     U, V = (U, V_e) if shared == "out" else (U_e, V.unsqueeze(0))
     U, V = _balance_shared(U, V)
     return {"core": C, "u": U, "v": V}

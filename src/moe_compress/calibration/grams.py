@@ -45,8 +45,10 @@ class ExpertGrams(RoutingCounts):
     """Observer (calibration.observe) of one experts module: the routed-input Grams of each expert, for gate/up and
     for down, and the tokens routed to it."""
 
-    def __init__(self, experts: nn.Module, parts: dict | None = None):
-        """`parts`: the module's split_weights when its own parameters are elsewhere (offloaded, read from disk)."""
+    def __init__(self, experts: nn.Module, parts: dict | None = None, keep_inputs: int = 0):
+        """`parts`: the module's split_weights when its own parameters are elsewhere (offloaded, read from disk);
+        `keep_inputs`: how many of the first tokens' inputs to keep as they are (`block_inputs`), for the layer-wise
+        reconstruction."""
         parts = split_weights(experts) if parts is None else parts
         self.gated = "gate" in parts
         E, F, H = parts["up"][0].shape
@@ -55,10 +57,18 @@ class ExpertGrams(RoutingCounts):
         self.inputs = torch.zeros(E, H, H, device=device)  # [E, H, H]
         self.intermediate = torch.zeros(E, F, F, device=device)  # [E, F, F]
         self.weights = {name: (W.detach(), b) for name, (W, b) in parts.items() if name != "down"}
+        self.keep_inputs = keep_inputs
+        self.kept: list[torch.Tensor] = []  # [T_i, H] fp32, the first keep_inputs tokens in calibration order
+
+    @property
+    def block_inputs(self) -> torch.Tensor | None:
+        """The kept inputs of the experts module (its block's, flattened): [N, H] fp32; None when none are kept."""
+        return torch.cat(self.kept) if self.kept else None
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The statistics in their saved form: the Grams packed (see `pack`)."""
-        return {"tokens": self.tokens, "inputs": pack(self.inputs), "intermediate": pack(self.intermediate)}
+        """The statistics in their saved form: the Grams packed (see `pack`), and the kept inputs."""
+        kept = {} if self.block_inputs is None else {"block_inputs": self.block_inputs}
+        return {"tokens": self.tokens, "inputs": pack(self.inputs), "intermediate": pack(self.intermediate), **kept}
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> ExpertGrams:
@@ -66,6 +76,8 @@ class ExpertGrams(RoutingCounts):
         saved before they were packed, load as they are."""
         grams = cls.__new__(cls)
         grams.tokens = state["tokens"]
+        grams.kept = [state["block_inputs"]] if "block_inputs" in state else []
+        grams.keep_inputs = sum(len(x) for x in grams.kept)
         grams.inputs, grams.intermediate = (unpack(state[key]) if state[key].dim() == 2 else state[key].float()
                                             for key in ("inputs", "intermediate"))
         return grams
@@ -85,6 +97,9 @@ class ExpertGrams(RoutingCounts):
         super().__call__(experts, hidden_states, top_k_index, top_k_weights)
         self.__dict__.pop("_last_metric", None)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        room = self.keep_inputs - sum(len(kept) for kept in self.kept)
+        if room > 0:
+            self.kept.append(x[:room].float().clone())
         for e in top_k_index.unique().tolist():
             token, slot = (top_k_index == e).nonzero(as_tuple=True)
             g = top_k_weights[token, slot].float().unsqueeze(1)  # [T_e, 1]

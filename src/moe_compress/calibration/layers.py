@@ -167,13 +167,15 @@ def layer_statistics(model: nn.Module, inputs: LayerInputs, wanted: Callable[[st
 
 
 def loaded_statistics(model: nn.Module, batches: list[torch.Tensor], names: Collection[str],
-                      recompute: bool = False) -> Iterator[dict[str, ExpertGrams]]:
-    """layer_statistics of the experts modules `names` of a model loaded in memory, in eval mode for the pass."""
+                      recompute: bool = False, keep_inputs: int = 0) -> Iterator[dict[str, ExpertGrams]]:
+    """layer_statistics of the experts modules `names` of a model loaded in memory, in eval mode for the pass, each
+    keeping its first `keep_inputs` tokens' inputs."""
     was_training = model.training
     model.eval()
     try:
         inputs = capture(model, batches)
         yield from layer_statistics(model, inputs, lambda name: name in names,
-                                    lambda name: ExpertGrams(model.get_submodule(name)), recompute)
+                                    lambda name: ExpertGrams(model.get_submodule(name), keep_inputs=keep_inputs),
+                                    recompute)
     finally:
         model.train(was_training)

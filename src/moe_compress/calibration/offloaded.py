@@ -127,11 +127,12 @@ def _sum_over_ranks(stats: ExpertGrams, device: str) -> None:
 
 
 def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module], batches: list[torch.Tensor],
-                      folder: Path, device: str, progress: bool = True) -> Manifest:
+                      folder: Path, device: str, progress: bool = True, keep_inputs: int = 0) -> Manifest:
     """Every experts module's statistics in `folder` (a statistics store); those already there and verified are
     kept. `checkpoint` is the source checkpoint's index (compression.checkpoint_index) and read_gate_up(experts) reads
     a module's gate and up weights from it. Under torch.distributed every process calls it, with the same batches:
-    each runs its share of them."""
+    each runs its share of them. Each module keeps the inputs of its first `keep_inputs` tokens (under
+    torch.distributed, of the first process's share)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     manifest = Manifest(folder)
     names = [experts.name for experts in checkpoint.experts]
@@ -145,7 +146,8 @@ def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module],
         dtype = compute_dtype(model.dtype, device)
         statistics = layer_statistics(
             model, capture(model, batches[rank::world]), lambda name: name not in done,
-            lambda name: ExpertGrams(model.get_submodule(name), split_weights(read_gate_up(on_disk[name]))),
+            lambda name: ExpertGrams(model.get_submodule(name), split_weights(read_gate_up(on_disk[name])),
+                                     keep_inputs),
             dtype=dtype, around_layer=lambda layer: onloaded(layer, dtype), progress=progress,
             desc="calibration" if world == 1 else f"calibration [rank {rank}/{world}]")
         for grams in statistics:

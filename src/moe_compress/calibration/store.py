@@ -39,3 +39,12 @@ def load_token_counts(manifest: Manifest, name: str) -> list[int]:
     """The calibration tokens routed to each expert of one module, without reading its Grams."""
     with safe_open(manifest.path(name), "pt") as f:
         return f.get_tensor("tokens").tolist()
+
+
+def load_block_inputs(manifest: Manifest, name: str) -> torch.Tensor:
+    """The calibration inputs [N, H] kept with one module's statistics, without reading its Grams."""
+    with safe_open(manifest.path(name), "pt") as f:
+        if "block_inputs" not in f.keys():
+            raise ValueError(f"the statistics of {name} in {manifest.folder} keep no inputs; delete that folder to "
+                             "gather them again with the reconstruction's")
+        return f.get_tensor("block_inputs")

@@ -56,6 +56,8 @@ class SourceCheckpoint:
     model: nn.Module
     files: dict[str, str]  # tensor name -> shard file name
     experts: list[ExpertsOnDisk]
+    stored_as: dict[str, str] = dataclasses.field(default_factory=dict)  # model name -> on-disk name, for the tensors
+    # outside the experts that are stored as they are (renamed at most)
 
     @property
     def other_keys(self) -> list[str]:
@@ -135,10 +137,13 @@ def open_checkpoint(folder: str | Path, trust_remote_code: bool = False) -> Sour
     meta_state = model.state_dict()
     owner = {f"{name}.{p}": (name, p) for name, m in found for p, _ in m.named_parameters(recurse=False)}
     sources: dict[str, dict[str, Source]] = defaultdict(lambda: defaultdict(Source))
+    stored_as = {}
     for key in sorted(files, key=dot_natural_key):  # transformers' order: experts 0..E-1
         renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
         if renamed not in meta_state and key in meta_state:
             renamed, pattern = key, None
+        if pattern is None and renamed in meta_state and renamed not in owner:
+            stored_as[renamed] = key
         if renamed in owner:
             name, param = owner[renamed]
             source = sources[name][param]
@@ -153,7 +158,7 @@ def open_checkpoint(folder: str | Path, trust_remote_code: bool = False) -> Sour
             raise ValueError(f"{folder} has no tensors for {name}.{missing[0]}; the checkpoint is incomplete")
         saved_as = rename_source_key(name, reverse, [], reverse=True)[0]
         experts.append(ExpertsOnDisk(name, module, dict(sources[name]), saved_as))
-    return SourceCheckpoint(folder, config, model, files, experts)
+    return SourceCheckpoint(folder, config, model, files, experts, stored_as)
 
 
 def _read_param(read: Callable[[str], torch.Tensor], target: str, source: Source, model: nn.Module) -> torch.Tensor:
@@ -183,3 +188,33 @@ def params_of(module: nn.Module, projections: list[str]) -> set[str]:
     """The module parameters that hold `projections`: gate and up share gate_up_proj; biases come along."""
     names = {"gate_up_proj" if module.has_gate and p != "down" else f"{p}_proj" for p in projections}
     return names | {f"{n}_bias" for n in names if module.has_bias}
+
+
+def block_name(experts: ExpertsOnDisk) -> str:
+    """The MoE block that calls the experts module: its parent."""
+    return experts.name.rpartition(".")[0]
+
+
+def read_block(checkpoint: SourceCheckpoint, experts: ExpertsOnDisk) -> tuple[nn.Module, nn.Module]:
+    """The MoE block holding `experts` read from disk, on the CPU: (block, its experts module's stand-in with every
+    parameter read). The block's other tensors (router, shared experts) must be stored as they are in the model."""
+    name = block_name(experts)
+    original = read_experts(checkpoint, experts, {p for p, _ in experts.module.named_parameters(recurse=False)})
+    block = copy.deepcopy(checkpoint.model.get_submodule(name)).to_empty(device="cpu")
+    slot = next(child for child, module in checkpoint.model.get_submodule(name).named_children()
+                if module is experts.module)
+    setattr(block, slot, original)
+    state = {}
+    with reading() as read:
+        for key in block.state_dict():
+            if key.startswith(f"{slot}."):
+                continue
+            full = f"{name}.{key}"
+            if full not in checkpoint.stored_as:
+                raise ValueError(f"{checkpoint.folder} stores {full} in a converted layout; the layer-wise "
+                                 "reconstruction of a checkpoint folder reads the MoE block's other tensors as they "
+                                 "are: set compression.reconstruction.steps=0, or compress the loaded model")
+            disk = checkpoint.stored_as[full]
+            state[key] = read(checkpoint.path(disk), disk)
+    block.load_state_dict(state, strict=False)
+    return block, original

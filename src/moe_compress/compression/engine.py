@@ -127,6 +127,11 @@ def fitted_modules(source: ExpertsSource, specs: dict[str, ModuleSpec], units: d
         del group  # one module's (or layer's) statistics in memory at a time
 
 
+def kept_inputs(config: CompressionConfig) -> int:
+    """How many calibration tokens' inputs each experts module's statistics keep: the reconstruction's, or none."""
+    return config.reconstruction.max_tokens if config.reconstruction.on else 0
+
+
 def report_of(config: CompressionConfig, rows: list[ProjectionStats], coverage: dict[str, list[int]],
               source: ExpertsSource) -> CompressionReport:
     """The report of a compression, with one warning naming the experts that received too few calibration tokens."""

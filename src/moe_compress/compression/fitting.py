@@ -35,9 +35,9 @@ def fit_projection(W: torch.Tensor, rank: int, config: CompressionConfig, metric
     `shared` is the side whose basis the basis form shares."""
     config = config.for_data(metric is not None)
     if config.method == "basis":
-        return fit.fit_basis(W, rank, shared, max(1, config.als_iters), metric=metric)
+        return fit.fit_basis(W, rank, shared, max(1, config.als_iters), metric=metric, tol=config.als_tol)
     if config.method == "delta":
-        return fit.fit_delta(W, rank, max(1, config.als_iters), metric=metric)
+        return fit.fit_delta(W, rank, max(1, config.als_iters), metric=metric, tol=config.als_tol)
     if config.method == "adam":
         if metric is not None:
             raise ValueError("method=adam (the seed recipe) fits the weights only; use method=als or delta with "
@@ -156,6 +156,7 @@ class FittedModule:
     projections: dict[str, Projection]
     rows: list[ProjectionStats]
     coverage: Optional[list[int]] = None
+    inputs: Optional[torch.Tensor] = None  # [N, H] the block's kept calibration inputs, for the reconstruction
 
 
 def check_finite(name: str, projection: str, W: torch.Tensor) -> None:
@@ -168,7 +169,8 @@ def fit_module(name: str, weights: Weights, spec: ModuleSpec, config: Compressio
                grams: Optional[ExpertGrams] = None) -> FittedModule:
     """Fit the projections in `weights` of the experts module `name` as `spec` shapes them, in the metric of `grams`
     when given."""
-    fitted = FittedModule(name, {}, [], None if grams is None else grams.tokens.tolist())
+    fitted = FittedModule(name, {}, [], None if grams is None else grams.tokens.tolist(),
+                          None if grams is None else grams.block_inputs)
     for projection, (W, bias) in weights.items():
         check_finite(name, projection, W)
         start = time.perf_counter()

@@ -25,22 +25,25 @@ from typing import Optional
 
 import torch
 from filelock import FileLock, Timeout
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers.utils.hub import convert_file_size_to_int
 
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.observe import Calibration, token_batches
 from moe_compress.calibration.offloaded import gather_statistics
-from moe_compress.calibration.store import load_statistics, load_token_counts, statistics_dir
+from moe_compress.calibration.store import load_block_inputs, load_statistics, load_token_counts, statistics_dir
 from moe_compress.compression import bits, engine
 from moe_compress.compression.allocation import Curve
 from moe_compress.compression.budget import stored_params
-from moe_compress.compression.checkpoint_index import SourceCheckpoint, open_checkpoint, params_of, read_experts
+from moe_compress.compression.checkpoint_index import SourceCheckpoint, block_name, open_checkpoint, params_of, \
+    read_block, read_experts
 from moe_compress.compression.config import CompressionConfig
 from moe_compress.compression.fitting import Weights
-from moe_compress.compression.report import CompressionReport, ProjectionStats
+from moe_compress.compression.reconstruction import reconstruct, router_parameters
+from moe_compress.compression.report import BlockError, CompressionReport, ProjectionStats
 from moe_compress.discovery import projection_names, split_weights
-from moe_compress.experts import ModuleSpec
+from moe_compress.experts import ModuleSpec, SharedCoreExperts
 from moe_compress.folder.marking import mark_dict, write_shim
 from moe_compress.folder.save import attach_quantization_config, check_output_dir, model_card, no_space, \
     replace_folder
@@ -77,6 +80,11 @@ class CheckpointFolder:
 
 def unit_name(name: str, projection: str) -> str:
     return f"{name}.{projection}"
+
+
+def reconstructed_unit(name: str) -> str:
+    """The unit of an experts module reconstructed within its block: every projection's tensors (and the router's)."""
+    return f"{name}.reconstructed"
 
 
 def work_dir(output_dir: Path) -> Path:
@@ -138,8 +146,9 @@ def gathered_statistics(checkpoint: SourceCheckpoint, token_ids: torch.Tensor, c
                         output_dir: Path, device: torch.device, ranks: Ranks, progress: bool) -> Manifest:
     """The calibration statistics of every experts module, gathered by every process on its share of the batches
     (or found saved). A run gathering the same statistics for another output folder is waited for."""
-    folder = statistics_dir(output_dir, source_settings(checkpoint), config.calibration.statistics_identity(),
-                            token_ids)
+    keep_inputs = engine.kept_inputs(config)
+    identity = {**config.calibration.statistics_identity(), **({"kept_inputs": keep_inputs} if keep_inputs else {})}
+    folder = statistics_dir(output_dir, source_settings(checkpoint), identity, token_ids)
     lock = FileLock(folder.with_name(folder.name + ".lock"))
     if ranks.is_main:
         try:
@@ -151,7 +160,7 @@ def gathered_statistics(checkpoint: SourceCheckpoint, token_ids: torch.Tensor, c
         inputs_side = lambda module: [p for p in projection_names(module) if p != "down"]  # up alone when gate-less
         read = lambda experts: read_experts(checkpoint, experts, params_of(experts.module, inputs_side(experts.module)))
         gather_statistics(checkpoint, read, list(token_ids.split(config.calibration.batch_size)), folder, str(device),
-                          progress)
+                          progress, keep_inputs)
         barrier()
     finally:
         if ranks.is_main:
@@ -198,15 +207,47 @@ def fit_share(source: CheckpointFolder, specs: dict[str, ModuleSpec], units: lis
             manifest.save(unit_name(fitted.name, row.projection), tensors, dataclasses.asdict(row))
 
 
+def reconstruct_share(source: CheckpointFolder, specs: dict[str, ModuleSpec], names: list[str],
+                      config: CompressionConfig, device: torch.device, manifest: Manifest, bar: tqdm) -> None:
+    """Reconstruct and record the experts modules `names`, one block at a time: the block read from disk with its
+    original experts, the fitted module from its units, the inputs from the statistics store. Each module's unit
+    holds its projections' tensors and, with the router trained, the router's under their on-disk names."""
+    for name in names:
+        on_disk = source.on_disk[name]
+        block, original = read_block(source.checkpoint, on_disk)
+        block.to(device)
+        compressed = SharedCoreExperts.empty(original, specs[name])
+        state = {}
+        for projection in specs[name].ranks:
+            state.update(load_file(manifest.path(unit_name(name, projection)), device=str(device)))
+        compressed.load_state_dict({key.removeprefix(f"{on_disk.saved_as}."): value for key, value in state.items()})
+        error = reconstruct(name, block, original, compressed, load_block_inputs(source.store, name),
+                            config.reconstruction, config.seed)
+        tensors = {f"{on_disk.saved_as}.{key}": value.cpu() for key, value in compressed.state_dict().items()}
+        if config.reconstruction.router:
+            routers = {id(p) for p in router_parameters(block, compressed)}
+            stored_as = source.checkpoint.stored_as
+            tensors.update({stored_as[f"{block_name(on_disk)}.{key}"]: p.detach().cpu()
+                            for key, p in block.named_parameters() if id(p) in routers})
+        manifest.save(reconstructed_unit(name), tensors, dataclasses.asdict(error))
+        bar.set_postfix_str(f"{name.removesuffix('.experts')[-24:]} block err {error.before:.3f} -> "
+                            f"{error.after:.3f} {error.seconds:.1f}s")
+        bar.update()
+
+
 def verified_report(config: CompressionConfig, specs: dict[str, ModuleSpec], manifest: Manifest) -> CompressionReport:
-    units = [unit_name(name, p) for name, spec in specs.items() for p in spec.ranks]
+    fitted = [unit_name(name, p) for name, spec in specs.items() for p in spec.ranks]
+    reconstructed = [reconstructed_unit(name) for name in specs] if config.reconstruction.on else []
+    units = fitted + reconstructed
     done = manifest.done(units)
     missing = [u for u in units if u not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} units, first {missing[0]}, are missing from {manifest.folder} or do not "
                            "match their checksum; on several nodes, put output_dir on a file system they all share; "
                            "then rerun the same command to refit what is missing")
-    return CompressionReport(config, [ProjectionStats(**{**done[u], "shape": tuple(done[u]["shape"])}) for u in units])
+    blocks = [BlockError(**done[unit]) for unit in reconstructed]
+    return CompressionReport(config, [ProjectionStats(**{**done[u], "shape": tuple(done[u]["shape"])})
+                                      for u in fitted], blocks=blocks)
 
 
 def copy_side_files(source: Path, staging: Path) -> None:
@@ -226,8 +267,9 @@ def assemble(source: CheckpointFolder, specs: dict[str, ModuleSpec], config: Com
     files, model card, report and error heat map. Built in the work folder and renamed into place."""
     report = verified_report(config, specs, manifest)
     coverage = {name: load_token_counts(source.store, name) for name in specs} if source.calibrated else {}
+    blocks = report.blocks
     report = engine.report_of(config, report.rows, coverage, source)
-    report.choice = choice
+    report.choice, report.blocks = choice, blocks
     staging = manifest.folder / "assembled"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -248,6 +290,8 @@ def write_folder(source: CheckpointFolder, specs: dict[str, ModuleSpec], record:
     for name, spec in specs.items():
         for projection in spec.ranks:
             tensors.update(stored_tensors(manifest.path(unit_name(name, projection))))
+        if report.blocks:  # the reconstructed tensors over the fitted ones (and the router's over the source's)
+            tensors.update(stored_tensors(manifest.path(reconstructed_unit(name))))
     write_weights(tensors, staging, convert_file_size_to_int(max_shard_size))
     attach_quantization_config(checkpoint.model, specs, record, report)
     source_config = json.loads((checkpoint.folder / "config.json").read_text())
@@ -332,6 +376,18 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
         with tqdm(total=len(mine), desc=label, disable=not progress, position=ranks.local_rank) as bar:
             fit_share(folder, specs, mine, config, device, manifest, bar)
         barrier()
+        if config.reconstruction.on:
+            pending = None
+            if ranks.is_main:
+                done = manifest.done([reconstructed_unit(name) for name in specs])
+                pending = [name for name in specs if reconstructed_unit(name) not in done]
+                if done and progress:
+                    print(f"resuming: {len(done)} of {len(specs)} blocks are reconstructed and verified")
+            mine = share(from_main(pending), ranks)
+            with tqdm(total=len(mine), desc=label.replace("compress", "reconstruct"), unit="block",
+                      disable=not progress, position=ranks.local_rank) as bar:
+                reconstruct_share(folder, specs, mine, config, device, manifest, bar)
+            barrier()
         report = None
         if ranks.is_main:
             report = assemble(folder, specs, config, manifest, output_dir, max_shard_size, record, choice)

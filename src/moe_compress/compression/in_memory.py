@@ -21,7 +21,8 @@ from moe_compress.calibration.observe import Calibration, token_batches
 from moe_compress.compression import bits, engine
 from moe_compress.compression.config import CompressionConfig
 from moe_compress.compression.fitting import FittedModule, Weights
-from moe_compress.compression.report import CompressionReport
+from moe_compress.compression.reconstruction import reconstruct
+from moe_compress.compression.report import BlockError, CompressionReport
 from moe_compress.discovery import find_experts, split_weights
 from moe_compress.experts import ModuleSpec, SharedCoreExperts
 from moe_compress.folder.save import attach_quantization_config
@@ -32,7 +33,7 @@ class LoadedModel:
     """A model in memory as the engine's experts source: its experts modules, read in place, and their statistics
     gathered by a layer-by-layer pass of the calibration batches."""
 
-    def __init__(self, model: nn.Module, batches: Optional[list], batch_size: int):
+    def __init__(self, model: nn.Module, batches: Optional[list], batch_size: int, keep_inputs: int = 0):
         if any(isinstance(m, SharedCoreExperts) for m in model.modules()):
             raise ValueError("this model is already compressed; compress the original model instead")
         self.model, self.batches = model, batches
@@ -44,6 +45,7 @@ class LoadedModel:
                                      "before compressing")
         self.calibrated = batches is not None
         self.batch_size = batch_size
+        self.keep_inputs = keep_inputs  # tokens' inputs each module's statistics keep, for the reconstruction
 
     def experts(self) -> list[tuple[str, nn.Module]]:
         return self.found
@@ -53,16 +55,21 @@ class LoadedModel:
         return {p: parts[p] for p in projections}
 
     def statistics(self, names: Collection[str], recompute: bool) -> Iterator[dict[str, ExpertGrams]]:
-        return loaded_statistics(self.model, self.batches, names, recompute)
+        return loaded_statistics(self.model, self.batches, names, recompute, self.keep_inputs)
 
-    def swap_in(self, fitted: FittedModule) -> None:
-        """Replace the experts module by its fitted SharedCoreExperts, on the module's device."""
+    def swap_in(self, fitted: FittedModule, config: CompressionConfig) -> Optional[BlockError]:
+        """Replace the experts module by its fitted SharedCoreExperts, on the module's device; with
+        config.reconstruction on, trained within its block to the original block's outputs (the block's error)."""
         experts = self.model.get_submodule(fitted.name)
         device = next(experts.parameters()).device
         projections = {p: proj.to(device) for p, proj in fitted.projections.items()}
         shared = SharedCoreExperts(SharedCoreExperts.from_template(experts), projections).train(experts.training)
         parent, _, child = fitted.name.rpartition(".")
-        setattr(self.model.get_submodule(parent), child, shared)
+        block = self.model.get_submodule(parent)
+        if config.reconstruction.on:
+            return reconstruct(fitted.name, block, experts, shared, fitted.inputs, config.reconstruction, config.seed)
+        setattr(block, child, shared)
+        return None
 
 
 def calibration_batches(model: nn.Module, config: CompressionConfig,
@@ -86,6 +93,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[
     source = LoadedModel(model, calibration_batches(model, config, calibration), config.calibration.batch_size)
     record = config.for_data(source.calibrated)  # what the folder records: target_bits as asked, not as chosen
     config, choice = record, None
+    source.keep_inputs = engine.kept_inputs(record)
     if record.target_bits is not None:
         config, choice = bits.choose(source, record, fit_device(config.device), progress)
     specs = engine.plan(source, config)
@@ -107,22 +115,28 @@ def compress_as(model: nn.Module, specs: dict[str, ModuleSpec], config: Compress
     """compress() with the spec of every experts module given (form, cores, ranks) instead of planned from the
     config's size: to try allocations of one's own."""
     source = LoadedModel(model, calibration_batches(model, config, calibration), config.calibration.batch_size)
-    return fit_in_place(source, specs, config.for_data(source.calibrated), progress)
+    config = config.for_data(source.calibrated)
+    source.keep_inputs = engine.kept_inputs(config)
+    return fit_in_place(source, specs, config, progress)
 
 
 def fit_in_place(source: LoadedModel, specs: dict[str, ModuleSpec], config: CompressionConfig, progress: bool,
                  record: Optional[CompressionConfig] = None, choice: Optional[dict] = None) -> CompressionReport:
     """Fit every experts module of `specs` and swap it in, layer by layer; record the compression in the model's
     config (`record`: the settings as asked, config when None; `choice`: what target_bits chose)."""
-    rows, coverage = [], {}
+    rows, coverage, blocks = [], {}, []
     with tqdm(total=sum(len(s.ranks) for s in specs.values()), desc="compress", disable=not progress) as bar:
         units = {name: list(spec.ranks) for name, spec in specs.items()}
         for fitted in engine.fitted_modules(source, specs, units, config, fit_device(config.device), bar):
-            source.swap_in(fitted)
+            block = source.swap_in(fitted, config)
+            if block is not None:
+                bar.set_postfix_str(f"{fitted.name.removesuffix('.experts')[-24:]} block err "
+                                    f"{block.before:.3f} -> {block.after:.3f} {block.seconds:.1f}s")
+                blocks.append(block)
             rows += fitted.rows
             if fitted.coverage is not None:
                 coverage[fitted.name] = fitted.coverage
     report = engine.report_of(config, rows, coverage, source)
-    report.choice = choice
+    report.choice, report.blocks = choice, blocks
     attach_quantization_config(source.model, specs, record or config, report)
     return report

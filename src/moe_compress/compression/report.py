@@ -30,6 +30,18 @@ class ProjectionStats:
 
 
 @dataclass
+class BlockError:
+    """An MoE block's relative output error on its calibration inputs, ||y_hat - y|| / ||y||, after the closed-form
+    fit and after the layer-wise reconstruction (compression/reconstruction.py), and the reconstruction's time."""
+
+    module: str  # the experts module
+    before: float
+    after: float
+    steps: int
+    seconds: float
+
+
+@dataclass
 class CompressionReport:
     """What compress did, per (layer, projection): relative error, parameters before and after, fit time; with
     calibration data, also the error on the routed inputs, and the tokens routed to each expert (`coverage`)."""
@@ -38,6 +50,15 @@ class CompressionReport:
     rows: list[ProjectionStats] = field(default_factory=list)
     coverage: dict[str, list[int]] = field(default_factory=dict)  # experts module -> calibration tokens per expert
     choice: Optional[dict] = None  # with target_bits: the candidates measured and the one chosen (compression/bits.py)
+    blocks: list[BlockError] = field(default_factory=list)  # with reconstruction: each block's output error
+
+    @property
+    def block_error(self) -> Optional[tuple[float, float]]:
+        """The blocks' relative output error, root mean square over blocks, before and after reconstruction."""
+        if not self.blocks:
+            return None
+        return tuple((sum(getattr(b, when) ** 2 for b in self.blocks) / len(self.blocks)) ** 0.5
+                     for when in ("before", "after"))
 
     @property
     def params_before(self) -> int:
@@ -80,6 +101,8 @@ class CompressionReport:
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "coverage": self.coverage,
             **({"target_bits": self.choice} if self.choice is not None else {}),
+            **({"reconstruction": {"block_error": dict(zip(("before", "after"), self.block_error)),
+                                   "blocks": [dataclasses.asdict(b) for b in self.blocks]}} if self.blocks else {}),
         }
 
     def to_json(self) -> str:
@@ -112,6 +135,10 @@ class CompressionReport:
             + f"), relative error {self.rel_error:.4f}, fit {self.seconds:.1f} s "
             f"[{self.config.method}]"
         )
+        if self.blocks:
+            before, after = self.block_error
+            lines.append(f"reconstruction: block output error {before:.4f} -> {after:.4f} "
+                         f"({self.blocks[0].steps} steps a block, {sum(b.seconds for b in self.blocks):.1f} s)")
         return "\n".join(lines)
 
 
@@ -137,12 +164,15 @@ def layer_table(report: CompressionReport) -> list[dict]:
         layer["rank"][row.projection] = row.rank
         layer["params_before"] += row.params_before
         layer["params_after"] += row.params_after
+    for block in report.blocks:
+        layers[block.module]["block_error"] = {"before": block.before, "after": block.after}
     return list(layers.values())
 
 
 def plot_errors(report: CompressionReport, path: Path) -> None:
-    """A heat map of relative error by projection (rows) and layer (columns); values and ranks written in the cells
-    of models shallow enough to read them. The figure's size is capped: a 160-layer model's map stays small in memory
+    """A heat map of relative error by projection (rows) and layer (columns), with the blocks' output error after
+    the fit and after reconstruction as two more rows where there was one; values and ranks written in the cells of
+    models shallow enough to read them. The figure's size is capped: a 160-layer model's map stays small in memory
     too."""
     from matplotlib.figure import Figure  # matplotlib is imported where a plot is drawn: compress() needs none
 
@@ -150,6 +180,11 @@ def plot_errors(report: CompressionReport, path: Path) -> None:
     projections = [p for p in ("gate", "up", "down") if any(p in layer["rel_error"] for layer in layers)]
     errors = [[layer["rel_error"].get(p, float("nan")) for layer in layers] for p in projections]
     ranks = [[layer["rank"].get(p) for layer in layers] for p in projections]
+    if report.blocks:
+        for when, label in (("before", "block, fit"), ("after", "block, reconstructed")):
+            errors.append([layer.get("block_error", {}).get(when, float("nan")) for layer in layers])
+            ranks.append([None] * len(layers))
+            projections.append(label)
     labels = [layer["module"].removesuffix(".mlp.experts").removesuffix(".experts").removeprefix("model.")
               for layer in layers]
     fig = Figure(figsize=(min(16.0, 2.5 + 0.55 * len(layers)), 1.6 + 0.45 * len(projections)))  # no pyplot state
@@ -162,7 +197,8 @@ def plot_errors(report: CompressionReport, path: Path) -> None:
         for i, row in enumerate(errors):
             for j, value in enumerate(row):
                 dark = image.norm(value) < 0.6  # viridis runs from dark blue to bright yellow
-                ax.text(j, i, f"{value:.3f}\nr={ranks[i][j]}", ha="center", va="center", fontsize=6,
+                rank = "" if ranks[i][j] is None else f"\nr={ranks[i][j]}"
+                ax.text(j, i, f"{value:.3f}{rank}", ha="center", va="center", fontsize=6,
                         color="white" if dark else "black")
     fig.colorbar(image, ax=ax, label="relative error")
     ax.set_title(f"{report.config.method}, {report.config.rank_allocation} ranks: error by layer and projection",

@@ -1,0 +1,157 @@
+"""Layer-wise reconstruction: after the closed-form fits, train a compressed MoE block's stored tensors so that its
+output on the calibration tokens' inputs matches the original block's.
+
+The closed-form fits see each projection alone, in the metric of its own routed inputs. They cannot see the activation
+between gate/up and down, how the three projections' errors compound, or that a token sums its top-k experts' outputs
+(errors common to the experts add up). The block's output sees all of it, and costs one block and its inputs in memory:
+block-wise reconstruction as post-training quantization does it (BRECQ, Li et al. 2021; OmniQuant, Shao et al. 2024),
+with the router optionally trained too, as router calibration of pruned or merged MoEs does.
+
+    error = reconstruct(block, original, compressed, x, config, seed)   # compressed left in the block, trained
+
+Quantized tensors train through their rounding: float shadows read through the stored format with a
+straight-through gradient, scales and zero points fixed, their codes written back at the end. Shapes: N calibration
+tokens, H hidden, B tokens a step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from moe_compress.compression.config import ReconstructionConfig
+from moe_compress.compression.report import BlockError
+from moe_compress.experts import SharedCoreExperts
+
+EVAL_CHUNK = 4096  # tokens per forward when the whole calibration set is run without gradients
+
+
+def slot_of(block: nn.Module, experts: nn.Module) -> str:
+    """The attribute of `block` that holds `experts`."""
+    for name, child in block.named_children():
+        if child is experts:
+            return name
+    raise ValueError("the experts module is not a child of its MoE block; reconstruction needs the block that calls it")
+
+
+def router_parameters(block: nn.Module, experts: nn.Module) -> list[nn.Parameter]:
+    """The router's trainable weights: the block's parameters outside the experts with one row per expert."""
+    inside = {id(p) for p in experts.parameters()}
+    return [p for p in block.parameters() if id(p) not in inside and p.dim() >= 1 and p.shape[0] == experts.num_experts]
+
+
+def outputs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's output on token inputs x [N, H] as one sequence: [N, H] (a block returning a tuple gives its
+    first element, the hidden states)."""
+    y = block(x.unsqueeze(0))
+    return (y[0] if isinstance(y, tuple) else y).reshape(x.shape)
+
+
+@torch.no_grad()
+def outputs_in_chunks(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([outputs(block, chunk) for chunk in x.split(EVAL_CHUNK)])
+
+
+def relative_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    y_hat = outputs_in_chunks(block, x)
+    return ((y_hat - y).norm() / y.norm().clamp_min(1e-30)).item()
+
+
+@contextmanager
+def in_fp32(module: nn.Module) -> Iterator[None]:
+    """Every floating parameter of `module` in fp32 for the block (Adam's small steps would vanish in bf16's rounding),
+    back in its own dtype after."""
+    dtypes = {p: p.dtype for p in module.parameters()}
+    for p in dtypes:
+        if p.is_floating_point():
+            p.data = p.data.float()
+    try:
+        yield
+    finally:
+        for p in module.parameters():
+            p.data = p.data.to(dtypes.get(p, p.dtype))
+
+
+@contextmanager
+def training(block: nn.Module, compressed: SharedCoreExperts, router: bool) -> Iterator[list[nn.Parameter]]:
+    """The block ready to train, in fp32: the compressed experts' stored tensors (quantized ones as float shadows)
+    and, with `router`, the router's weights trainable, everything else frozen; after, the shadows' codes written and
+    every parameter as it was."""
+    projections = list(compressed.projections.values())
+    for proj in projections:
+        proj.train_quantization_aware_(proj.stored)
+    wanted = [p for proj in projections for p in proj.parameters()]
+    if router:
+        wanted += router_parameters(block, compressed)
+    grads = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in wanted:
+        p.requires_grad_(True)
+    try:
+        with in_fp32(block):
+            try:
+                yield wanted
+            finally:
+                with torch.no_grad():
+                    for proj in projections:
+                        proj.end_quantization_aware_()
+    finally:
+        for p in block.parameters():
+            p.requires_grad_(grads.get(p, False))
+
+
+def batches(tokens: int, batch: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """`steps` batches of token indices: passes over a seeded permutation of the tokens, `batch` at a time."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = min(batch, tokens)
+    per_pass = tokens // batch
+    for step in range(steps):
+        if step % per_pass == 0:
+            order = torch.randperm(tokens, generator=generator)
+        yield order[(step % per_pass) * batch:(step % per_pass + 1) * batch]
+
+
+def reconstruct(name: str, block: nn.Module, original: nn.Module, compressed: SharedCoreExperts, x: torch.Tensor,
+                config: ReconstructionConfig, seed: int) -> BlockError:
+    """Put `compressed` in place of `original` in `block` and train it (with config.router, the router too) so that
+    the block's output on the inputs x [N, H] matches what it was with `original`: Adam on the squared error relative
+    to the outputs' mean square, over config.steps batches of config.batch_tokens, its learning rate decaying to 0 on
+    a cosine. Kept only where it lowers the error on all of x: otherwise the block is left as the fit left it."""
+    start = time.perf_counter()
+    slot = slot_of(block, original)
+    was_training = block.training
+    block.eval()  # routers as at inference: no jitter
+    try:
+        x = x.to(compressed.projections["down"].expert_core.device)
+        with in_fp32(block):  # the original block in fp32 too: targets as exact as they can be
+            y = outputs_in_chunks(block, x)
+        setattr(block, slot, compressed)
+        with training(block, compressed, config.router) as params:
+            before = relative_error(block, x, y)
+            kept = [p.detach().clone() for p in params]
+            optimizer = torch.optim.Adam(params, lr=config.lr)
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps)))
+            scale = y.square().mean()
+            with torch.enable_grad():
+                for index in batches(len(x), config.batch_tokens, config.steps, seed):
+                    loss = (outputs(block, x[index]) - y[index]).square().mean() / scale
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+            after = relative_error(block, x, y)
+            if not after < before:
+                with torch.no_grad():
+                    for p, value in zip(params, kept):
+                        p.copy_(value)
+                after = before
+    finally:
+        block.train(was_training)
+    return BlockError(name, before, after, config.steps, time.perf_counter() - start)
