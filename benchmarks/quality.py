@@ -24,24 +24,36 @@ import torch
 
 from benchmarks.common import plot_to, table
 from moe_compress import CompressionConfig, compress, find_experts, merge_experts, prune_experts
+from moe_compress.compression.config import RECONSTRUCTION_STEPS
 from moe_compress.discovery import join_weights, split_weights
 from moe_compress.testbed import TESTBEDS, heldout_loss, load_testbed, read_split
 
 TESTBED_NAMES = {"testbed": "upcycled testbed (8 experts of width 256, top-2)",
                  "testbed_fine": "fine-grained testbed, trained from scratch (32 experts of width 64, top-4)"}
+# variants: the default's reconstruction with other settings, at the kept fractions of variant_ratios
+VARIANTS = {"propagate=compressed": {"calibration": {"propagate": "compressed"}},
+            "router": {"reconstruction": {"router": True}},
+            "propagate=compressed, router": {"calibration": {"propagate": "compressed"},
+                                             "reconstruction": {"router": True}}}
 FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta", "basis"),
-            calibrated=("als", "delta", "basis", "mixed"), repeats=3, adam_repeats=1, max_tokens=None,
-            calibration_sequences=64)
+            calibrated=("als", "delta", "basis", "mixed"), repeats=3, adam_repeats=1, default_repeats=1,
+            max_tokens=None, calibration_sequences=64, variants=VARIANTS, variant_ratios=(0.3, 0.5))
 QUICK = dict(ratios=(0.3,), methods=("als", "delta", "basis"), calibrated=("mixed",), repeats=1, adam_repeats=1,
-             max_tokens=4096, calibration_sequences=4, adam_steps=5, polish_steps=5)
+             default_repeats=1, max_tokens=4096, calibration_sequences=4, adam_steps=5, polish_steps=5,
+             reconstruction_steps=5, variants={"router": VARIANTS["router"]}, variant_ratios=(0.3,))
 CALIBRATION_LEN = 256
 PEERS = {"reap": prune_experts, "hc-smoe": merge_experts}
 LABELS = {"adam": "seed adam", "als": "als (wrapper)", "delta": "delta (C + U_e V_e^T; the default data-free)",
           "basis": "basis (C + U_e V^T)", "reap": "REAP pruning", "hc-smoe": "HC-SMoE merging",
           "als+calibration": "als (wrapper), calibrated",
           "delta+calibration": "delta, calibrated",
-          "mixed+calibration": "mixed (basis for gate, up; delta for down), calibrated (the default below kept 0.4)",
-          "basis+calibration": "basis, calibrated (the default from kept 0.4)"}
+          "mixed+calibration": "mixed (basis for gate, up; delta for down), calibrated",
+          "basis+calibration": "basis, calibrated",
+          "auto+calibration": "the default: mixed below kept 0.4, basis from it, calibrated, with reconstruction"}
+# the default with calibration data before reconstruction (BENCHMARKS.md of 2026-11-26: closed-form fits of 3 rounds),
+# which issue 22's goals are stated against
+BEFORE_RECONSTRUCTION = {"testbed": {0.2: 0.0283, 0.25: 0.0201, 0.3: 0.0153, 0.5: 0.0044, 0.75: 0.0012},
+                         "testbed_fine": {0.2: 0.5016, 0.25: 0.3321, 0.3: 0.2092, 0.5: 0.0223, 0.75: 0.0034}}
 
 
 def replace_experts(model, transform) -> tuple[torch.nn.Module, float]:
@@ -93,22 +105,44 @@ def timed_median(fn, repeats: int) -> tuple[object, float]:
     return result, statistics.median(times)
 
 
+def compress_row(original, config: CompressionConfig, tokens, repeats: int, loss) -> dict:
+    def fit():
+        model = copy.deepcopy(original)
+        return model, compress(model, config, calibration=tokens, progress=False)
+    (model, report), seconds = timed_median(fit, repeats)
+    block = report.block_error
+    return {"ratio": report.kept_fraction, "rel_error": report.rel_error, "loss": loss(model), "seconds": seconds,
+            "block_error": None if block is None else list(block)}
+
+
+def default_config(ratio: float, setting: dict, **extra) -> CompressionConfig:
+    """The default compression at `ratio` (method=auto, calibrated: with reconstruction), with `extra` settings."""
+    steps = {"steps": setting["reconstruction_steps"]} if "reconstruction_steps" in setting else {}
+    extra = {**extra, "reconstruction": {**steps, **extra.get("reconstruction", {})}}
+    return CompressionConfig(target_ratio=ratio, **extra)
+
+
 def compress_rows(original, ratio: float, setting: dict, calibration: torch.Tensor, loss) -> list[dict]:
-    """Each method data-free, then the calibrated ones; a calibrated fit's time includes its calibration pass."""
+    """Each method data-free, then the calibrated ones (closed-form fits alone), then the default (with
+    reconstruction); a calibrated fit's time includes its calibration pass."""
     rows = []
     runs = [(m, None) for m in setting["methods"]] + [(m, calibration) for m in setting["calibrated"]]
     for method, tokens in runs:
         extra = {k: setting[k] for k in ("adam_steps", "polish_steps") if k in setting}
         config = CompressionConfig(target_ratio=ratio, method=method, **extra)
         repeats = setting["adam_repeats"] if method == "adam" else setting["repeats"]
-
-        def fit():
-            model = copy.deepcopy(original)
-            return model, compress(model, config, calibration=tokens, progress=False)
-        (model, report), seconds = timed_median(fit, repeats)
-        rows.append({"method": method if tokens is None else f"{method}+calibration", "ratio": report.kept_fraction,
-                     "rel_error": report.rel_error, "loss": loss(model), "seconds": seconds})
+        rows.append({"method": method if tokens is None else f"{method}+calibration",
+                     **compress_row(original, config, tokens, repeats, loss)})
+    rows.append({"method": "auto+calibration", **compress_row(original, default_config(ratio, setting), calibration,
+                                                               setting["default_repeats"], loss)})
     return rows
+
+
+def variant_rows(original, ratio: float, setting: dict, calibration: torch.Tensor, loss) -> list[dict]:
+    """The default with each of setting["variants"]' other reconstruction settings."""
+    return [{"method": "auto+calibration", "variant": name,
+             **compress_row(original, default_config(ratio, setting, **extra), calibration, 1, loss)}
+            for name, extra in setting["variants"].items()]
 
 
 def peer_rows(original, ratio: float, calibration: torch.Tensor, loss) -> list[dict]:
@@ -139,18 +173,21 @@ def run_testbed(name: str, setting: dict) -> dict:
     mean_model, mean_error = replace_experts(original, mean_only)
     rows = [{"method": "mean only", "target": None, "ratio": 1 / original.config.num_experts,
              "rel_error": mean_error, "loss": loss(mean_model), "seconds": 0.0}]
+    variants = []
     for ratio in setting["ratios"]:
         svd_model, svd_error = replace_experts(original, per_expert_svd(ratio))
         found = [{"method": "per-expert SVD", "ratio": ratio, "rel_error": svd_error, "loss": loss(svd_model),
                   "seconds": 0.0}]
         found += compress_rows(original, ratio, setting, calibration, loss)
         found += peer_rows(original, ratio, calibration, loss)
+        if ratio in setting["variant_ratios"]:
+            variants += [{**row, "target": ratio} for row in variant_rows(original, ratio, setting, calibration, loss)]
         rows += [{**row, "target": ratio} for row in found]
         print(f"quality: {name} kept {ratio}: " + ", ".join(f"{r['method']} {r['loss'] - base:+.4f}" for r in found),
               file=sys.stderr, flush=True)
-    for row in rows:
+    for row in rows + variants:
         row["increase"] = row["loss"] - base
-    return {"original_loss": base, "rows": rows}
+    return {"original_loss": base, "rows": rows, "variants": variants}
 
 
 def run(quick: bool = False) -> dict:
@@ -276,15 +313,47 @@ def default_note(result: dict) -> str:
     lines = []
     for name, found in result["testbeds"].items():
         by = {(r["method"], r["target"]): r for r in found["rows"]}
-        cells = []
-        for ratio in result["setting"]["ratios"]:
-            calibrated = CompressionConfig(target_ratio=ratio).for_data(True).method
-            if (f"{calibrated}+calibration", ratio) in by and ("delta", ratio) in by:
-                factor = by[(f"{calibrated}+calibration", ratio)]["increase"] / by[("delta", ratio)]["increase"]
-                cells.append(f"{factor:.2f}x at {ratio} ({calibrated})")
+        cells = [f"{by[('auto+calibration', t)]['increase'] / by[('delta', t)]['increase']:.2f}x at {t}"
+                 for t in result["setting"]["ratios"] if ("auto+calibration", t) in by and ("delta", t) in by]
         lines.append(f"- {TESTBED_NAMES[name]}: " + ", ".join(cells))
     return ("The default (`method=auto`) with calibration data, against the default without it (`delta`), in loss "
             "increase:\n\n" + "\n".join(lines))
+
+
+def reconstruction_note(result: dict) -> str:
+    """The default with reconstruction against the closed-form fits of its form and against the default before
+    reconstruction (BEFORE_RECONSTRUCTION); then the reconstruction's other settings (variants)."""
+    lines, variant_rows_ = [], []
+    for name, found in result["testbeds"].items():
+        by = {(r["method"], r["target"]): r for r in found["rows"]}
+        cells = []
+        for t in result["setting"]["ratios"]:
+            if ("auto+calibration", t) not in by:
+                continue
+            default = by[("auto+calibration", t)]
+            closed = by.get((f"{CompressionConfig(target_ratio=t).for_data(True).method}+calibration", t))
+            before = BEFORE_RECONSTRUCTION[name].get(t)
+            block = default["block_error"]
+            text = f"kept {t}: {default['increase']:+.4f}"
+            text += "" if closed is None else f" against {closed['increase']:+.4f} for its closed-form fit alone"
+            text += "" if before is None else f" ({default['increase'] / before:.2f}x the {before:+.4f} of before)"
+            text += "" if block is None else f", block output error {block[0]:.3f} -> {block[1]:.3f}"
+            cells.append(text)
+        lines.append(f"- {TESTBED_NAMES[name]}: " + "; ".join(cells) + ".")
+        for row in found.get("variants", []):
+            default = by.get(("auto+calibration", row["target"]))
+            versus = "-" if default is None else f"{row['increase'] / default['increase']:.2f}x"
+            variant_rows_.append([TESTBED_NAMES[name].split(" (")[0], row["target"], row["variant"],
+                                  f"{row['increase']:+.4f}", versus,
+                                  "-" if row["block_error"] is None else f"{row['block_error'][1]:.3f}"])
+    text = (f"Layer-wise reconstruction (the default with calibration data: {RECONSTRUCTION_STEPS} Adam steps a "
+            "block on its output, compression/reconstruction.py), against the closed-form fits it starts from and against the default "
+            "before it (closed-form fits of 3 rounds, BENCHMARKS.md of 2026-11-26):\n\n" + "\n".join(lines))
+    if variant_rows_:
+        text += ("\n\nThe reconstruction's other settings, each against the default at the same kept fraction (one "
+                 "run each):\n\n" + table(["testbed", "kept", "setting", "increase", "against the default",
+                                           "block error after"], variant_rows_))
+    return text
 
 
 def markdown(result: dict) -> str:
@@ -301,8 +370,9 @@ def markdown(result: dict) -> str:
             + f"\n\nMean only (every expert = the mean; kept {mean['ratio']:.3f}): {mean['increase']:+.4f}.\n\n"
             + "<details><summary>every run: kept fraction, error, loss, fit time</summary>\n\n"
             + details_table(found) + f"\n\n</details>\n\n![{TESTBED_NAMES[name]}]({figure})")
-    return "\n\n".join(sections) + "\n\n" + "\n\n".join([advice(result), default_note(result),
-                                                            calibration_note(result), delta_note(result)])
+    return "\n\n".join(sections) + "\n\n" + "\n\n".join([advice(result), reconstruction_note(result),
+                                                            default_note(result), calibration_note(result),
+                                                            delta_note(result)])
 
 
 if __name__ == "__main__":

@@ -168,7 +168,8 @@ class CompressionConfig:
                 raise ValueError("target_bits chooses among forms of one core per projection; use num_cores=1")
             return  # the chosen config is checked in its turn
         if self.method == "quantize":  # the experts as they are, only quantized: no rank, no budget in parameters
-            if self.bits is None or self.rank is not None or self.target_ratio is not None or ranks:
+            # ranks of 0 are what this sets: a config made from another (dataclasses.replace) has them
+            if self.bits is None or self.rank is not None or self.target_ratio is not None or any(ranks.values()):
                 raise ValueError("method=quantize stores every expert as it is, quantized: give bits=<2, 3, 4 or 8> "
                                  "and no rank or target_ratio")
             ranks = dict.fromkeys(PROJECTIONS, 0)
