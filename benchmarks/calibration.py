@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import reconstruction
 from benchmarks.common import in_fresh_process, part_cli, table
 from benchmarks.streaming import MEMORY, QUICK_MEMORY, _compress_run, model_config, write_checkpoint
 from moe_compress import CompressionConfig
@@ -112,7 +113,8 @@ def memory_part(quick: bool = False) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    return {"memory": memory_part(quick), "time": time_part(QUICK_TIME if quick else TIME)}
+    return {"memory": memory_part(quick), "time": time_part(QUICK_TIME if quick else TIME),
+            "reconstruction": reconstruction.cost_part(quick)}
 
 
 def memory_note(m: dict) -> str:
@@ -231,6 +233,7 @@ def markdown(result: dict) -> str:
                  "calibration pass / data-free", "data-free fits s",
                  "calibrated fits s", "statistics pass s", "calibration text s", "metrics s"], time_rows_)
         + f"\n\n{time_note(t)}"
+        + (f"\n\n{reconstruction.markdown(result['reconstruction'])}" if "reconstruction" in result else "")
     )
 
 

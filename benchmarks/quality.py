@@ -15,6 +15,7 @@ weights where a method has one, fit time (median).
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import sys
 import time
@@ -34,7 +35,8 @@ TESTBED_NAMES = {"testbed": "upcycled testbed (8 experts of width 256, top-2)",
 VARIANTS = {"propagate=compressed": {"calibration": {"propagate": "compressed"}},
             "router": {"reconstruction": {"router": True}},
             "propagate=compressed, router": {"calibration": {"propagate": "compressed"},
-                                             "reconstruction": {"router": True}}}
+                                             "reconstruction": {"router": True}},
+            "objective=normed": {"reconstruction": {"objective": "normed"}}}
 FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta", "basis"),
             calibrated=("als", "delta", "basis", "mixed"), repeats=3, adam_repeats=1, default_repeats=1,
             max_tokens=None, calibration_sequences=64, variants=VARIANTS, variant_ratios=(0.3, 0.5))
@@ -347,8 +349,9 @@ def reconstruction_note(result: dict) -> str:
                                   f"{row['increase']:+.4f}", versus,
                                   "-" if row["block_error"] is None else f"{row['block_error'][1]:.3f}"])
     text = (f"Layer-wise reconstruction (the default with calibration data: {RECONSTRUCTION_STEPS} Adam steps a "
-            "block on its output, compression/reconstruction.py), against the closed-form fits it starts from and against the default "
-            "before it (closed-form fits of 3 rounds, BENCHMARKS.md of 2026-11-26):\n\n" + "\n".join(lines))
+            "block on its output, compression/reconstruction.py), against the closed-form fits it starts from and "
+            "against the default before it (closed-form fits of 3 rounds, BENCHMARKS.md of 2026-11-26):\n\n"
+            + "\n".join(lines))
     if variant_rows_:
         text += ("\n\nThe reconstruction's other settings, each against the default at the same kept fraction (one "
                  "run each):\n\n" + table(["testbed", "kept", "setting", "increase", "against the default",
@@ -375,7 +378,23 @@ def markdown(result: dict) -> str:
                                                             delta_note(result)])
 
 
+def variants_part() -> None:
+    """The variants alone (`--variants`), rerun into the stored results: each testbed's list replaced."""
+    path = Path(__file__).parent / "results" / "quality.json"
+    result = json.loads(path.read_text())
+    for name, found in result["testbeds"].items():
+        original, loss, base, calibration = testbed_setting(name, FULL)
+        found["variants"] = [{**row, "target": ratio, "increase": row["loss"] - base}
+                             for ratio in FULL["variant_ratios"]
+                             for row in variant_rows(original, ratio, FULL, calibration, loss)]
+    result["variants_meta"] = {"command": "python -m benchmarks.quality --variants", "date": time.strftime("%Y-%m-%d")}
+    path.write_text(json.dumps(result, indent=1, default=str))
+
+
 if __name__ == "__main__":
-    result = run()
-    print(markdown(result))
-    plot(result, Path("benchmarks/quality.png"))
+    if "--variants" in sys.argv:
+        variants_part()
+    else:
+        result = run()
+        print(markdown(result))
+        plot(result, Path("benchmarks/quality.png"))

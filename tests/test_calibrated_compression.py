@@ -51,10 +51,13 @@ def test_calibrated_fits_have_the_lower_error_on_the_routed_inputs(method):
     assert report.coverage[name] == grams[name].tokens.tolist()
     assert sum(report.coverage[name]) == ids.numel() * original.config.num_experts_per_tok
 
+CLOSED_FORM = {"steps": 0}  # these tests check the closed-form fits: no reconstruction trains them on
+
 
 def test_compressed_propagation_feeds_each_layer_what_the_compressed_layers_before_it_output():
     ids = calibration_ids()
-    config = mc.CompressionConfig(rank=1, polish_steps=0, calibration={"propagate": "compressed"})
+    config = mc.CompressionConfig(rank=1, polish_steps=0, calibration={"propagate": "compressed"},
+                                  reconstruction=CLOSED_FORM)
     weights = split_weights(tiny_model("qwen3_moe").model.layers[1].mlp.experts)
     fitted = {}
     for propagate in ("compressed", "original"):
@@ -100,15 +103,15 @@ def assert_streamed_fits_are_fits_on_the_saved_statistics(tmp_path, model_type, 
 def test_a_checkpoint_folder_compresses_as_the_loaded_model_and_reuses_its_statistics(tmp_path):
     tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
     ids = calibration_ids()
-    config = mc.CompressionConfig(rank=2, polish_steps=0)
+    config = mc.CompressionConfig(rank=2, polish_steps=0, reconstruction=CLOSED_FORM)
     report = mc.compress_checkpoint(tmp_path / "model", tmp_path / "sc", config, calibration=ids, progress=False)
     assert report.coverage == assert_streamed_fits_are_fits_on_the_saved_statistics(tmp_path, "qwen3_moe", ids, config)
     saved = json.loads((tmp_path / "sc" / "compression_report.json").read_text())
     assert saved["coverage"] == report.coverage and (tmp_path / "sc" / "calibration_coverage.png").exists()
     (statistics,) = tmp_path.glob(".moe-compress-statistics-*")
     stamps = {p: p.stat().st_mtime_ns for p in statistics.rglob("*.safetensors")}
-    other = mc.compress_checkpoint(tmp_path / "model", tmp_path / "sc1", mc.CompressionConfig(rank=1, polish_steps=0),
-                                   calibration=ids, progress=False)  # another size: the statistics are reused
+    other = mc.compress_checkpoint(tmp_path / "model", tmp_path / "sc1", mc.CompressionConfig(rank=1, polish_steps=0,
+                                   reconstruction=CLOSED_FORM), calibration=ids, progress=False)  # reused statistics
     assert other.coverage == report.coverage
     assert {p: p.stat().st_mtime_ns for p in statistics.rglob("*.safetensors")} == stamps
 
@@ -139,7 +142,7 @@ def test_a_hybrid_model_compresses_with_calibration_in_memory_and_streamed_alike
     experts in one layer of four, and layers without experts after it."""
     tiny_model("nemotron_h").save_pretrained(tmp_path / "model")
     ids = calibration_ids()
-    config = mc.CompressionConfig(rank=1, polish_steps=0)
+    config = mc.CompressionConfig(rank=1, polish_steps=0, reconstruction=CLOSED_FORM)
     in_memory = tiny_model("nemotron_h")
     report = mc.compress(in_memory, config, calibration=ids, progress=False)
     streamed = mc.compress_checkpoint(tmp_path / "model", tmp_path / "sc", config, calibration=ids, progress=False)

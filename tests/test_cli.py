@@ -56,6 +56,8 @@ def test_compress_writes_a_folder_that_reloads_to_the_library_result(tmp_path, m
     (["model=/nonexistent/model", "output_dir=x"], "no model folder at /nonexistent/model"),
     (["compression.rank=50", "compression.target_ratio=null"], "rank 50 stores more than the original"),
     (["compression.method=svd"], "method='svd' is unknown"),
+    (["compression.reconstruction.steps=-1"], "reconstruction steps=-1 is not a step count"),
+    (["compression.reconstruction.steps=5"], "give calibration data"),
 ])
 def test_bad_input_is_one_line(tmp_path, model_dir, args, message, monkeypatch, capsys):
     code, _, line = cli_here("compress", f"model={model_dir}", f"output_dir={tmp_path / 'out'}", *args, cwd=tmp_path,
@@ -81,6 +83,7 @@ def test_help_lists_stages_and_cfg_prints_the_resolved_config(tmp_path, monkeypa
                         "--cfg", "job")
     assert code == 0 and "rank: 8" in out and "method: auto" in out
     assert "rank_allocation: null" in out and "num_cores: 1" in out
+    assert "reconstruction:\n    steps: null" in out and "router: false" in out
     code, _, line = here("frobnicate")
     assert code == 1 and line.startswith("moe-compress: error: unknown stage 'frobnicate'")
 

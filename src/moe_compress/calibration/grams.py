@@ -45,10 +45,12 @@ class ExpertGrams(RoutingCounts):
     """Observer (calibration.observe) of one experts module: the routed-input Grams of each expert, for gate/up and
     for down, and the tokens routed to it."""
 
-    def __init__(self, experts: nn.Module, parts: dict | None = None, keep_inputs: int = 0):
+    def __init__(self, experts: nn.Module, parts: dict | None = None, keep_inputs: int = 0,
+                 keep_outputs: bool = False):
         """`parts`: the module's split_weights when its own parameters are elsewhere (offloaded, read from disk);
         `keep_inputs`: how many of the first tokens' inputs to keep as they are (`block_inputs`), for the layer-wise
-        reconstruction."""
+        reconstruction, and with `keep_outputs` their decoder layer's outputs too (`layer_outputs`, given by the
+        layer-by-layer pass)."""
         parts = split_weights(experts) if parts is None else parts
         self.gated = "gate" in parts
         E, F, H = parts["up"][0].shape
@@ -59,6 +61,15 @@ class ExpertGrams(RoutingCounts):
         self.weights = {name: (W.detach(), b) for name, (W, b) in parts.items() if name != "down"}
         self.keep_inputs = keep_inputs
         self.kept: list[torch.Tensor] = []  # [T_i, H] fp32, the first keep_inputs tokens in calibration order
+        self.keep_outputs = keep_outputs
+        self.layer_outputs: torch.Tensor | None = None  # [N, H] fp32, their decoder layer's outputs
+
+    def observe_layer(self, outputs: list[torch.Tensor]) -> None:
+        """The decoder layer's outputs on the calibration batches ([B, L, H] each), of the tokens whose inputs are
+        kept."""
+        if self.keep_outputs and self.kept:
+            tokens = sum(len(x) for x in self.kept)
+            self.layer_outputs = torch.cat([y.reshape(-1, y.shape[-1]) for y in outputs])[:tokens].float()
 
     @property
     def block_inputs(self) -> torch.Tensor | None:
@@ -78,6 +89,7 @@ class ExpertGrams(RoutingCounts):
         grams.tokens = state["tokens"]
         grams.kept = [state["block_inputs"]] if "block_inputs" in state else []
         grams.keep_inputs = sum(len(x) for x in grams.kept)
+        grams.keep_outputs, grams.layer_outputs = False, None
         grams.inputs, grams.intermediate = (unpack(state[key]) if state[key].dim() == 2 else state[key].float()
                                             for key in ("inputs", "intermediate"))
         return grams

@@ -160,6 +160,8 @@ def layer_statistics(model: nn.Module, inputs: LayerInputs, wanted: Callable[[st
         grams = {name: make_grams(name) for name in names}
         with observing(model, grams), around_layer(inputs.layers[index]):
             outputs = inputs.run(index, dtype)
+        for stats in grams.values():
+            stats.observe_layer(outputs)
         yield grams
         inputs.advance(index, None if recompute and names else outputs)
         del grams, outputs
@@ -167,15 +169,17 @@ def layer_statistics(model: nn.Module, inputs: LayerInputs, wanted: Callable[[st
 
 
 def loaded_statistics(model: nn.Module, batches: list[torch.Tensor], names: Collection[str],
-                      recompute: bool = False, keep_inputs: int = 0) -> Iterator[dict[str, ExpertGrams]]:
+                      recompute: bool = False, keep_inputs: int = 0,
+                      keep_outputs: bool = False) -> Iterator[dict[str, ExpertGrams]]:
     """layer_statistics of the experts modules `names` of a model loaded in memory, in eval mode for the pass, each
-    keeping its first `keep_inputs` tokens' inputs."""
+    keeping its first `keep_inputs` tokens' inputs (and with `keep_outputs`, their layer's outputs)."""
     was_training = model.training
     model.eval()
     try:
         inputs = capture(model, batches)
         yield from layer_statistics(model, inputs, lambda name: name in names,
-                                    lambda name: ExpertGrams(model.get_submodule(name), keep_inputs=keep_inputs),
+                                    lambda name: ExpertGrams(model.get_submodule(name), keep_inputs=keep_inputs,
+                                                             keep_outputs=keep_outputs),
                                     recompute)
     finally:
         model.train(was_training)

@@ -88,6 +88,7 @@ class CalibrationConfig:
                 "propagate": self.propagate}
 
 
+OBJECTIVES = ("block", "normed")
 RECONSTRUCTION_STEPS = 200  # what reconstruction.steps=null runs with calibration data and method=auto (BENCHMARKS §1)
 
 
@@ -98,19 +99,24 @@ class ReconstructionConfig:
     on the calibration tokens' inputs matches the original block's; quantized tensors train through their rounding
     (straight-through, scales fixed). It needs calibration data. `steps` null: RECONSTRUCTION_STEPS with calibration
     data and method=auto (or target_bits), else none; 0: off. Each step reads `batch_tokens` of the first `max_tokens`
-    calibration tokens that reach the block."""
+    calibration tokens that reach the block. `objective` "block" matches the block's output; "normed" the next
+    decoder layer's normalised input (the residual added, the next layer's input norm applied: errors weighed as the
+    next layer sees them), in memory only (BENCHMARKS §1 compares them)."""
 
     steps: Optional[int] = None
     lr: float = 1e-3
     batch_tokens: int = 1024
     max_tokens: int = 16384
     router: bool = False
+    objective: str = "block"
 
     def __post_init__(self):
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
             raise ValueError(f"reconstruction steps={self.steps} is not a step count; use steps >= 0 (0: off) or null")
         if self.lr <= 0 or min(self.batch_tokens, self.max_tokens) < 1:
             raise ValueError("reconstruction lr must be > 0 and batch_tokens, max_tokens >= 1")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"reconstruction objective={self.objective!r} is unknown; use one of {list(OBJECTIVES)}")
 
     @property
     def on(self) -> bool:

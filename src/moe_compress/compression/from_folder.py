@@ -332,6 +332,10 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
     checkpoint = open_checkpoint(source, trust_remote_code)
     token_ids = calibration_token_ids(checkpoint.folder, config, calibration)
     record = config.for_data(token_ids is not None)  # what the folder records: target_bits as asked, not as chosen
+    if record.reconstruction.on and record.reconstruction.objective != "block":
+        raise ValueError("a checkpoint folder's reconstruction matches each block's output; set "
+                         "compression.reconstruction.objective=block, or compress the loaded model with "
+                         "moe_compress.compress(model, config, calibration)")
     if token_ids is not None and record.calibration.propagate != "original":
         raise ValueError("compressing a checkpoint folder gathers its statistics on the original layers' outputs; "
                          "set compression.calibration.propagate=original, or compress the loaded model with "

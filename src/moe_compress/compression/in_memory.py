@@ -16,12 +16,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_compress.calibration.grams import ExpertGrams
-from moe_compress.calibration.layers import loaded_statistics
+from moe_compress.calibration.layers import decoder_layers, loaded_statistics
 from moe_compress.calibration.observe import Calibration, token_batches
 from moe_compress.compression import bits, engine
 from moe_compress.compression.config import CompressionConfig
 from moe_compress.compression.fitting import FittedModule, Weights
-from moe_compress.compression.reconstruction import reconstruct
+from moe_compress.compression.reconstruction import Normed, reconstruct
 from moe_compress.compression.report import BlockError, CompressionReport
 from moe_compress.discovery import find_experts, split_weights
 from moe_compress.experts import ModuleSpec, SharedCoreExperts
@@ -33,7 +33,8 @@ class LoadedModel:
     """A model in memory as the engine's experts source: its experts modules, read in place, and their statistics
     gathered by a layer-by-layer pass of the calibration batches."""
 
-    def __init__(self, model: nn.Module, batches: Optional[list], batch_size: int, keep_inputs: int = 0):
+    def __init__(self, model: nn.Module, batches: Optional[list], batch_size: int, keep_inputs: int = 0,
+                 keep_outputs: bool = False):
         if any(isinstance(m, SharedCoreExperts) for m in model.modules()):
             raise ValueError("this model is already compressed; compress the original model instead")
         self.model, self.batches = model, batches
@@ -46,6 +47,7 @@ class LoadedModel:
         self.calibrated = batches is not None
         self.batch_size = batch_size
         self.keep_inputs = keep_inputs  # tokens' inputs each module's statistics keep, for the reconstruction
+        self.keep_outputs = keep_outputs  # and their layer's outputs (objective=normed)
 
     def experts(self) -> list[tuple[str, nn.Module]]:
         return self.found
@@ -55,7 +57,25 @@ class LoadedModel:
         return {p: parts[p] for p in projections}
 
     def statistics(self, names: Collection[str], recompute: bool) -> Iterator[dict[str, ExpertGrams]]:
-        return loaded_statistics(self.model, self.batches, names, recompute, self.keep_inputs)
+        return loaded_statistics(self.model, self.batches, names, recompute, self.keep_inputs, self.keep_outputs)
+
+    def keep(self, config: CompressionConfig) -> None:
+        """What the statistics keep for config's reconstruction: its tokens' inputs, and for objective=normed their
+        layer's outputs."""
+        self.keep_inputs = engine.kept_inputs(config)
+        self.keep_outputs = config.reconstruction.objective == "normed"
+
+    def next_norm(self, name: str) -> nn.Module:
+        """The norm the decoder layer after the one holding `name` applies to its input (`input_layernorm`), or the
+        model's final norm after the last layer."""
+        prefix, layers = decoder_layers(self.model)
+        index = int(name.removeprefix(f"{prefix}.").split(".")[0])
+        norm = (getattr(layers[index + 1], "input_layernorm", None) if index + 1 < len(layers)
+                else getattr(self.model.base_model, "norm", None))
+        if norm is None:
+            raise ValueError(f"reconstruction objective=normed finds no input norm after {name} (input_layernorm of "
+                             "the next decoder layer, or the model's final norm); use objective=block")
+        return norm
 
     def swap_in(self, fitted: FittedModule, config: CompressionConfig) -> Optional[BlockError]:
         """Replace the experts module by its fitted SharedCoreExperts, on the module's device; with
@@ -67,7 +87,11 @@ class LoadedModel:
         parent, _, child = fitted.name.rpartition(".")
         block = self.model.get_submodule(parent)
         if config.reconstruction.on:
-            return reconstruct(fitted.name, block, experts, shared, fitted.inputs, config.reconstruction, config.seed)
+            normed = None
+            if config.reconstruction.objective == "normed":
+                normed = Normed(self.next_norm(fitted.name), fitted.layer_outputs)
+            return reconstruct(fitted.name, block, experts, shared, fitted.inputs, config.reconstruction, config.seed,
+                               normed)
         setattr(block, child, shared)
         return None
 
@@ -93,7 +117,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[
     source = LoadedModel(model, calibration_batches(model, config, calibration), config.calibration.batch_size)
     record = config.for_data(source.calibrated)  # what the folder records: target_bits as asked, not as chosen
     config, choice = record, None
-    source.keep_inputs = engine.kept_inputs(record)
+    source.keep(record)
     if record.target_bits is not None:
         config, choice = bits.choose(source, record, fit_device(config.device), progress)
     specs = engine.plan(source, config)
@@ -116,7 +140,7 @@ def compress_as(model: nn.Module, specs: dict[str, ModuleSpec], config: Compress
     config's size: to try allocations of one's own."""
     source = LoadedModel(model, calibration_batches(model, config, calibration), config.calibration.batch_size)
     config = config.for_data(source.calibrated)
-    source.keep_inputs = engine.kept_inputs(config)
+    source.keep(config)
     return fit_in_place(source, specs, config, progress)
 
 

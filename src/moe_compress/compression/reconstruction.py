@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -106,6 +107,19 @@ def training(block: nn.Module, compressed: SharedCoreExperts, router: bool) -> I
             p.requires_grad_(grads.get(p, False))
 
 
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """No gradient into `module`'s parameters for the block."""
+    grads = {p: p.requires_grad for p in module.parameters()}
+    for p in grads:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, grad in grads.items():
+            p.requires_grad_(grad)
+
+
 def batches(tokens: int, batch: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
     """`steps` batches of token indices: passes over a seeded permutation of the tokens, `batch` at a time."""
     generator = torch.Generator().manual_seed(seed)
@@ -117,31 +131,46 @@ def batches(tokens: int, batch: int, steps: int, seed: int) -> Iterator[torch.Te
         yield order[(step % per_pass) * batch:(step % per_pass + 1) * batch]
 
 
+@dataclass
+class Normed:
+    """The objective after the residual and the next layer's norm: `norm`, the next decoder layer's input norm (the
+    model's final norm after the last layer), and the decoder layer's outputs [N, H] on the kept tokens, from which
+    the residual stream is the layer's output less the block's."""
+
+    norm: nn.Module
+    layer_outputs: torch.Tensor
+
+
 def reconstruct(name: str, block: nn.Module, original: nn.Module, compressed: SharedCoreExperts, x: torch.Tensor,
-                config: ReconstructionConfig, seed: int) -> BlockError:
+                config: ReconstructionConfig, seed: int, normed: Normed | None = None) -> BlockError:
     """Put `compressed` in place of `original` in `block` and train it (with config.router, the router too) so that
-    the block's output on the inputs x [N, H] matches what it was with `original`: Adam on the squared error relative
-    to the outputs' mean square, over config.steps batches of config.batch_tokens, its learning rate decaying to 0 on
-    a cosine. Kept only where it lowers the error on all of x: otherwise the block is left as the fit left it."""
+    the block's output on the inputs x [N, H] matches what it was with `original` (with `normed`, the next layer's
+    normalised input, norm(residual + output)): Adam on the squared error relative to the targets' mean square, over
+    config.steps batches of config.batch_tokens, its learning rate decaying to 0 on a cosine. Kept only where it
+    lowers the block's output error on all of x: otherwise the block is left as the fit left it."""
     start = time.perf_counter()
     slot = slot_of(block, original)
     was_training = block.training
     block.eval()  # routers as at inference: no jitter
+    norm = nn.Identity() if normed is None else normed.norm
     try:
         x = x.to(compressed.projections["down"].expert_core.device)
         with in_fp32(block):  # the original block in fp32 too: targets as exact as they can be
             y = outputs_in_chunks(block, x)
+        residual = torch.zeros_like(y) if normed is None else normed.layer_outputs.to(y.device) - y
         setattr(block, slot, compressed)
-        with training(block, compressed, config.router) as params:
+        with training(block, compressed, config.router) as params, in_fp32(norm), frozen(norm), torch.no_grad():
+            target = torch.cat([norm(chunk) for chunk in (residual + y).split(EVAL_CHUNK)])
             before = relative_error(block, x, y)
             kept = [p.detach().clone() for p in params]
             optimizer = torch.optim.Adam(params, lr=config.lr)
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps)))
-            scale = y.square().mean()
+            scale = target.square().mean()
             with torch.enable_grad():
                 for index in batches(len(x), config.batch_tokens, config.steps, seed):
-                    loss = (outputs(block, x[index]) - y[index]).square().mean() / scale
+                    predicted = norm(residual[index] + outputs(block, x[index]))
+                    loss = (predicted - target[index]).square().mean() / scale
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -1,0 +1,138 @@
+"""Question 8, its reconstruction part: what the layer-wise reconstruction costs, against the calibrated compression
+without it.
+
+- testbeds: compress() of each bundled testbed at kept 0.3 (method=auto, calibrated on 64 windows of 256 bytes of
+  the training split), with the default reconstruction and without it (reconstruction.steps=0), median of 3 runs
+  taken in turns, 1 torch thread.
+- Qwen3-30B-A3B's shape, per experts module: a one-layer model with its MoE layer's shape (hidden 2048, 128 experts
+  of width 768, top-8; random weights, since time does not depend on their values) compressed at kept 0.3 on 64
+  random sequences of 256 tokens, one run: the calibration pass and the fits against the reconstruction of its block,
+  each timed by the compression's own report.
+
+`python -m benchmarks.reconstruction` runs it and stores it in benchmarks/results/calibration.json (§8).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+from benchmarks.common import stored_part, table
+from benchmarks.quality import calibration_windows
+from moe_compress import CompressionConfig, ReconstructionConfig, compress
+from moe_compress.testbed import TESTBEDS, load_testbed
+
+TESTBED = dict(ratio=0.3, repeats=3, sequences=64, testbeds=tuple(TESTBEDS))
+QUICK_TESTBED = dict(ratio=0.3, repeats=1, sequences=4, testbeds=("testbed",), steps=5)
+QWEN3 = dict(hidden=2048, experts=128, width=768, top_k=8, ratio=0.3, sequences=64, length=256)
+QUICK_QWEN3 = dict(hidden=64, experts=8, width=32, top_k=2, ratio=0.3, sequences=4, length=32, steps=5)
+
+
+def timed_compress(original, config: CompressionConfig, tokens: torch.Tensor) -> tuple[float, object]:
+    model = copy.deepcopy(original)
+    start = time.perf_counter()
+    report = compress(model, config, calibration=tokens, progress=False)
+    return time.perf_counter() - start, report
+
+
+def steps_of(setting: dict) -> dict:
+    return {"steps": setting["steps"]} if "steps" in setting else {}
+
+
+def testbed_rows(setting: dict) -> dict:
+    rows = {}
+    tokens = calibration_windows(setting["sequences"])
+    for name in setting["testbeds"]:
+        original, _ = load_testbed(torch.float32, TESTBEDS[name])
+        configs = {"without": CompressionConfig(target_ratio=setting["ratio"],
+                                                reconstruction=ReconstructionConfig(steps=0)),
+                   "with": CompressionConfig(target_ratio=setting["ratio"],
+                                             reconstruction=ReconstructionConfig(**steps_of(setting)))}
+        times: dict[str, list[float]] = {kind: [] for kind in configs}
+        blocks = []
+        for _ in range(setting["repeats"]):
+            for kind, config in configs.items():  # in turns: the machine's load falls on both alike
+                seconds, report = timed_compress(original, config, tokens)
+                times[kind].append(seconds)
+                if report.blocks:
+                    blocks.append(sum(b.seconds for b in report.blocks))
+        rows[name] = {kind: statistics.median(t) for kind, t in times.items()}
+        rows[name]["reconstruction_s"] = statistics.median(blocks)
+        rows[name]["ratio"] = rows[name]["with"] / rows[name]["without"]
+        print(f"reconstruction cost: {name} {rows[name]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def qwen3_shaped(setting: dict):
+    """A one-layer Qwen3-MoE model with Qwen3-30B-A3B's MoE layer shape, random weights (std 0.02)."""
+    config = Qwen3MoeConfig(hidden_size=setting["hidden"], moe_intermediate_size=setting["width"],
+                            num_experts=setting["experts"], num_experts_per_tok=setting["top_k"], norm_topk_prob=True,
+                            num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+                            intermediate_size=setting["width"], vocab_size=256, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for parameter in model.model.layers[0].mlp.parameters():
+            parameter.normal_(0, 0.02)
+    return model
+
+
+def qwen3_row(setting: dict) -> dict:
+    model = qwen3_shaped(setting)
+    tokens = torch.randint(0, 256, (setting["sequences"], setting["length"]),
+                           generator=torch.Generator().manual_seed(0))
+    config = CompressionConfig(target_ratio=setting["ratio"], reconstruction=ReconstructionConfig(**steps_of(setting)))
+    seconds, report = timed_compress(model, config, tokens)
+    block = report.blocks[0]
+    return {"total_s": seconds, "fits_s": report.seconds, "reconstruction_s": block.seconds,
+            "without_s": seconds - block.seconds, "ratio": seconds / (seconds - block.seconds),
+            "block_error": [block.before, block.after], "steps": block.steps, "tokens": setting["sequences"] *
+            setting["length"], "method": report.config.method}
+
+
+def cost_part(quick: bool = False) -> dict:
+    torch.set_num_threads(1)
+    testbed, qwen3 = (QUICK_TESTBED, QUICK_QWEN3) if quick else (TESTBED, QWEN3)
+    return {"testbed_setting": testbed, "testbeds": testbed_rows(testbed), "qwen3_setting": qwen3,
+            "qwen3": qwen3_row(qwen3)}
+
+
+def markdown(part: dict) -> str:
+    meta = part.get("meta", {})
+    steps = part["qwen3"]["steps"]
+    rows = [[name, f"{r['without']:.1f}", f"{r['with']:.1f}", f"{r['reconstruction_s']:.1f}", f"**{r['ratio']:.2f}x**"]
+            for name, r in part["testbeds"].items()]
+    q, s = part["qwen3"], part["qwen3_setting"]
+    rows.append([f"Qwen3-30B-A3B's shape, one experts module ({s['experts']} x {s['width']} x {s['hidden']}, "
+                 f"top-{s['top_k']}; {q['tokens']} tokens)", f"{q['without_s']:.1f}", f"{q['total_s']:.1f}",
+                 f"{q['reconstruction_s']:.1f}", f"**{q['ratio']:.2f}x**"])
+    met = [row[0].split(" (")[0] for row, ratio in zip(rows, [*(r["ratio"] for r in part["testbeds"].values()),
+                                                              q["ratio"]]) if ratio <= 2]
+    return (f"**Reconstruction**, rerun on its own with `{meta.get('command', 'python -m benchmarks.reconstruction')}`"
+            f" ({meta.get('seconds', 0):.0f} s, {meta.get('date', '')}): compress() at kept "
+            f"{part['testbed_setting']['ratio']} with calibration data (method=auto), with the default reconstruction "
+            f"({steps} Adam steps a block of {ReconstructionConfig().batch_tokens} tokens) and without it; testbeds: "
+            f"median of {part['testbed_setting']['repeats']} runs in turns; Qwen3-30B-A3B's shape: one run of a "
+            "one-layer model with its MoE layer, the calibration pass and the fits timed as the whole run less the "
+            "reconstruction. Goal: at most 2x the calibrated compression without it.\n\n"
+            + table(["model", "without s", "with s", "reconstruction s", "with / without"], rows)
+            + f"\n\nWithin the goal: {', '.join(met) or 'none'}. At Qwen3-30B-A3B's shape the module's fits take "
+            f"{q['fits_s']:.0f} s of the {q['without_s']:.0f} s ({q['method']}); its block's output error went "
+            f"{q['block_error'][0]:.3f} -> {q['block_error'][1]:.3f} on random weights and inputs. The testbeds' "
+            "fits take seconds, so a fixed number of steps weighs more there than at real sizes.")
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    part = stored_part("calibration", "reconstruction", "python -m benchmarks.reconstruction",
+                       lambda: cost_part(quick), store=not quick)
+    print(markdown(part))
+
+
+if __name__ == "__main__":
+    main()
