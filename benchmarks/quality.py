@@ -38,7 +38,7 @@ VARIANTS = {"propagate=compressed": {"calibration": {"propagate": "compressed"}}
                                              "reconstruction": {"router": True}},
             "objective=normed": {"reconstruction": {"objective": "normed"}}}
 FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta", "basis"),
-            calibrated=("als", "delta", "basis", "mixed"), repeats=3, adam_repeats=1, default_repeats=1,
+            calibrated=("als", "delta", "basis", "mixed"), repeats=1, adam_repeats=1, default_repeats=1,
             max_tokens=None, calibration_sequences=64, variants=VARIANTS, variant_ratios=(0.3, 0.5))
 QUICK = dict(ratios=(0.3,), methods=("als", "delta", "basis"), calibrated=("mixed",), repeats=1, adam_repeats=1,
              default_repeats=1, max_tokens=4096, calibration_sequences=4, adam_steps=5, polish_steps=5,
