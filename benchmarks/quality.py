@@ -242,7 +242,7 @@ def details_table(found: dict) -> str:
     rows = [[LABELS.get(r["method"], r["method"]), f"{r['ratio']:.3f}",
              "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['loss']:.4f}", f"{r['increase']:+.4f}",
              f"{r['seconds']:.2f}" if r["seconds"] else "-"] for r in found["rows"]]
-    return table(["method", "kept fraction", "rel. error", "held-out loss", "increase", "fit s (median)"], rows)
+    return table(["method", "kept fraction", "rel. error", "held-out loss", "increase", "fit s (one run)"], rows)
 
 
 def spans(best: dict[float, str]) -> str:

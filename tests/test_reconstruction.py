@@ -95,6 +95,11 @@ def test_reconstruction_lowers_each_block_output_error_as_measured_afresh(tmp_pa
     assert saved["reconstruction"]["blocks"][1]["after"] == report.blocks[1].after
     assert saved["layers"][0]["block_error"] == {"before": report.blocks[0].before, "after": report.blocks[0].after}
     assert "reconstruction: block output error" in str(report)
+    card = (tmp_path / "sc" / "README.md").read_text()
+    before, after = report.block_error
+    assert f"before -> after layer-wise reconstruction | {before:.4f} -> {after:.4f} |" in card
+    config = json.loads((tmp_path / "sc" / "config.json").read_text())["quantization_config"]
+    assert config["stats"]["reconstruction"] == {"block_error": {"before": before, "after": after}}
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
@@ -152,6 +157,18 @@ def test_quantized_storage_trains_through_its_rounding_and_stays_integers(tmp_pa
     mc.save_compressed(model, tmp_path / "sc")
     with torch.no_grad():
         assert torch.equal(mc.load_compressed(tmp_path / "sc")(ids).logits, model(ids).logits)
+
+
+def test_a_bf16_model_trains_in_fp32_and_stays_bf16():
+    """The block trains in fp32 (Adam's small steps vanish in bf16's rounding) and goes back to the model's dtype."""
+    model = tiny_model().to(torch.bfloat16)
+    config = mc.CompressionConfig(target_ratio=0.6, method="delta", bits=4, reconstruction=dict(
+        steps=30, batch_tokens=64, router=True))
+    report = mc.compress(model, config, calibration=token_ids(8, 32), progress=False)
+    assert all(b.after < b.before for b in report.blocks)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert model(token_ids()).logits.isfinite().all()
 
 
 def test_router_option_trains_the_router_and_keeps_top_k_routing_valid(tmp_path):

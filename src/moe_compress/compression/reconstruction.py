@@ -7,7 +7,7 @@ between gate/up and down, how the three projections' errors compound, or that a 
 block-wise reconstruction as post-training quantization does it (BRECQ, Li et al. 2021; OmniQuant, Shao et al. 2024),
 with the router optionally trained too, as router calibration of pruned or merged MoEs does.
 
-    error = reconstruct(block, original, compressed, x, config, seed)   # compressed left in the block, trained
+    error = reconstruct(name, block, original, compressed, x, config, seed)  # compressed left in the block, trained
 
 Quantized tensors train through their rounding: float shadows read through the stored format with a
 straight-through gradient, scales and zero points fixed, their codes written back at the end. Shapes: N calibration

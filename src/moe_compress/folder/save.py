@@ -29,6 +29,8 @@ def attach_quantization_config(model: nn.Module, specs: dict[str, ModuleSpec], c
     """Record the compression (the spec of each experts module, the settings, the report's totals) in model.config,
     so that save_pretrained writes a folder from_pretrained can load."""
     stats = {k: v for k, v in report.to_dict().items() if k not in ("config", "rows")}
+    if "reconstruction" in stats:  # the totals; each block's figures are in compression_report.json
+        stats["reconstruction"] = {"block_error": stats["reconstruction"]["block_error"]}
     modules = {name: spec.to_dict() for name, spec in specs.items()}
     model.config.quantization_config = SharedCoreConfig(modules, compression.to_dict(), stats)
     mark_compressed(model.config)
@@ -161,6 +163,9 @@ def model_card(model: nn.Module) -> str:
         *([f"| bits per expert weight (every stored tensor and scale) | {stats['bits_per_weight']:.3f} |"]
           if stats.get("bits_per_weight") is not None else []),
         f"| relative reconstruction error | {stats.get('rel_error', float('nan')):.4f} |",
+        *([f"| MoE blocks' output error on the calibration tokens, before -> after layer-wise reconstruction | "
+           f"{block['before']:.4f} -> {block['after']:.4f} |"]
+          if (block := stats.get("reconstruction", {}).get("block_error")) else []),
         f"| compressed experts modules | {len(compression.modules)} |",
         "",
         "With `pip install moe-compress`, load it as any model: `AutoModelForCausalLM.from_pretrained(folder)` (or",

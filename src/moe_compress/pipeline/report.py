@@ -96,6 +96,9 @@ def write_report(run: PipelineRun, model: str, teacher: Scores) -> Path:
         ]),
         "",
         f"Relative reconstruction error of the expert weights: **{report.rel_error:.4f}** (before distillation).",
+        *([f"The MoE blocks' output error on the calibration tokens, root mean square over the blocks: "
+           f"**{report.block_error[0]:.4f} -> {report.block_error[1]:.4f}** through the layer-wise reconstruction "
+           f"({report.blocks[0].steps} steps a block)."] if report.blocks else []),
         "",
         rank_summary(report),
         "",
