@@ -10,15 +10,18 @@ at two learning rates.
 from __future__ import annotations
 
 import copy
+import sys
 import tempfile
 import time
 
 import torch
 from transformers import TrainingArguments
 
-from benchmarks.common import part_cli, plot_to, table
+from benchmarks.common import part_cli, plot_to, stored_part, table
 from benchmarks.quality import calibration_windows
-from moe_compress import CompressionConfig, ReconstructionConfig, compress
+from moe_compress import CompressionConfig, ModuleSpec, ReconstructionConfig, compress, find_experts
+from moe_compress.compression.in_memory import compress_as
+from moe_compress.discovery import projection_names
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, load_teacher, teacher_memory
 from moe_compress.testbed import TESTBEDS, heldout_loss, load_testbed, read_split
@@ -105,6 +108,7 @@ def reconstructed(quick: bool) -> dict:
     original itself trained by the same recipe for the same steps on the same data (on a small model that is not fully
     trained, in-domain distillation also trains further)."""
     s = QUICK if quick else FULL
+    torch.set_num_threads(1)
     teacher, tokenizer = load_testbed(path=TESTBEDS[TEACHER_TESTBED])
     loss = lambda model: heldout_loss(model, read_split("validation"), max_tokens=s["max_tokens"])
     steps = {"steps": 5} if quick else {}
@@ -115,6 +119,11 @@ def reconstructed(quick: bool) -> dict:
         if reconstruction is not None:
             compress(student, CompressionConfig(target_ratio=s["ratio"], reconstruction=reconstruction),
                      calibration=calibration_windows(4 if quick else 64), progress=False)
+        else:  # every expert as it is, in floats (the dense form: its own core), so that distill() trains the
+            # original's experts as it trains the students' expert tensors; the logits are the original's
+            specs = {name: ModuleSpec("dense", dict.fromkeys(projection_names(experts), 0))
+                     for name, experts in find_experts(student)}
+            compress_as(student, specs, CompressionConfig(method="quantize", bits=8), progress=False)
         before = loss(student)
         start = time.perf_counter()
         distill(student, teacher, tokenizer, DataConfig(seq_len=s["seq_len"]), DistillationConfig(alpha=s["alpha"]),
@@ -205,7 +214,10 @@ def reconstructed_markdown(found: dict) -> str:
                   for name, row in rows.items() if name != "original (control)"]
     table_rows.append(["original (control)", "+0.0000", f"{control - original:+.4f}", "+0.0000", "-"])
     alone, both = (closed - rows[k]["after"] for k in ("closed-form fit", "with reconstruction"))
-    return (f"**Reconstruction, then distillation**: the {found['testbed']} testbed at kept {s['ratio']} with "
+    meta = found.get("meta")  # the smoke run prints the part without one
+    ran = "" if meta is None else (f" (run alone; machine: {meta['machine']}; command: `{meta['command']}`, "
+                                   f"{meta['seconds']:.0f} s, {meta['date']})")
+    return (f"**Reconstruction, then distillation**{ran}: the {found['testbed']} testbed at kept {s['ratio']} with "
             f"calibration data (the default fit, closed form alone or with the layer-wise reconstruction), each "
             f"distilled {s['steps']} steps as above from the full teacher; the control is the original trained by the "
             f"same recipe for the same steps on the same data. Loss increases over the original's held-out loss "
@@ -240,4 +252,11 @@ def trained_markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    part_cli(__doc__, "distillation", "quantized_student", run, markdown, quantized_student, quantized_student_markdown)
+    if "--reconstructed" in sys.argv:  # the reconstruction part alone, stored beside the section's other figures
+        print(reconstructed_markdown(stored_part("distillation", "reconstructed",
+                                                 "python -m benchmarks.distillation --reconstructed",
+                                                 lambda: reconstructed("--quick" in sys.argv),
+                                                 store="--quick" not in sys.argv)))
+    else:
+        part_cli(__doc__, "distillation", "quantized_student", run, markdown, quantized_student,
+                 quantized_student_markdown)
