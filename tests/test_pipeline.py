@@ -12,7 +12,8 @@ from transformers import AutoConfig
 from moe_compress.testbed import TESTBED_DIR
 
 TINY = ["eval.limit=4", "training.max_steps=4", "training.save_steps=2", "training.per_device_train_batch_size=2",
-        "data.seq_len=64", "compression.polish_steps=5", "compression.calibration.num_sequences=8"]
+        "data.seq_len=64", "compression.polish_steps=5", "compression.calibration.num_sequences=8",
+        "compression.reconstruction.steps=5"]
 
 
 def pipeline(*args, cwd):
