@@ -45,7 +45,7 @@ FULL = dict(testbeds=("testbed", "testbed_fine"), kept=(0.25, 0.3, 0.4, 0.5, 0.7
             calibration_sequences=64)
 QUICK = dict(testbeds=("testbed",), kept=(0.3,), bits=(4,), symmetric_bits=(), quantizer_bits=(2,),
              gptq_damps=(1.0,), hqq_groups=(None,), peer_kept=(0.5,), target_bits=(2.5,), max_tokens=2048,
-             calibration_sequences=4)
+             calibration_sequences=4, reconstruction={"steps": 5})
 BUDGETS = (1.5, 2, 2.5, 3, 4, 4.25)
 FAMILIES = {"target": "ours, target_bits (the default choice)", "ours": "ours (calibrated default)", "rtn": "RTN",
             "gptq": "GPTQ", "hqq": "HQQ", "reap": "REAP pruning", "hc-smoe": "HC-SMoE merging"}
@@ -96,7 +96,8 @@ def our_runs(original, setting: dict, calibration, loss) -> list[dict]:
     runs = []
     for kept in setting["kept"]:
         for bits, symmetric in formats:
-            config = CompressionConfig(target_ratio=kept, bits=bits, symmetric=symmetric)
+            config = CompressionConfig(target_ratio=kept, bits=bits, symmetric=symmetric,
+                                       reconstruction=setting.get("reconstruction", {}))
             label = f"kept {kept} ({config.for_data(True).method}), {format_label(bits, symmetric)}"
             runs.append(compressed_run(original, "ours", label, config, calibration, loss))
     return runs
@@ -109,7 +110,8 @@ def target_runs(original, setting: dict, calibration, loss) -> list[dict]:
     for budget in setting["target_bits"]:
         model = copy.deepcopy(original)
         start = time.perf_counter()
-        report = compress(model, CompressionConfig(target_bits=budget), calibration=calibration, progress=False)
+        config = CompressionConfig(target_bits=budget, reconstruction=setting.get("reconstruction", {}))
+        report = compress(model, config, calibration=calibration, progress=False)
         seconds = time.perf_counter() - start
         runs.append({"family": "target", "budget": budget,
                      "setting": f"target_bits={budget}: {chosen(report.choice['chosen'])}",
