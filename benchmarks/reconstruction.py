@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from benchmarks.common import stored_part, table
 from benchmarks.quality import calibration_windows
 from moe_compress import CompressionConfig, ReconstructionConfig, compress
+from moe_compress.compression.config import RECONSTRUCTION_STEPS
 from moe_compress.testbed import TESTBEDS, load_testbed
 
 TESTBED = dict(ratio=0.3, repeats=3, sequences=64, testbeds=tuple(TESTBEDS))
@@ -110,27 +111,31 @@ def cost_part(quick: bool = False, testbeds: dict | None = None) -> dict:
 
 def markdown(part: dict) -> str:
     meta = part.get("meta", {})
-    steps = part["qwen3"]["steps"]
     rows = [[name, f"{r['without']:.1f}", f"{r['with']:.1f}", f"{r['reconstruction_s']:.1f}", f"**{r['ratio']:.2f}x**"]
             for name, r in part["testbeds"].items()]
-    q, s = part["qwen3"], part["qwen3_setting"]
-    rows.append([f"Qwen3-30B-A3B's shape, one experts module ({s['experts']} x {s['width']} x {s['hidden']}, "
-                 f"top-{s['top_k']}; {q['tokens']} tokens)", f"{q['without_s']:.1f}", f"{q['total_s']:.1f}",
-                 f"{q['reconstruction_s']:.1f}", f"**{q['ratio']:.2f}x**"])
-    met = [row[0].split(" (")[0] for row, ratio in zip(rows, [*(r["ratio"] for r in part["testbeds"].values()),
-                                                              q["ratio"]]) if ratio <= 2]
-    return (f"**Reconstruction**, rerun on its own with `{meta.get('command', 'python -m benchmarks.reconstruction')}`"
-            f" ({meta.get('seconds', 0):.0f} s, {meta.get('date', '')}): compress() at kept "
-            f"{part['testbed_setting']['ratio']} with calibration data (method=auto), with the default reconstruction "
-            f"({steps} Adam steps a block of {ReconstructionConfig().batch_tokens} tokens) and without it; testbeds: "
-            f"median of {part['testbed_setting']['repeats']} runs in turns; Qwen3-30B-A3B's shape: one run of a "
-            "one-layer model with its MoE layer (uniform ranks), the calibration pass and the fits timed as the whole "
-            "run less the reconstruction. Goal: at most 2x the calibrated compression without it.\n\n"
+    ratios = [r["ratio"] for r in part["testbeds"].values()]
+    q = part.get("qwen3")
+    if q is not None:
+        s = part["qwen3_setting"]
+        rows.append([f"Qwen3-30B-A3B's shape, one experts module ({s['experts']} x {s['width']} x {s['hidden']}, "
+                     f"top-{s['top_k']}; {q['tokens']} tokens)", f"{q['without_s']:.1f}", f"{q['total_s']:.1f}",
+                     f"{q['reconstruction_s']:.1f}", f"**{q['ratio']:.2f}x**"])
+        ratios.append(q["ratio"])
+    met = [row[0].split(" (")[0] for row, ratio in zip(rows, ratios) if ratio <= 2]
+    missed = [row[0].split(" (")[0] for row, ratio in zip(rows, ratios) if ratio > 2]
+    shape = (f"At Qwen3-30B-A3B's shape the module's fits take {q['fits_s']:.0f} s of the {q['without_s']:.0f} s "
+             f"({q['method']}); its block's output error went {q['block_error'][0]:.3f} -> {q['block_error'][1]:.3f} "
+             "on random weights and inputs." if q is not None else part.get("qwen3_note", ""))
+    return (f"**Reconstruction**, measured with `{meta.get('command', 'python -m benchmarks.reconstruction')}`"
+            f" ({meta.get('date', '')}): compress() at kept {part['testbed_setting']['ratio']} with calibration data "
+            f"(method=auto), with the default reconstruction ({RECONSTRUCTION_STEPS} Adam steps a block of "
+            f"{ReconstructionConfig().batch_tokens} tokens) and without it; testbeds: median of "
+            f"{part['testbed_setting']['repeats']} runs in turns; Qwen3-30B-A3B's shape: one run of a one-layer model "
+            "with its MoE layer (uniform ranks), the calibration pass and the fits timed as the whole run less the "
+            "reconstruction. Goal: at most 2x the calibrated compression without it.\n\n"
             + table(["model", "without s", "with s", "reconstruction s", "with / without"], rows)
-            + f"\n\nWithin the goal: {', '.join(met) or 'none'}. At Qwen3-30B-A3B's shape the module's fits take "
-            f"{q['fits_s']:.0f} s of the {q['without_s']:.0f} s ({q['method']}); its block's output error went "
-            f"{q['block_error'][0]:.3f} -> {q['block_error'][1]:.3f} on random weights and inputs. The testbeds' "
-            "fits take seconds, so a fixed number of steps weighs more there than at real sizes.")
+            + f"\n\nWithin the goal: {', '.join(met) or 'none'}; missed: {', '.join(missed) or 'none'}. {shape} "
+            "The testbeds' fits take seconds, so a fixed number of steps weighs more there than at real sizes.")
 
 
 def main() -> None:
