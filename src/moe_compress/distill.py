@@ -22,6 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from moe_compress.compression.config import CompressionConfig
 from moe_compress.compression.in_memory import compress
+from moe_compress.compression.reconstruction import router_parameters as block_router_parameters
 from moe_compress.data import DataConfig, build_datasets
 from moe_compress.experts import SharedCoreExperts
 from moe_compress.quantize import QuantFormat, QuantizedLinear
@@ -92,13 +93,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def router_parameters(model: nn.Module) -> set[int]:
     """ids of the routers' parameters: those beside each experts module whose first dimension counts the experts."""
-    found = set()
-    for name, module in model.named_modules():
-        if isinstance(module, SharedCoreExperts):
-            block = model.get_submodule(name.rpartition(".")[0])
-            found |= {id(p) for n, p in block.named_parameters()
-                      if not n.startswith("experts.") and p.dim() >= 1 and p.shape[0] == module.num_experts}
-    return found
+    return {id(p) for name, module in model.named_modules() if isinstance(module, SharedCoreExperts)
+            for p in block_router_parameters(model.get_submodule(name.rpartition(".")[0]), module)}
 
 
 def trains(train: str, tensor: str) -> bool:
