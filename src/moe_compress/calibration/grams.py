@@ -78,7 +78,8 @@ class ExpertGrams(RoutingCounts):
 
     def state(self) -> dict[str, torch.Tensor]:
         """The statistics in their saved form: the Grams packed (see `pack`), and the kept inputs."""
-        kept = {} if self.block_inputs is None else {"block_inputs": self.block_inputs}
+        inputs = self.block_inputs
+        kept = {} if inputs is None else {"block_inputs": inputs}
         return {"tokens": self.tokens, "inputs": pack(self.inputs), "intermediate": pack(self.intermediate), **kept}
 
     @classmethod

@@ -33,8 +33,7 @@ class LoadedModel:
     """A model in memory as the engine's experts source: its experts modules, read in place, and their statistics
     gathered by a layer-by-layer pass of the calibration batches."""
 
-    def __init__(self, model: nn.Module, batches: Optional[list], batch_size: int, keep_inputs: int = 0,
-                 keep_outputs: bool = False):
+    def __init__(self, model: nn.Module, batches: Optional[list], batch_size: int):
         if any(isinstance(m, SharedCoreExperts) for m in model.modules()):
             raise ValueError("this model is already compressed; compress the original model instead")
         self.model, self.batches = model, batches
@@ -46,8 +45,8 @@ class LoadedModel:
                                      "before compressing")
         self.calibrated = batches is not None
         self.batch_size = batch_size
-        self.keep_inputs = keep_inputs  # tokens' inputs each module's statistics keep, for the reconstruction
-        self.keep_outputs = keep_outputs  # and their layer's outputs (objective=normed)
+        self.keep_inputs = 0  # tokens' inputs each module's statistics keep, for the reconstruction (keep())
+        self.keep_outputs = False  # and their layer's outputs (objective=normed)
 
     def experts(self) -> list[tuple[str, nn.Module]]:
         return self.found

@@ -89,22 +89,15 @@ def training(block: nn.Module, compressed: SharedCoreExperts, router: bool) -> I
     wanted = [p for proj in projections for p in proj.parameters()]
     if router:
         wanted += router_parameters(block, compressed)
-    grads = {p: p.requires_grad for p in block.parameters()}
-    for p in block.parameters():
-        p.requires_grad_(False)
-    for p in wanted:
-        p.requires_grad_(True)
-    try:
-        with in_fp32(block):
-            try:
-                yield wanted
-            finally:
-                with torch.no_grad():
-                    for proj in projections:
-                        proj.end_quantization_aware_()
-    finally:
-        for p in block.parameters():
-            p.requires_grad_(grads.get(p, False))
+    with frozen(block), in_fp32(block):
+        for p in wanted:
+            p.requires_grad_(True)
+        try:
+            yield wanted
+        finally:
+            with torch.no_grad():
+                for proj in projections:
+                    proj.end_quantization_aware_()
 
 
 @contextmanager
