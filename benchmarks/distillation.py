@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 from benchmarks.common import part_cli, plot_to, stored_part, table
 from benchmarks.quality import calibration_windows
 from moe_compress import CompressionConfig, ModuleSpec, ReconstructionConfig, compress, find_experts
+from moe_compress.compression.config import CalibrationConfig
 from moe_compress.compression.in_memory import compress_as
 from moe_compress.discovery import projection_names
 from moe_compress.data import DataConfig
@@ -118,7 +119,7 @@ def reconstructed(quick: bool) -> dict:
         student = copy.deepcopy(teacher)
         if reconstruction is not None:
             compress(student, CompressionConfig(target_ratio=s["ratio"], reconstruction=reconstruction),
-                     calibration=calibration_windows(4 if quick else 64), progress=False)
+                     calibration=calibration_windows(4 if quick else CalibrationConfig().num_sequences), progress=False)
         else:  # every expert as it is, in floats (the dense form: its own core), so that distill() trains the
             # original's experts as it trains the students' expert tensors; the logits are the original's
             specs = {name: ModuleSpec("dense", dict.fromkeys(projection_names(experts), 0))

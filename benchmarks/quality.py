@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.common import plot_to, table
 from moe_compress import CompressionConfig, compress, find_experts, merge_experts, prune_experts
-from moe_compress.compression.config import RECONSTRUCTION_STEPS
+from moe_compress.compression.config import RECONSTRUCTION_STEPS, CalibrationConfig, ReconstructionConfig
 from moe_compress.discovery import join_weights, split_weights
 from moe_compress.testbed import TESTBEDS, heldout_loss, load_testbed, read_split
 
@@ -39,7 +39,7 @@ VARIANTS = {"propagate=compressed": {"calibration": {"propagate": "compressed"}}
             "objective=normed": {"reconstruction": {"objective": "normed"}}}
 FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta", "basis"),
             calibrated=("als", "delta", "basis", "mixed"), repeats=1, adam_repeats=1, default_repeats=1,
-            max_tokens=None, calibration_sequences=64, variants=VARIANTS, variant_ratios=(0.3, 0.5))
+            max_tokens=None, calibration_sequences=CalibrationConfig().num_sequences, variants=VARIANTS, variant_ratios=(0.3, 0.5))
 QUICK = dict(ratios=(0.3,), methods=("als", "delta", "basis"), calibrated=("mixed",), repeats=1, adam_repeats=1,
              default_repeats=1, max_tokens=4096, calibration_sequences=4, adam_steps=5, polish_steps=5,
              reconstruction_steps=5, variants={"router": VARIANTS["router"]}, variant_ratios=(0.3,))
@@ -52,8 +52,8 @@ LABELS = {"adam": "seed adam", "als": "als (wrapper)", "delta": "delta (C + U_e 
           "mixed+calibration": "mixed (basis for gate, up; delta for down), calibrated",
           "basis+calibration": "basis, calibrated",
           "auto+calibration": "the default: mixed below kept 0.4, basis from it, calibrated, with reconstruction"}
-# the default with calibration data before reconstruction (BENCHMARKS.md of 2026-11-26: closed-form fits of 3 rounds),
-# which issue 22's goals are stated against
+# the default with calibration data before reconstruction (BENCHMARKS.md of 2026-11-26: closed-form fits of 3 rounds,
+# on 64 calibration windows), which issue 22's goals are stated against
 BEFORE_RECONSTRUCTION = {"testbed": {0.2: 0.0283, 0.25: 0.0201, 0.3: 0.0153, 0.5: 0.0044, 0.75: 0.0012},
                          "testbed_fine": {0.2: 0.5016, 0.25: 0.3321, 0.3: 0.2092, 0.5: 0.0223, 0.75: 0.0034}}
 
@@ -348,10 +348,13 @@ def reconstruction_note(result: dict) -> str:
             variant_rows_.append([TESTBED_NAMES[name].split(" (")[0], row["target"], row["variant"],
                                   f"{row['increase']:+.4f}", versus,
                                   "-" if row["block_error"] is None else f"{row['block_error'][1]:.3f}"])
+    defaults = ReconstructionConfig()
     text = (f"Layer-wise reconstruction (the default with calibration data: {RECONSTRUCTION_STEPS} Adam steps a "
-            "block on its output, compression/reconstruction.py), against the closed-form fits it starts from and "
-            "against the default before it (closed-form fits of 3 rounds, BENCHMARKS.md of 2026-11-26):\n\n"
-            + "\n".join(lines))
+            f"block on its output, lr {defaults.lr:g}, {defaults.batch_tokens} tokens a step out of the first "
+            f"{defaults.max_tokens} that reach it; compression/reconstruction.py), against the closed-form fits it "
+            "starts from and against the default before it (closed-form fits of 3 rounds on 64 calibration windows, "
+            f"BENCHMARKS.md of 2026-11-26; this run calibrates on {result['setting']['calibration_sequences']} "
+            "windows, the product's default number of calibration sequences):\n\n" + "\n".join(lines))
     if variant_rows_:
         text += ("\n\nThe reconstruction's other settings, each against the default at the same kept fraction (one "
                  "run each):\n\n" + table(["testbed", "kept", "setting", "increase", "against the default",

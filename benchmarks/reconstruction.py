@@ -1,11 +1,11 @@
 """Question 8, its reconstruction part: what the layer-wise reconstruction costs, against the calibrated compression
 without it.
 
-- testbeds: compress() of each bundled testbed at kept 0.3 (method=auto, calibrated on 64 windows of 256 bytes of
-  the training split), with the default reconstruction and without it (reconstruction.steps=0), median of 3 runs
-  taken in turns, 1 torch thread.
+- testbeds: compress() of each bundled testbed at kept 0.3 (method=auto, calibrated on 256 windows of 256 bytes of
+  the training split, the default number of calibration sequences), with the default reconstruction and without it
+  (reconstruction.steps=0), median of 3 runs taken in turns, 1 torch thread.
 - Qwen3-30B-A3B's shape, per experts module: a one-layer model with its MoE layer's shape (hidden 2048, 128 experts
-  of width 768, top-8; random weights, since time does not depend on their values) compressed at kept 0.3 on 64
+  of width 768, top-8; random weights, since time does not depend on their values) compressed at kept 0.3 on 256
   random sequences of 256 tokens, one run: the calibration pass and the fits against the reconstruction of its block,
   each timed by the compression's own report.
 
@@ -27,12 +27,12 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from benchmarks.common import stored_part, table
 from benchmarks.quality import calibration_windows
 from moe_compress import CompressionConfig, ReconstructionConfig, compress
-from moe_compress.compression.config import RECONSTRUCTION_STEPS
+from moe_compress.compression.config import RECONSTRUCTION_STEPS, CalibrationConfig
 from moe_compress.testbed import TESTBEDS, load_testbed
 
-TESTBED = dict(ratio=0.3, repeats=3, sequences=64, testbeds=tuple(TESTBEDS))
+TESTBED = dict(ratio=0.3, repeats=3, sequences=CalibrationConfig().num_sequences, testbeds=tuple(TESTBEDS))
 QUICK_TESTBED = dict(ratio=0.3, repeats=1, sequences=4, testbeds=("testbed",), steps=5)
-QWEN3 = dict(hidden=2048, experts=128, width=768, top_k=8, ratio=0.3, sequences=64, length=256)
+QWEN3 = dict(hidden=2048, experts=128, width=768, top_k=8, ratio=0.3, sequences=256, length=256)
 QUICK_QWEN3 = dict(hidden=64, experts=8, width=32, top_k=2, ratio=0.3, sequences=4, length=32, steps=5)
 
 

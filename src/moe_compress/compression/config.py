@@ -89,7 +89,7 @@ class CalibrationConfig:
 
 
 OBJECTIVES = ("block", "normed")
-RECONSTRUCTION_STEPS = 200  # what reconstruction.steps=null runs with calibration data and method=auto (BENCHMARKS §1)
+RECONSTRUCTION_STEPS = 100  # what reconstruction.steps=null runs with calibration data and method=auto (BENCHMARKS §1)
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,9 @@ class ReconstructionConfig:
     next layer sees them), in memory only (BENCHMARKS §1 compares them)."""
 
     steps: Optional[int] = None
-    lr: float = 1e-3
+    lr: float = 3e-3
     batch_tokens: int = 1024
-    max_tokens: int = 16384
+    max_tokens: int = 65536  # held in memory as the inputs and targets, fp32: 2 x 65536 x hidden x 4 bytes
     router: bool = False
     objective: str = "block"
 
