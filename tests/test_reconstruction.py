@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import moe_compress as mc
 from moe_compress import SharedCoreExperts
+from moe_compress.compression.config import RECONSTRUCTION_STEPS
 from moe_compress.compression.from_folder import work_dir
 from moe_compress.discovery import find_experts
 from moe_compress.parallel import Manifest
@@ -222,7 +223,7 @@ def test_a_checkpoint_folder_reconstructs_as_the_loaded_model_does(tmp_path):
     folders = {}
     for steps in (0, 60):
         config = mc.CompressionConfig(target_ratio=0.5, reconstruction=mc.ReconstructionConfig(
-            steps=steps, batch_tokens=64, router=True))
+            steps=steps, lr=1e-3, batch_tokens=64, router=True))  # the lr the bounds were measured at
         report = mc.compress_checkpoint(src, tmp_path / f"streamed-{steps}", config, calibration=ids, progress=False)
         model = tiny_model()
         reference = mc.compress(model, config, calibration=ids, progress=False)
@@ -282,6 +283,6 @@ def test_bad_reconstruction_settings_are_refused_in_one_line():
         mc.ReconstructionConfig(steps=-1)
     with pytest.raises(ValueError, match="lr must be > 0"):
         mc.CompressionConfig(rank=2, reconstruction={"lr": 0})
-    assert mc.CompressionConfig(rank=2).for_data(True).reconstruction.steps == 200
+    assert mc.CompressionConfig(rank=2).for_data(True).reconstruction.steps == RECONSTRUCTION_STEPS
     assert mc.CompressionConfig(rank=2).for_data(False).reconstruction.steps == 0
     assert mc.CompressionConfig(rank=2, method="delta").for_data(True).reconstruction.steps == 0

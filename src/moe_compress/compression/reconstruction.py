@@ -150,10 +150,13 @@ def reconstruct(name: str, block: nn.Module, original: nn.Module, compressed: Sh
         x = x.to(compressed.projections["down"].expert_core.device)
         with in_fp32(block):  # the original block in fp32 too: targets as exact as they can be
             y = outputs_in_chunks(block, x)
-        residual = torch.zeros_like(y) if normed is None else normed.layer_outputs.to(y.device) - y
+        # the residual stream beside the block's output, for the normed objective (None: the block's output alone,
+        # and its targets are y itself: at 65,536 kept tokens each [N, H] copy is 0.5 GiB at hidden 2048)
+        residual = None if normed is None else normed.layer_outputs.to(y.device) - y
         setattr(block, slot, compressed)
         with training(block, compressed, config.router) as params, in_fp32(norm), frozen(norm), torch.no_grad():
-            target = torch.cat([norm(chunk) for chunk in (residual + y).split(EVAL_CHUNK)])
+            target = y if residual is None else torch.cat([norm(r + chunk) for r, chunk in
+                                                           zip(residual.split(EVAL_CHUNK), y.split(EVAL_CHUNK))])
             before = relative_error(block, x, y)
             kept = [p.detach().clone() for p in params]
             optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -162,7 +165,8 @@ def reconstruct(name: str, block: nn.Module, original: nn.Module, compressed: Sh
             scale = target.square().mean()
             with torch.enable_grad():
                 for index in batches(len(x), config.batch_tokens, config.steps, seed):
-                    predicted = norm(residual[index] + outputs(block, x[index]))
+                    predicted = outputs(block, x[index])
+                    predicted = predicted if residual is None else norm(residual[index] + predicted)
                     loss = (predicted - target[index]).square().mean() / scale
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
