@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_compress.experts import PROJECTION_FORMS, basis_side
-from moe_compress.fit import Metric, cholesky
+from moe_compress.fit import CHUNK_ELEMENTS, cholesky
 
 
 @dataclass(frozen=True)
@@ -37,43 +37,48 @@ class Curve:
 
 
 def _descending_spectrum(R: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
-    """Per expert, the eigenvalues of R_e M_e R_e^T (M_e = I when None), largest first, in fp64: [E, min(out, in)].
-    Their tail beyond 2r is what the best rank-2r correction of R_e leaves in the metric (whitened SVD)."""
-    R = R.double()
+    """Per expert, the eigenvalues of R_e M_e R_e^T (M_e = I when None), largest first: [E, min(out, in)], fp64
+    given fp64. Their tail beyond 2r is what the best rank-2r correction of R_e leaves in the metric (whitened SVD)."""
     out_f, in_f = R.shape[-2:]
     if M is None:
         gram = R @ R.mT if out_f <= in_f else R.mT @ R
     elif out_f <= in_f:
-        gram = (R @ M.double()) @ R.mT
+        gram = (R @ M) @ R.mT
     else:
-        L = cholesky(M)
-        RL = R @ L
+        RL = R @ cholesky(M)
         gram = RL.mT @ RL
     return torch.linalg.eigvalsh(gram).clamp_min(0).flip(-1)
 
 
-def _basis_spectrum(R: torch.Tensor, M: torch.Tensor | None, projection: str) -> torch.Tensor:
-    """Eigenvalues, largest first, of the summed deviations' Gram on the shared side: the error a shared basis of k
-    columns removes is the sum of the first k (exactly on the output side; on the input side in a metric, with the
-    experts' mean metric standing in for each one's)."""
-    R = R.double()
-    if basis_side(projection) == "out":
-        gram = torch.einsum("eoi,epi->op", R if M is None else R @ M.double(), R)
-    else:
-        if M is not None:
-            R = R @ cholesky(M.mean(0))
-        gram = torch.einsum("eoi,eoj->ij", R, R)
-    return torch.linalg.eigvalsh(gram).clamp_min(0).flip(-1)
+def _chunks(W: torch.Tensor, members: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Expert indices (of `members` [E] when given), CHUNK_ELEMENTS of W's elements at a time: the curves are taken
+    in fp64 chunk by chunk, never on an fp64 copy of all experts (at Qwen3-30B-A3B's shape an [E, in, in] metric in
+    fp64 alone is 4.3 GiB)."""
+    index = torch.arange(W.shape[0], device=W.device) if members is None else members.nonzero().flatten()
+    return list(index.split(max(1, CHUNK_ELEMENTS // W[0].numel())))
 
 
 def _first_cores(W: torch.Tensor, groups: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
-    """Each expert's group's first core, the mean or (in a metric) the RegMean of its members: [E, out, in]."""
-    cores = torch.empty_like(W)
-    for g in groups.unique():
-        members = groups == g
-        W_g = W[members]
-        cores[members] = W_g.mean(0) if M is None else Metric.of(W_g, M[members]).regmean()[0]
-    return cores
+    """Each group's first core, the mean or (in a metric) the RegMean of its members, (sum_e W_e M_e)(sum_e M_e)^-1,
+    summed chunk by chunk in fp64: [G, out, in]."""
+    cores = []
+    for g in range(int(groups.max()) + 1):
+        target, total, count = 0, 0, 0
+        for part in _chunks(W, groups == g):
+            W_c = W[part].double()
+            count += len(part)
+            if M is None:
+                target = target + W_c.sum(0)
+            else:
+                M_c = M[part].double()
+                target, total = target + torch.einsum("eoi,eij->oj", W_c, M_c), total + M_c.sum(0)
+        cores.append(target / count if M is None else torch.cholesky_solve(target.mT, cholesky(total)).mT)
+    return torch.stack(cores)
+
+
+def _mean_metric(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """The experts' mean metric in fp64, summed chunk by chunk: [in, in]."""
+    return sum(M[part].double().sum(0) for part in _chunks(W)) / W.shape[0]
 
 
 def error_curve(W: torch.Tensor, form: str, projection: str, max_rank: int, groups: torch.Tensor | None = None,
@@ -82,27 +87,38 @@ def error_curve(W: torch.Tensor, form: str, projection: str, max_rank: int, grou
     first cores (mean, or RegMean in a metric, of each group of experts that `groups` [E] labels, one group when None)
     after its best rank-2r per-expert correction (wrapped and delta; for the wrapped form an estimate, since it
     spends its rank on two sides), or after the best shared basis of k columns (basis). The fits then refit the
-    cores, so they end a little below the curve."""
+    cores, so they end a little below the curve. Taken in fp64, a chunk of experts at a time."""
     E, out_f, in_f = W.shape
-    W = W.double()
-    M = None if metric is None else metric.double()
     groups = torch.zeros(E, dtype=torch.long, device=W.device) if groups is None else groups
-    R = W - _first_cores(W, groups, M)
-    if M is None:
-        total, residual = W.square().sum(), R.square().sum()
-    else:
-        # the shared input basis's curve is measured in the experts' mean metric, its estimate of each one's
-        metric_of = M.mean(0, keepdim=True).expand_as(M) if form == "basis" and basis_side(projection) == "in" else M
-        total = ((W @ metric_of) * W).sum()
-        residual = ((R @ metric_of) * R).sum()
+    cores = _first_cores(W, groups, metric)
+    basis_in = form == "basis" and basis_side(projection) == "in"
+    # the shared input basis's curve is measured in the experts' mean metric, its estimate of each one's
+    mean = _mean_metric(W, metric) if basis_in and metric is not None else None
+    whiten = None if mean is None else cholesky(mean)
+    total = residual = gram = 0
+    spectra = []
+    for part in _chunks(W):
+        W_c = W[part].double()
+        R = W_c - cores[groups[part]]
+        M = None if metric is None else (mean if mean is not None else metric[part].double())
+        total = total + (W_c.square().sum() if M is None else ((W_c @ M) * W_c).sum())
+        residual = residual + (R.square().sum() if M is None else ((R @ M) * R).sum())
+        if form != "basis":
+            spectra.append(_descending_spectrum(R, M))
+        elif basis_in:  # the summed Gram of the (whitened) deviations on the input side
+            R = R if whiten is None else R @ whiten
+            gram = gram + torch.einsum("eoi,eoj->ij", R, R)
+        else:  # on the output side, exactly in each expert's metric
+            gram = gram + torch.einsum("eoi,epi->op", R if M is None else R @ M, R)
     if form == "basis":
-        captured = torch.cat([torch.zeros(1, dtype=W.dtype), _basis_spectrum(R, M, projection).cumsum(0)])
+        spectrum = torch.linalg.eigvalsh(gram).clamp_min(0).flip(-1)
+        captured = torch.cat([torch.zeros(1, dtype=spectrum.dtype, device=spectrum.device), spectrum.cumsum(0)])
         ranks = torch.arange(max_rank + 1).clamp_max(captured.shape[0] - 1)
     else:
-        per_column = _descending_spectrum(R, M).sum(0)  # the i-th largest of every expert, summed
-        captured = torch.cat([torch.zeros(1, dtype=W.dtype), per_column.cumsum(0)])
+        per_column = torch.cat(spectra).sum(0)  # the i-th largest of every expert, summed
+        captured = torch.cat([torch.zeros(1, dtype=per_column.dtype, device=per_column.device), per_column.cumsum(0)])
         ranks = (2 * torch.arange(max_rank + 1)).clamp_max(captured.shape[0] - 1)
-    errors = ((residual - captured[ranks]).clamp_min(0) / total.clamp_min(1e-300)).tolist()
+    errors = ((residual - captured[ranks.to(captured.device)]).clamp_min(0) / total.clamp_min(1e-300)).tolist()
     stored = PROJECTION_FORMS[form].stored_params
     num_cores = int(groups.max()) + 1
     base = stored(E, out_f, in_f, 0, num_cores, projection)
