@@ -134,8 +134,7 @@ def markdown(part: dict) -> str:
             "with its MoE layer (uniform ranks), the calibration pass and the fits timed as the whole run less the "
             "reconstruction. Goal: at most 2x the calibrated compression without it.\n\n"
             + table(["model", "without s", "with s", "reconstruction s", "with / without"], rows)
-            + f"\n\nWithin the goal: {', '.join(met) or 'none'}; missed: {', '.join(missed) or 'none'}. {shape} "
-            "The testbeds' fits take seconds, so a fixed number of steps weighs more there than at real sizes.")
+            + f"\n\nWithin the goal: {', '.join(met) or 'none'}; missed: {', '.join(missed) or 'none'}. {shape}")
 
 
 def main() -> None:
