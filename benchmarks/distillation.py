@@ -216,7 +216,7 @@ def reconstructed_markdown(found: dict) -> str:
     table_rows.append(["original (control)", "+0.0000", f"{control - original:+.4f}", "+0.0000", "-"])
     alone, both = (closed - rows[k]["after"] for k in ("closed-form fit", "with reconstruction"))
     meta = found.get("meta")  # the smoke run prints the part without one
-    ran = "" if meta is None else (f" (run alone; machine: {meta['machine']}; command: `{meta['command']}`, "
+    ran = "" if meta is None else (f" (run as its own part; machine: {meta['machine']}; command: `{meta['command']}`, "
                                    f"{meta['seconds']:.0f} s, {meta['date']})")
     return (f"**Reconstruction, then distillation**{ran}: the {found['testbed']} testbed at kept {s['ratio']} with "
             f"calibration data (the default fit, closed form alone or with the layer-wise reconstruction), each "
