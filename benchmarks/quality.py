@@ -39,7 +39,8 @@ VARIANTS = {"propagate=compressed": {"calibration": {"propagate": "compressed"}}
             "objective=normed": {"reconstruction": {"objective": "normed"}}}
 FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta", "basis"),
             calibrated=("als", "delta", "basis", "mixed"), repeats=1, adam_repeats=1, default_repeats=1,
-            max_tokens=None, calibration_sequences=CalibrationConfig().num_sequences, variants=VARIANTS, variant_ratios=(0.3, 0.5))
+            max_tokens=None, calibration_sequences=CalibrationConfig().num_sequences, variants=VARIANTS,
+            variant_ratios=(0.3, 0.5))
 QUICK = dict(ratios=(0.3,), methods=("als", "delta", "basis"), calibrated=("mixed",), repeats=1, adam_repeats=1,
              default_repeats=1, max_tokens=4096, calibration_sequences=4, adam_steps=5, polish_steps=5,
              reconstruction_steps=5, variants={"router": VARIANTS["router"]}, variant_ratios=(0.3,))

@@ -32,7 +32,7 @@ from moe_compress.testbed import TESTBEDS, load_testbed
 
 TESTBED = dict(ratio=0.3, repeats=3, sequences=CalibrationConfig().num_sequences, testbeds=tuple(TESTBEDS))
 QUICK_TESTBED = dict(ratio=0.3, repeats=1, sequences=4, testbeds=("testbed",), steps=5)
-QWEN3 = dict(hidden=2048, experts=128, width=768, top_k=8, ratio=0.3, sequences=256, length=256)
+QWEN3 = dict(hidden=2048, experts=128, width=768, top_k=8, ratio=0.3, sequences=TESTBED["sequences"], length=256)
 QUICK_QWEN3 = dict(hidden=64, experts=8, width=32, top_k=2, ratio=0.3, sequences=4, length=32, steps=5)
 
 

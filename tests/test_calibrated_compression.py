@@ -178,7 +178,8 @@ def test_the_command_calibrates_on_the_testbed_corpus(tmp_path):
         [sys.executable, "-m", "moe_compress", "compress", "compression.target_ratio=0.3",
          "compression.polish_steps=0", "compression.calibration.data.source=testbed",
          "compression.calibration.num_sequences=8", "compression.calibration.data.seq_len=64",
-         "compression.reconstruction.steps=5", f"output_dir={tmp_path / 'sc'}"], capture_output=True, text=True, cwd=tmp_path)
+         "compression.reconstruction.steps=5", f"output_dir={tmp_path / 'sc'}"],
+        capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "sc" / "compression_report.json").read_text())
     assert report["config"]["calibration"]["data"]["source"] == "testbed"
