@@ -76,18 +76,27 @@ def block_error(original, compressed, layer: int, x: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm()).item()
 
 
-def test_reconstruction_lowers_each_block_output_error_as_measured_afresh(tmp_path):
-    original, ids = tiny_model(), token_ids(8, 32)
+def judged(x: torch.Tensor) -> torch.Tensor:
+    """The tokens whose block output error judges and reports a reconstruction: the last eighth."""
+    return x[len(x) - round(len(x) / 8):]
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_reconstruction_lowers_each_block_output_error_as_measured_afresh(tmp_path, held_out):
+    """Judged on the last eighth of the tokens, trained on or held out (held out on 8 sequences, one of the two blocks
+    learnt the first 7 and not the last and was undone: 32 sequences here)."""
+    original, ids = tiny_model(), token_ids(32, 32)
     model = copy.deepcopy(original)
     without = copy.deepcopy(original)
-    config = mc.CompressionConfig(target_ratio=0.5, reconstruction=RECONSTRUCT)
+    config = mc.CompressionConfig(target_ratio=0.5, reconstruction=dict(steps=60, batch_tokens=64, held_out=held_out))
     report = mc.compress(model, config, calibration=ids, progress=False)
     mc.compress(without, mc.CompressionConfig(target_ratio=0.5, reconstruction=mc.ReconstructionConfig(steps=0)),
                 calibration=ids, progress=False)
     assert [b.module for b in report.blocks] == [name for name, _ in find_experts(original)]
     for layer, block in enumerate(report.blocks):
         x = block_inputs(original, layer, ids)  # propagate=original: every block's inputs are the original model's
-        assert block_error(original, without, layer, x) == pytest.approx(block.before, rel=1e-4)
+        x = judged(x)
+        assert len(x) == 128 and block_error(original, without, layer, x) == pytest.approx(block.before, rel=1e-4)
         assert block_error(original, model, layer, x) == pytest.approx(block.after, rel=1e-4)
         assert block.after < 0.9 * block.before and block.steps == 60
     assert logit_error(model, original, ids) < logit_error(without, original, ids)
@@ -153,11 +162,25 @@ def test_quantized_storage_trains_through_its_rounding_and_stays_integers(tmp_pa
         for proj in experts.projections.values():
             assert set(proj.stored) == set(proj.TENSORS) and not list(proj.parameters())  # no float shadows left
             assert proj.core_packed.dtype == torch.int32
-    x = block_inputs(original, 0, ids)
+    x = judged(block_inputs(original, 0, ids))
     assert block_error(original, model, 0, x) == pytest.approx(report.blocks[0].after, rel=1e-4)
     mc.save_compressed(model, tmp_path / "sc")
     with torch.no_grad():
         assert torch.equal(mc.load_compressed(tmp_path / "sc")(ids).logits, model(ids).logits)
+
+
+def test_a_reconstruction_that_does_not_lower_the_held_out_error_is_undone():
+    """An lr far too large leaves the blocks worse on the held-out tokens: each is left exactly as the fit left it."""
+    original, ids = tiny_model(), token_ids(16, 32)
+    model, without = copy.deepcopy(original), copy.deepcopy(original)
+    config = mc.CompressionConfig(target_ratio=0.5, reconstruction=dict(steps=20, batch_tokens=64, lr=10.0,
+                                                                        held_out=True))
+    report = mc.compress(model, config, calibration=ids, progress=False)
+    mc.compress(without, mc.CompressionConfig(target_ratio=0.5, reconstruction=dict(steps=0)), calibration=ids,
+                progress=False)
+    assert report.blocks and all(b.after == b.before for b in report.blocks)
+    got, want = model.state_dict(), without.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_a_bf16_model_trains_in_fp32_and_stays_bf16():
@@ -218,7 +241,7 @@ def test_a_checkpoint_folder_reconstructs_as_the_loaded_model_does(tmp_path):
     """The same inputs (the original propagation), the same seeded batches, the same code: the folders differ only as
     far as the checkpoint's statistics, kept in bf16 (calibration/grams.py), move the fits (0.3% here, the bound 1%),
     which Adam's normalised steps carry into the trained tensors (2.1% here, the bound 5%); the blocks' output errors
-    agree to 1%."""
+    agree to 2% (1.0% here, on the 32 tokens that judge them)."""
     src, ids = source_folder(tmp_path), token_ids(8, 32)
     folders = {}
     for steps in (0, 60):
@@ -231,7 +254,7 @@ def test_a_checkpoint_folder_reconstructs_as_the_loaded_model_does(tmp_path):
         folders[steps] = largest_difference(tmp_path / f"streamed-{steps}", tmp_path / f"in-memory-{steps}")
     assert folders[0] < 0.01 and folders[60] < 0.05
     for got, want in zip(report.blocks, reference.blocks):
-        assert got.module == want.module and got.after == pytest.approx(want.after, rel=0.01)
+        assert got.module == want.module and got.after == pytest.approx(want.after, rel=0.02)
         assert got.after < 0.9 * got.before
     streamed = folder_tensors(tmp_path / "streamed-60")["model.layers.1.mlp.gate.weight"]
     assert not torch.allclose(streamed, tiny_model().model.layers[1].mlp.gate.weight, atol=1e-4)  # the router trained

@@ -114,7 +114,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
             if y.requires_grad:  # its backward refuses strided gradients, which a model's gating can hand it
                 y.register_hook(torch.Tensor.contiguous)  # (gpt_oss reads gate and up as every other column)
             return y
-    blocks = [x_e @ w[e] for e, x_e in enumerate(x.split(route.counts)) if x_e.shape[0] > 0]
+    # unbind, not w[e]: each w[e]'s backward writes a zero gradient the size of all of w (at Qwen3-30B-A3B's shape the
+    # loop's backward took 24-67x longer than with unbind's one stacked gradient)
+    blocks = [x_e @ w_e for x_e, w_e in zip(x.split(route.counts), w.unbind(0)) if x_e.shape[0] > 0]
     return torch.cat(blocks) if blocks else x.new_zeros(0, w.shape[-1])
 
 

@@ -163,8 +163,8 @@ def model_card(model: nn.Module) -> str:
         *([f"| bits per expert weight (every stored tensor and scale) | {stats['bits_per_weight']:.3f} |"]
           if stats.get("bits_per_weight") is not None else []),
         f"| relative reconstruction error | {stats.get('rel_error', float('nan')):.4f} |",
-        *([f"| MoE blocks' output error on the calibration tokens, before -> after layer-wise reconstruction | "
-           f"{block['before']:.4f} -> {block['after']:.4f} |"]
+        *([f"| MoE blocks' output error on the last eighth of the calibration tokens, before -> after layer-wise "
+           f"reconstruction | {block['before']:.4f} -> {block['after']:.4f} |"]
           if (block := stats.get("reconstruction", {}).get("block_error")) else []),
         f"| compressed experts modules | {len(compression.modules)} |",
         "",
