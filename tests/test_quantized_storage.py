@@ -5,6 +5,8 @@ same logits by every route, and the resident memory holds the integers, not floa
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 
 import pytest
 import torch
@@ -17,7 +19,9 @@ import moe_compress as mc
 from moe_compress import fit
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.observe import observe
+from moe_compress.compression import bits
 from moe_compress.compression.fitting import fit_into, quantize_into
+from moe_compress.compression.in_memory import LoadedModel
 from moe_compress.discovery import split_weights
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, select_trainable, train_quantization_aware
@@ -233,6 +237,25 @@ def test_target_bits_is_respected_as_the_saved_folder_measures_it_and_takes_the_
                                       progress=False)
     assert streamed.choice["chosen"]["method"] == report.choice["chosen"]["method"]
     assert streamed.bits_per_weight <= budget
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_target_bits_measures_at_each_width_the_largest_kept_fraction_within_its_budget(calibrated):
+    """The definition, written out: each form candidate stores at most the budget, and KEPT_STEP more (short of the
+    last fraction scanned) would store more than the budget or not fit."""
+    budget = 3.0
+    source = LoadedModel(tiny_model("qwen3_moe"), [token_ids()] if calibrated else None, batch_size=8)
+    found, least = bits.candidates(source, mc.CompressionConfig(target_bits=budget, group_size=16))
+    forms = [(config, planned) for config, planned in found if config.method != "quantize"]
+    assert len({config.bits for config, _ in forms}) >= 2 and least <= min(p for _, p in found)
+    for config, planned in found:
+        assert planned <= budget and planned == bits.planned_bits(source, config)
+    for config, _ in forms:
+        assert config.target_bits is None and config.rank_allocation == "uniform"
+        if config.target_ratio < bits.KEPT[-1]:
+            more = dataclasses.replace(config, target_ratio=config.target_ratio + bits.KEPT_STEP)
+            assert (bits.planned_bits(source, more.for_data(calibrated)) or math.inf) > budget
+    assert any(config.target_ratio not in bits.KEPT for config, _ in forms)  # found between the fractions scanned
 
 
 def test_target_bits_below_every_choice_or_beside_other_sizes_is_refused_in_one_line():

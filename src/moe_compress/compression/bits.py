@@ -3,18 +3,22 @@ stored bits per original expert weight (every code, scale and zero point counted
 within B and whose error, measured on a sample of the model's own experts modules, is lowest.
 
 The candidates: the experts as they are, quantized (method=quantize, kept 1) at each bit width, and the default form
-(method=auto: with calibration data the shared input basis and delta below kept 0.4, the shared basis from 0.4) at
-each kept fraction of KEPT and each bit width, with uniform ranks; each symmetric and asymmetric (zero points cost a
-little storage and can fit skewed groups better: measured on the fine testbed at 4 bits, GPTQ 3-bit asymmetric was
-chosen over symmetric and lost 0.63x as much). Their bits are exact, from the shapes each would
-store; at each bit width only the largest kept fraction within budget is measured (keeping more at the same width
-cannot cost accuracy). Their error is each sample module fitted and quantized as the compression would, summed as the
-report sums it, in the calibrated metric when there is data: the error on the inputs the experts are routed.
+(method=auto: with calibration data the shared input basis and delta below kept 0.4, the shared basis from 0.4, each
+reconstructed, and the first alone from 0.75) at the largest kept fraction within budget (to KEPT_STEP) at each bit
+width, with uniform ranks; each symmetric and asymmetric (zero points cost a little storage and can fit skewed groups
+better: measured on the fine testbed at 4 bits, GPTQ 3-bit asymmetric was chosen over symmetric and lost 0.63x as
+much). Their bits are exact, from the shapes each would store. At each bit width only the largest kept fraction within
+budget is measured, since keeping more at the same width cannot cost accuracy (on a grid of kept fractions alone,
+target_bits=2.5 on the fine testbed stored 2.15 bits and left the rest of its budget unspent). Their error is each
+sample module fitted and quantized as the compression would, summed as the report sums it, in the calibrated metric
+when there is data: the error on the inputs the experts are routed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -30,21 +34,61 @@ from moe_compress.discovery import split_weights
 from moe_compress.experts import make_projection
 
 BIT_WIDTHS = (2, 3, 4, 8)
-KEPT = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75)
+KEPT = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9)  # scanned for the bracket of the largest within budget
+KEPT_STEP = 0.005  # how close the largest kept fraction within budget is found, by bisection inside that bracket
 SAMPLE = 3  # experts modules whose error ranks the candidates: the first, a middle one, the last
 
 
-def candidates(config: CompressionConfig) -> list[CompressionConfig]:
-    """Every setting target_bits chooses among, symmetric and asymmetric, with config's other settings (group size,
-    calibration). Uniform ranks: the global allocation spends a budget of parameters, which would not bound the bits."""
-    found = []
+def candidates(source: engine.ExpertsSource, config: CompressionConfig) -> tuple[list[tuple[CompressionConfig, float]],
+                                                                              Optional[float]]:
+    """Every setting target_bits chooses among within config.target_bits, with its planned bits, and the least bits
+    any setting stores (None if none fits this model): at each bit width, symmetric and asymmetric, the experts
+    quantized as they are and the default form at the largest kept fraction within budget, with config's other
+    settings (group size, calibration). Uniform ranks: the global allocation spends a budget of parameters, which
+    would not bound the bits."""
+    found, fewest = [], []
     for symmetric in (True, False):
-        common = {"target_bits": None, "symmetric": symmetric}
-        found += [dataclasses.replace(config, **common, method="quantize", bits=b, rank_allocation=None)
-                  for b in BIT_WIDTHS]
-        found += [dataclasses.replace(config, **common, target_ratio=k, bits=b, rank_allocation="uniform")
-                  for k in KEPT for b in BIT_WIDTHS]
-    return found
+        for b in BIT_WIDTHS:
+            common = {"target_bits": None, "symmetric": symmetric, "bits": b}
+            quantized = functools.partial(setting, config, source.calibrated, **common, method="quantize",
+                                          rank_allocation=None)
+            form = functools.partial(setting, config, source.calibrated, **common, rank_allocation="uniform")
+            for candidate, bits, least in (within(source, quantized, [None], config.target_bits),
+                                           within(source, form, KEPT, config.target_bits)):
+                fewest += [] if least is None else [least]
+                found += [] if candidate is None else [(candidate, bits)]
+    return found, min(fewest, default=None)
+
+
+def setting(config: CompressionConfig, calibrated: bool, kept: Optional[float], **changes) -> CompressionConfig:
+    """`config` with `changes` at the kept fraction `kept` (None: the experts as they are), as it runs with or without
+    calibration data."""
+    size = {} if kept is None else {"target_ratio": kept}
+    return dataclasses.replace(config, **changes, **size).for_data(calibrated)
+
+
+def within(source: engine.ExpertsSource, make: Callable[[Optional[float]], CompressionConfig],
+           kept: Sequence[Optional[float]], budget: float
+           ) -> tuple[Optional[CompressionConfig], Optional[float], Optional[float]]:
+    """The setting make(k) at the largest kept fraction k within `budget` bits (kept [None]: the experts as they are),
+    its planned bits (both None if no fraction is within), and the fewest bits of the fractions scanned. The grid
+    `kept` brackets it, bisection finds it to KEPT_STEP: at one width, bits grow with the kept fraction."""
+    planned = [(k, planned_bits(source, make(k))) for k in kept]
+    fitting = [bits for _, bits in planned if bits is not None]
+    inside = [i for i, (_, bits) in enumerate(planned) if bits is not None and bits <= budget]
+    if not inside:
+        return None, None, min(fitting, default=None)
+    low, bits = planned[inside[-1]]
+    if inside[-1] + 1 < len(kept):  # between the largest within and the next, which stores too much or cannot fit
+        high = kept[inside[-1] + 1]
+        while high - low > KEPT_STEP:
+            middle = round((low + high) / 2, 4)
+            middle_bits = planned_bits(source, make(middle))
+            if middle_bits is not None and middle_bits <= budget:
+                low, bits = middle, middle_bits
+            else:
+                high = middle
+    return make(low), bits, min(fitting)
 
 
 def planned_bits(source: engine.ExpertsSource, config: CompressionConfig) -> Optional[float]:
@@ -90,18 +134,7 @@ def choose(source: engine.ExpertsSource, config: CompressionConfig, device: torc
     """The candidate of lowest sample error among those within config.target_bits, and a record of the choice (every
     feasible candidate's bits and error)."""
     budget = config.target_bits
-    widest: dict[tuple[str, int, bool], tuple[float, CompressionConfig, float]] = {}  # per form, width, symmetry
-    least = None
-    for candidate in candidates(config):
-        candidate = candidate.for_data(source.calibrated)
-        bits = planned_bits(source, candidate)
-        if bits is None:
-            continue
-        least = bits if least is None else min(least, bits)
-        kept, key = candidate.target_ratio or 1.0, (candidate.method, candidate.bits, candidate.symmetric)
-        if bits <= budget and kept > widest.get(key, (0.0,))[0]:
-            widest[key] = (kept, candidate, bits)  # at one width, keeping more can only lower the error
-    feasible = [(candidate, bits) for _, candidate, bits in widest.values()]
+    feasible, least = candidates(source, config)
     if not feasible:
         raise ValueError(f"target_bits={budget} is below what any choice stores (the least: {least:.3f} bits per "
                          f"weight); use target_bits >= {least:.3f}")
