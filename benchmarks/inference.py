@@ -5,9 +5,11 @@ SharedCoreExperts in each form at the storage of wrapper ranks 16 and 64 (delta 
 the width k that stores as much; mixed: that basis for gate and up, delta for down), all fp32 with random weights
 (speed does not depend on the values), at Qwen3-30B-A3B shapes: E=128 experts, top-8, hidden 2048, expert width 768.
 Quantized rows (`4-bit`): every stored tensor in 4-bit groups of 128 (round to nearest), as compress(bits=4) keeps
-them, dequantized once a forward; `original 4-bit` is the original experts so kept (method=quantize, kept 1.0), the
-weight-only int4 quantization of the original on this path. torch's int4 weight-only kernel is timed apart on one
-expert projection (`int4_kernel`), against the fp32 matmul of the same matrix.
+them; `original 4-bit` is the original experts so kept (method=quantize, kept 1.0), the weight-only int4 quantization
+of the original. A forward dequantizes what it reads (the per-expert tensors of the routed experts alone), except a
+single 4-bit core on fewer than INT4_KERNEL_ROWS bf16 tokens, which runs through torch's int4 weight-only kernel; the
+`, bf16` rows are the same modules in bf16, as models are served. The kernel is timed apart on one expert's
+projections (`int4_kernel`): against dequantizing the matrix and a bf16 matmul, and against the float matmuls.
 Timing: medians of interleaved runs in one process.
 Memory: peak resident memory of a fresh process that builds one module and runs one forward.
 """
@@ -23,21 +25,28 @@ from moe_compress import ModuleSpec, SharedCoreExperts
 from moe_compress.compression.budget import max_rank, stored_params
 from moe_compress.compression.config import MIXED_FORMS, PROJECTIONS
 from moe_compress.compression.fitting import quantized
-from moe_compress.quantize import QuantFormat
+from moe_compress.quantize import INT4_KERNEL_ROWS, Int4Weight, QuantFormat, dequantize_packed, pack, quantize_rtn
 
 FULL = dict(num_experts=128, top_k=8, hidden=2048, width=768, tokens=(1, 64, 512), ranks=(16, 64), repeats=7,
-            forms=("wrapped", "delta", "basis", "mixed"), quantized=("original 4-bit", "mixed rank 16 4-bit"))
+            forms=("wrapped", "delta", "basis", "mixed"), quantized=("original 4-bit", "mixed rank 16 4-bit"),
+            bf16=("original", "mixed rank 16", "original 4-bit", "mixed rank 16 4-bit"),
+            kernel_rows=(1, 8, 64, 128, 512))
 QUICK = dict(num_experts=8, top_k=2, hidden=64, width=32, tokens=(16,), ranks=(4,), repeats=2, forms=("mixed",),
-             quantized=("original 4-bit", "mixed rank 4 4-bit"))
+             quantized=("original 4-bit", "mixed rank 4 4-bit"), bf16=("original", "mixed rank 4 4-bit"),
+             kernel_rows=(1, 16))
+BF16 = ", bf16"
 FORMAT = QuantFormat(4, 128)
 
 
 def build(kind: str, shape: dict) -> torch.nn.Module:
-    """A module of `kind`: "original", "<form> rank <r>", either followed by " 4-bit" for FORMAT storage."""
+    """A module of `kind`: "original", "<form> rank <r>", either followed by " 4-bit" for FORMAT storage, then by
+    BF16 for a bf16 module."""
+    dtype = torch.bfloat16 if kind.endswith(BF16) else torch.float32
+    kind = kind.removesuffix(BF16)
     config = Qwen3MoeConfig(hidden_size=shape["hidden"], moe_intermediate_size=shape["width"],
                             num_experts=shape["num_experts"], num_experts_per_tok=shape["top_k"])
     config._experts_implementation = "grouped_mm"  # what from_pretrained picks by default
-    original = Qwen3MoeExperts(config)
+    original = Qwen3MoeExperts(config).to(dtype)
     module = original
     words = kind.removesuffix(" 4-bit").split()
     E, F, H = shape["num_experts"], shape["width"], shape["hidden"]
@@ -57,7 +66,8 @@ def build(kind: str, shape: dict) -> torch.nn.Module:
         if kind.endswith("4-bit"):
             for proj in module.projections.values():
                 for name in proj.TENSORS:
-                    proj.quantize_(name, quantized(proj.matrix(name).float(), FORMAT, None))
+                    scale_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16  # as compress does
+                    proj.quantize_(name, quantized(proj.matrix(name).to(scale_dtype), FORMAT, None))
     return module.eval()
 
 
@@ -67,57 +77,66 @@ def weights_mib(module: torch.nn.Module) -> float:
 
 
 def int4_kernel(shape: dict, rows: tuple[int, ...], repeats: int) -> dict:
-    """Milliseconds of one expert's down projection ([hidden, width]) on `rows` tokens: torch's int4 weight-only
-    kernel for the CPU (groups of 128) against the fp32 matmul of the same matrix; the codes' values do not matter."""
-    out_f, in_f = shape["hidden"], shape["width"]
-    group = min(FORMAT.group_size, in_f)  # the quick shape's width is 32
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, generator=g)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    scales_and_zeros = torch.rand(in_f // group, out_f, 2, generator=g) * 0.01
-    weight = torch.randn(out_f, in_f, generator=g) * 0.02
+    """Milliseconds of one expert's up ([width, hidden]) and down ([hidden, width]) projections on `rows` tokens:
+    torch's int4 weight-only kernel (bf16 tokens; fp32 tokens take a slow path), dequantizing the 4-bit matrix and a
+    bf16 matmul (what a forward does otherwise), and the bf16 and fp32 matmuls of the float matrix."""
+    group = min(FORMAT.group_size, shape["width"])  # the quick shape's width is 32
+    format = QuantFormat(FORMAT.bits, group, symmetric=False)
     result = {"group": group, "ms": {}}
-    for n in rows:
-        x = torch.randn(n, in_f, generator=g)
-        with torch.no_grad():
-            seconds = interleaved_medians({
-                "int4": lambda: torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros),
-                "fp32": lambda: x @ weight.T}, repeats)
-        result["ms"][n] = {kind: 1e3 * value for kind, value in seconds.items()}
+    for name, (out_f, in_f) in {"up": (shape["width"], shape["hidden"]),
+                                "down": (shape["hidden"], shape["width"])}.items():
+        weight = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)) * 0.02
+        q = quantize_rtn(weight.bfloat16(), format)
+        packed = pack(q.codes, format.bits)
+        kernel = Int4Weight.of(packed, in_f, q.scales, q.zeros, format)
+        bf16 = weight.bfloat16()
+        for n in rows:
+            x = torch.randn(n, in_f, generator=torch.Generator().manual_seed(n))
+            xb = x.bfloat16()
+            with torch.no_grad():
+                seconds = interleaved_medians({
+                    "int4 kernel": lambda: kernel(xb),
+                    "dequantize + bf16": lambda: xb @ dequantize_packed(packed, in_f, q.scales, q.zeros, format).T,
+                    "bf16": lambda: xb @ bf16.T, "fp32": lambda: x @ weight.T}, repeats)
+            result["ms"][f"{name} {n}"] = {kind: 1e3 * value for kind, value in seconds.items()}
     return result
 
 
-def routing(tokens: int, shape: dict, seed: int = 0):
+def routing(tokens: int, shape: dict, kind: str = "", seed: int = 0):
+    """A forward's inputs for a module of `kind`: tokens, their experts and routing weights (bf16 for a bf16 one)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, shape["hidden"], generator=g)
+    dtype = torch.bfloat16 if kind.endswith(BF16) else torch.float32
+    x = torch.randn(tokens, shape["hidden"], generator=g).to(dtype)
     index = torch.stack([torch.randperm(shape["num_experts"], generator=g)[: shape["top_k"]] for _ in range(tokens)])
-    return x, index, torch.softmax(torch.randn(tokens, shape["top_k"], generator=g), -1)
+    return x, index, torch.softmax(torch.randn(tokens, shape["top_k"], generator=g), -1).to(dtype)
 
 
 def peak_memory(kind: str, tokens: int, shape: dict) -> tuple[float, float]:
     """(weights MiB, peak resident MiB) of building one module and running one forward; run it in a fresh process."""
     module = build(kind, shape)
     with torch.no_grad():
-        module(*routing(tokens, shape))
+        module(*routing(tokens, shape, kind))
     return weights_mib(module), peak_rss_mib()
 
 
 def run(quick: bool = False) -> dict:
     shape = QUICK if quick else FULL
     kinds = (["original"] + [f"{form} rank {r}" for r in shape["ranks"] for form in shape["forms"]]
-             + list(shape["quantized"]))
+             + list(shape["quantized"]) + [kind + BF16 for kind in shape["bf16"]])
     modules = {kind: build(kind, shape) for kind in kinds}
     rows = []
     for tokens in shape["tokens"]:
-        inputs = routing(tokens, shape)
+        inputs = {kind: routing(tokens, shape, kind) for kind in kinds}
         with torch.no_grad():
-            seconds = interleaved_medians({k: (lambda m=m: m(*inputs)) for k, m in modules.items()}, shape["repeats"])
+            seconds = interleaved_medians({k: (lambda m=m, k=k: m(*inputs[k])) for k, m in modules.items()},
+                                          shape["repeats"])
         for kind in kinds:
             weights, peak = in_fresh_process(peak_memory, kind, tokens, shape)
+            original = "original" + (BF16 if kind.endswith(BF16) else "")
             rows.append({"tokens": tokens, "module": kind, "tokens_per_s": tokens / seconds[kind],
-                         "ms": 1e3 * seconds[kind], "speedup": seconds["original"] / seconds[kind],
+                         "ms": 1e3 * seconds[kind], "speedup": seconds[original] / seconds[kind],
                          "weights_mib": weights, "peak_rss_mib": peak})
-    return {"shape": shape, "rows": rows, "int4_kernel": int4_kernel(shape, shape["tokens"], shape["repeats"])}
+    return {"shape": shape, "rows": rows, "int4_kernel": int4_kernel(shape, shape["kernel_rows"], shape["repeats"])}
 
 
 def markdown(result: dict) -> str:
@@ -125,24 +144,27 @@ def markdown(result: dict) -> str:
     header = ["tokens", "module", "ms (median)", "tokens/s", "speed-up vs original", "weights MiB", "peak RSS MiB"]
     rows = [[r["tokens"], r["module"], f"{r['ms']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x",
              f"{r['weights_mib']:,.0f}", f"{r['peak_rss_mib']:,.0f}"] for r in result["rows"]]
-    return (f"E={s['num_experts']}, top-{s['top_k']}, hidden {s['hidden']}, width {s['width']}, fp32, "
-            f"median of {s['repeats']} interleaved runs; `basis rank r` is the shared basis of the width that stores "
-            "what the wrapper stores at rank r; `mixed rank r` that basis for gate and up and delta for down; "
-            f"`4-bit`: every stored tensor in {FORMAT.bits}-bit groups of {FORMAT.group_size} (round to nearest), "
-            "dequantized once a forward, `original 4-bit` the original experts so kept (method=quantize).\n\n"
-            + table(header, rows) + "\n\n" + kernel_text(result, s))
+    return (f"E={s['num_experts']}, top-{s['top_k']}, hidden {s['hidden']}, width {s['width']}, fp32 (`, bf16`: the "
+            f"module and its tokens in bf16, against the original in bf16), median of {s['repeats']} interleaved "
+            "runs; `basis rank r` is the shared basis of the width that stores what the wrapper stores at rank r; "
+            f"`mixed rank r` that basis for gate and up and delta for down; `4-bit`: every stored tensor in "
+            f"{FORMAT.bits}-bit groups of {FORMAT.group_size} (round to nearest), dequantized where a forward reads "
+            "it (the routed experts' alone), except a single core on fewer than "
+            f"{INT4_KERNEL_ROWS} bf16 tokens, which runs through torch's int4 kernel; `original 4-bit` the original "
+            "experts so kept (method=quantize).\n\n" + table(header, rows) + "\n\n" + kernel_text(result, s))
 
 
 def kernel_text(result: dict, shape: dict) -> str:
-    """torch's int4 weight-only CPU kernel against fp32 on one expert's down projection."""
+    """torch's int4 weight-only CPU kernel against dequantizing and the float matmuls, on one expert's projections."""
     kernel = result.get("int4_kernel")
-    if not kernel:
+    if not kernel or "up 1" not in kernel["ms"]:
         return ""
-    times = "; ".join(f"{n} rows {t['int4']:.2f} ms against {t['fp32']:.2f} ms ({t['fp32'] / t['int4']:.2f}x)"
-                      for n, t in kernel["ms"].items())
-    return (f"torch's int4 weight-only kernel for the CPU (`_weight_int4pack_mm_for_cpu`, groups of "
-            f"{kernel['group']}) on one expert's down projection ({shape['hidden']} x {shape['width']}), against "
-            f"the fp32 matmul of the same matrix (speed-up in brackets): {times}.")
+    kinds = list(next(iter(kernel["ms"].values())))
+    rows = [[label.split()[0], label.split()[1], *(f"{t[k]:.3f}" for k in kinds)] for label, t in kernel["ms"].items()]
+    return (f"torch's int4 weight-only kernel for the CPU (`_weight_int4pack_mm_for_cpu`, asymmetric groups of "
+            f"{kernel['group']}, bf16 tokens) on one expert's up ({shape['width']} x {shape['hidden']}) and down "
+            f"({shape['hidden']} x {shape['width']}) projections, milliseconds (median):\n\n"
+            + table(["matrix", "tokens", *kinds], rows))
 
 
 if __name__ == "__main__":

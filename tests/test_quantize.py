@@ -10,7 +10,8 @@ import warnings
 import pytest
 import torch
 
-from moe_compress.quantize import QuantFormat, QuantizedMatrix, gptq, pack, quantize_rtn, unpack
+from moe_compress import quantize
+from moe_compress.quantize import QuantFormat, QuantizedMatrix, dequantize_packed, gptq, pack, quantize_rtn, unpack
 
 FORMATS = [QuantFormat(4, 16, True), QuantFormat(4, 16, False), QuantFormat(2, None, False), QuantFormat(3, 32, True),
            QuantFormat(8, None, True), QuantFormat(8, 32, False)]
@@ -96,6 +97,38 @@ def test_pack_round_trip(bits, cols):
     packed = pack(codes, bits)
     assert packed.dtype == torch.int32 and packed.shape == (2, 3, math.ceil(cols * bits / 32))
     assert torch.equal(unpack(packed, bits, cols), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_unpack_of_whole_words_equals_the_bit_by_bit_reading(bits):
+    """unpack's shift-and-mask path for widths that divide a word, against reading each code's bits one by one from
+    arbitrary words (every int32 bit pattern, negative words included)."""
+    cols = 50
+    packed = torch.randint(-2**31, 2**31, (3, math.ceil(cols * bits / 32)), dtype=torch.int64,
+                           generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    expected = torch.empty(3, cols, dtype=torch.int8)
+    for row in range(3):
+        for i in range(cols):
+            word = int(packed[row, i * bits // 32]) & 0xFFFFFFFF
+            u = sum(((word >> (i * bits % 32 + b)) & 1) << b for b in range(bits))
+            expected[row, i] = u - (1 << (bits - 1))
+    assert torch.equal(unpack(packed, bits, cols), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_packed_equals_unpacking_then_dequantizing(bits, symmetric, dtype, monkeypatch):
+    """Bit for bit, with experts in front and a width that leaves the last word part empty, in one piece and in
+    chunks of two rows (the last one short)."""
+    format = QuantFormat(bits, 8, symmetric)
+    W = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(bits)).to(dtype)
+    q = quantize_rtn(W, format)
+    packed = pack(q.codes, bits)
+    expected = QuantizedMatrix(unpack(packed, bits, 40), q.scales, q.zeros, format).dequantize()
+    assert torch.equal(dequantize_packed(packed, 40, q.scales, q.zeros, format), expected)
+    monkeypatch.setattr(quantize, "DEQUANTIZE_CHUNK", 80)
+    assert torch.equal(dequantize_packed(packed, 40, q.scales, q.zeros, format), expected)
 
 
 def test_pack_layout_by_hand():

@@ -13,20 +13,22 @@ import torch
 from conftest import calibration_ids, tiny_model, token_ids
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import TrainingArguments
+from transformers import Qwen3MoeConfig, TrainingArguments
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 import moe_compress as mc
 from moe_compress import fit
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.observe import observe
 from moe_compress.compression import bits
+from moe_compress.compression.config import MIXED_FORMS
 from moe_compress.compression.fitting import fit_into, quantize_into
 from moe_compress.compression.in_memory import LoadedModel
 from moe_compress.discovery import split_weights
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, select_trainable, train_quantization_aware
-from moe_compress.experts import make_projection
-from moe_compress.quantize import QuantFormat, quantize_rtn
+from moe_compress.experts import Projection, Route, group_format, make_projection
+from moe_compress.quantize import INT4_KERNEL_ROWS, QuantFormat, quantize_rtn
 from moe_compress.testbed import load_testbed
 
 METHODS = [("delta", {"target_ratio": 0.5}), ("basis", {"target_ratio": 0.5}), ("mixed", {"target_ratio": 0.5}),
@@ -62,6 +64,63 @@ def test_a_quantized_module_computes_what_its_dequantized_weights_do(method, siz
     with torch.no_grad():  # transformers' own experts code on every W_e rebuilt from the dequantized tensors
         assert torch.allclose(experts(x, index, weights), experts.reference_forward(x, index, weights), atol=1e-5)
     assert all(r.stored_bits is not None for r in report.rows)
+
+
+@pytest.mark.parametrize("method,size", METHODS, ids=[m for m, _ in METHODS])
+def test_a_forward_that_routes_some_experts_dequantizes_theirs_alone_and_computes_what_all_would(method, size,
+                                                                                               monkeypatch):
+    """One token routes 2 of the 4 experts: the per-expert tensors are dequantized for those 2 (the others' matrices
+    unset), and the output is bit for bit the one with every tensor dequantized."""
+    model, _ = compressed(method, size, bits=4, symmetric=False)
+    experts = model.model.layers[0].mlp.experts
+    x, index, weights = torch.randn(1, 32), torch.tensor([[3, 1]]), torch.tensor([[0.7, 0.3]])
+    read = []
+    dequantized = Projection.dequantized
+    monkeypatch.setattr(Projection, "dequantized", lambda self, name, experts=None: read.append(experts) or
+                        dequantized(self, name, experts))
+    with torch.no_grad():
+        partial = experts(x, index, weights)
+        assert any(e is not None and e.tolist() == [1, 3] for e in read)  # some tensor read for the routed pair alone
+        monkeypatch.setattr(Route, "routed_experts", lambda self: None)  # every expert's matrices, as with many tokens
+        assert torch.equal(partial, experts(x, index, weights))
+
+
+def bf16_experts(form: str, symmetric: bool) -> mc.SharedCoreExperts:
+    """A bf16 experts module of `form` (32 experts of hidden 64, width 32) with every stored tensor in 4 bits, groups
+    of 32: a shape and format torch's int4 kernel takes for the cores."""
+    config = Qwen3MoeConfig(hidden_size=64, moe_intermediate_size=32, num_experts=32, num_experts_per_tok=4)
+    spec = mc.ModuleSpec(MIXED_FORMS if form == "mixed" else form, {"gate": 4, "up": 4, "down": 4})
+    experts = mc.SharedCoreExperts.empty(Qwen3MoeExperts(config).to(torch.bfloat16), spec)
+    with torch.no_grad():
+        for proj in experts.projections.values():
+            for name in proj.TENSORS:
+                proj._parameters[name].normal_(0, 0.1)
+                proj.quantize_(name, quantize_rtn(proj.matrix(name), group_format(QuantFormat(4, 32, symmetric),
+                                                                                   proj.matrix(name).shape[-1])))
+    return experts.eval()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("form", ["delta", "mixed"])
+def test_a_4_bit_core_runs_through_torchs_int4_kernel_on_few_bf16_tokens(form, symmetric):
+    """The kernel's product equals the dequantized core's (fp32 reference) to bf16's precision, the experts' output
+    equals the one with every core dequantized to it too, and from INT4_KERNEL_ROWS tokens the core is dequantized."""
+    experts = bf16_experts(form, symmetric)
+    up = experts.projections["up"]
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        reference = x.float() @ up.dequantized("core")[0].float().T
+        assert up._int4_core(x) is not None and up._int4_core(x.new_zeros(INT4_KERNEL_ROWS, 64)) is None
+        got = up.core_product(x).float()
+        assert (got - reference).norm() / reference.norm() < 5e-3
+        index = torch.stack([torch.randperm(32, generator=torch.Generator().manual_seed(i))[:4] for i in range(8)])
+        weights = torch.rand(8, 4, generator=torch.Generator().manual_seed(1)).softmax(-1).to(torch.bfloat16)
+        fast = experts(x, index, weights).float()
+        rebuilt = experts.to_dense().float()  # transformers' own experts code on every W_e rebuilt, in fp32
+        dense = type(rebuilt).forward.__wrapped__(rebuilt, x.float(), index, weights.float())
+        assert (fast - dense).norm() / dense.norm() < 2e-2
+        with torch.enable_grad():  # a gradient to pass back: the dequantized core, which autograd sees through
+            assert up._int4_core(x.clone().requires_grad_()) is None
 
 
 @pytest.mark.parametrize("method,size", METHODS, ids=[m for m, _ in METHODS])

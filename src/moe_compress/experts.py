@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ from torch import nn
 from transformers.integrations.moe import _default_apply_gate
 
 from moe_compress.discovery import join_weights, projection_names, split_weights
-from moe_compress.quantize import (QuantFormat, QuantizedMatrix, pack, pack_zeros, packed_words, round_codes,
-                                   unpack, unpack_zeros)
+from moe_compress.quantize import (INT4_KERNEL_ROWS, Int4Weight, QuantFormat, QuantizedMatrix, dequantize_packed, pack,
+                                   pack_zeros, packed_words, round_codes, unpack_zeros)
 
 
 @dataclass
@@ -62,6 +63,13 @@ class Route:
             num_tokens=num_tokens,
             top_k=top_k,
         )
+
+    def routed_experts(self) -> torch.Tensor | None:
+        """The experts some pair is routed to, ascending, where they are at most half of them (decoding); None
+        otherwise, when gathering their part of each tensor would cost more than it saves."""
+        if sum(1 for c in self.counts if c) > len(self.counts) // 2:
+            return None
+        return torch.tensor([e for e, c in enumerate(self.counts) if c], device=self.expert.device)
 
     def to_grid(self, y: torch.Tensor) -> torch.Tensor:
         """[S, d] sorted pairs -> [T, K, d] routing grid."""
@@ -166,6 +174,8 @@ class Projection(nn.Module):
         self._derived_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.stored: dict[str, Stored] = {}  # the quantized tensors, by name
         self._memo: dict[str, torch.Tensor] | None = None
+        self._routed: torch.Tensor | None = None  # the experts this forward reads, where not all (dequantized_once)
+        self._kernel: tuple[tuple, Int4Weight | None] | None = None  # the core in the int4 kernel's layout, and its key
 
     def __getattr__(self, name: str) -> Any:
         stored = self.__dict__.get("stored")
@@ -173,7 +183,8 @@ class Projection(nn.Module):
             memo = self.__dict__["_memo"]
             value = None if memo is None else memo.get(name)
             if value is None:
-                value = self.fake_quantized(name) if name in self._parameters else self.dequantized(name)
+                value = (self.fake_quantized(name) if name in self._parameters
+                         else self.dequantized(name, self._routed if self.per_expert(name) else None))
                 if memo is not None:
                     memo[name] = value
             return value
@@ -209,11 +220,21 @@ class Projection(nn.Module):
         packed.copy_(pack(self._codes_of(name, value), self.stored[name].format.bits))
         return packed
 
-    def _zeros(self, name: str) -> torch.Tensor | None:
+    def _zeros(self, name: str, experts: torch.Tensor | None = None) -> torch.Tensor | None:
         stored = self.stored[name]
         if stored.format.symmetric:
             return None
-        return unpack_zeros(self._buffers[f"{name}_zero"], stored.format.bits, stored.matrix[0])
+        return unpack_zeros(self._stored_part(f"{name}_zero", experts), stored.format.bits, stored.matrix[0])
+
+    def _stored_part(self, buffer: str, experts: torch.Tensor | None) -> torch.Tensor:
+        """A buffer of the integer storage, or the part of it that holds `experts` (per-expert tensors)."""
+        value = self._buffers[buffer]
+        return value if experts is None else value[experts]
+
+    def per_expert(self, name: str) -> bool:
+        """Whether the stored tensor `name` holds one matrix per expert (its first dimension indexes experts); the
+        cores are indexed by core, which is not the expert."""
+        return name != "core" and self.shape_of(name)[0] == self.num_experts
 
     def _codes_of(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """The codes [..., rows, cols] (int8) of a float tensor shaped as `name`, rounded with its stored scales and
@@ -295,10 +316,17 @@ class Projection(nn.Module):
             self.register_buffer(f"{name}_zero", zeros)
         self.stored[name] = stored
 
-    def dequantized(self, name: str) -> torch.Tensor:
-        """The float tensor a quantized one stands for, in its dtype and shape."""
-        return self._from_codes(name, unpack(self._buffers[f"{name}_packed"], self.stored[name].format.bits,
-                                             self.stored[name].matrix[1]))
+    def dequantized(self, name: str, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """The float tensor a quantized one stands for, in its dtype and shape. With `experts` (a per-expert tensor),
+        only their matrices are dequantized and the others' are left unset: for a forward that reads no other (a
+        decoding step routes 8 of Qwen3-30B-A3B's 128 experts, so it dequantizes 1/16 of them)."""
+        stored = self.stored[name]
+        value = dequantize_packed(self._stored_part(f"{name}_packed", experts), stored.matrix[1],
+                                  self._stored_part(f"{name}_scale", experts), self._zeros(name, experts),
+                                  stored.format).to(stored.dtype)
+        if experts is not None:  # in the matrices' layout, as the whole tensor would be: the same products after
+            value = value.new_empty(stored.shape[0], *stored.matrix).index_copy_(0, experts, value)
+        return value.mT if stored.transposed else value
 
     def train(self, mode: bool = True) -> Projection:
         # Trainers update parameters in ways the version counters below do not always see: start afresh
@@ -308,7 +336,9 @@ class Projection(nn.Module):
     def _derived(self, name: str, inputs: tuple[torch.Tensor, ...], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A product of parameters, cached in eval mode while they stay unchanged; recomputed in training mode and
         under autograd, so that gradients flow and updates show at once."""
-        if self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        memo = self._memo or {}
+        dequantized = any(t is value for t in inputs for value in memo.values())  # this forward's own: not kept
+        if dequantized or self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
             return fn()
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in inputs)
         cached = self._derived_cache.get(name)
@@ -330,11 +360,45 @@ class Projection(nn.Module):
             out[members] = part
         return out
 
+    def core_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ C^T for a single core: [N, in] -> [N, out]; a 4-bit core through torch's int4 weight-only kernel where
+        that pays (bf16 tokens, fewer than INT4_KERNEL_ROWS of them, no gradient to pass back), without dequantizing
+        it."""
+        kernel = self._int4_core(x)
+        return x @ self.core[0].T if kernel is None else kernel(x)
+
+    def _int4_core(self, x: torch.Tensor) -> Int4Weight | None:
+        stored = self.stored.get("core")
+        if (stored is None or "core" in self._parameters or x.dtype != torch.bfloat16 or x.shape[0] >= INT4_KERNEL_ROWS
+                or (torch.is_grad_enabled() and x.requires_grad) or stored.shape[0] != 1):
+            return None
+        packed = self._buffers["core_packed"]
+        key = (packed.data_ptr(), packed._version, packed.device)
+        if self._kernel is None or self._kernel[0] != key:  # built once, again only when the codes change or move
+            zeros = self._zeros("core")
+            weight = Int4Weight.of(packed[0], stored.matrix[1], self._buffers["core_scale"][0],
+                                   None if zeros is None else zeros[0], stored.format)
+            self._kernel = (key, weight if weight is None else self._checked(weight))
+        return self._kernel[1]
+
+    def _checked(self, weight: Int4Weight) -> Int4Weight | None:
+        """`weight` if the kernel computes what the dequantized core does on a few random tokens (to bf16's
+        precision), else None with a warning: the CUDA layout could not be tested on this project's machines."""
+        core = self.dequantized("core")[0]
+        x = torch.randn(4, core.shape[1], generator=torch.Generator().manual_seed(0)).to(core)
+        reference = x.float() @ core.float().T
+        error = ((weight(x).float() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+        if error <= 1e-2:  # bf16 rounding of the activations and outputs is ~3e-3
+            return weight
+        warnings.warn(f"torch's int4 kernel on {x.device.type} is off by {error:.1e} from the dequantized core; the "
+                      "core is dequantized instead (please report this with your torch version and device)")
+        return None
+
     def core_on_tokens(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         """C_{g(e)} x for each sorted pair, computing each core once per token: [T, in] -> [S, out]."""
-        G, out_f, in_f = self.core.shape
+        G, out_f, in_f = self.shape_of("core")
         if G == 1:
-            return (x @ self.core[0].T)[route.token]
+            return self.core_product(x)[route.token]
         z = (x @ self.core.reshape(G * out_f, in_f).T).view(-1, G, out_f)  # [T, G, out]
         return z[route.token, self.expert_core[route.expert]]
 
@@ -347,8 +411,8 @@ class Projection(nn.Module):
     def core_reduce(self, h: torch.Tensor, route: Route) -> torch.Tensor:
         """sum_k w_k C_{g(e_k)} h_k per token, each core once per token on a weighted sum: [S, in] -> [T, out]."""
         weighted = route.to_grid(h * route.weight.unsqueeze(-1))  # [T, K, in]
-        if self.core.shape[0] == 1:
-            return weighted.sum(1) @ self.core[0].T
+        if self.shape_of("core")[0] == 1:
+            return self.core_product(weighted.sum(1))
         core_grid = route.to_grid(self.expert_core[route.expert].unsqueeze(-1)).squeeze(-1)  # [T, K]
         one_hot = F.one_hot(core_grid, self.core.shape[0]).to(h.dtype)  # [T, K, G]
         return torch.einsum("tkg,tki,goi->to", one_hot, weighted, self.core)
@@ -532,6 +596,9 @@ class DenseProjection(Projection):
     def rank(self) -> int:
         return 0
 
+    def per_expert(self, name: str) -> bool:
+        return True  # its cores are the experts' own, in expert order
+
     def dense(self) -> torch.Tensor:
         return self.core
 
@@ -642,17 +709,18 @@ def _codes_into_shadows(module: Projection, incompatible: Any) -> None:
 
 
 @contextmanager
-def dequantized_once(projections) -> Iterator[None]:
+def dequantized_once(projections, route: Route) -> Iterator[None]:
     """Within the block, each quantized tensor is dequantized once, at its first read, and the float copies are
-    dropped at its end: a forward reads a core several times, and resident memory stays the integer storage."""
-    projections = list(projections)
+    dropped at its end: a forward reads a core several times, and resident memory stays the integer storage. Per-expert
+    tensors are dequantized for the experts of `route` alone."""
+    projections, routed = list(projections), route.routed_experts()
     for proj in projections:
-        proj._memo = {}
+        proj._memo, proj._routed = {}, routed
     try:
         yield
     finally:
         for proj in projections:
-            proj._memo = None
+            proj._memo = proj._routed = None
 
 
 class SharedCoreExperts(nn.Module):
@@ -695,11 +763,11 @@ class SharedCoreExperts(nn.Module):
         return template
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        with dequantized_once(self.projections.values()):
-            return self._forward(hidden_states, top_k_index, top_k_weights)
-
-    def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         route = Route.build(top_k_index, top_k_weights.to(hidden_states.dtype), self.num_experts)
+        with dequantized_once(self.projections.values(), route):
+            return self._forward(hidden_states, route)
+
+    def _forward(self, hidden_states: torch.Tensor, route: Route):
         p, x, x_pairs = self.projections, hidden_states, hidden_states[route.token]
         if self.has_gate:
             h = apply_gate(self.template, p["gate"].expand(x, x_pairs, route), p["up"].expand(x, x_pairs, route))

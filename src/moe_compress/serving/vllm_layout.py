@@ -87,14 +87,14 @@ def routed_forward(projections: dict[str, Projection], activation: str, x: torch
     topk_weights [T, K]: [T, H]. The same algebra as SharedCoreExperts.forward (each core once per token)."""
     gated = not activation.endswith("_no_mul")
     act = ACTIVATIONS[activation.removesuffix("_no_mul")]
-    with dequantized_once(projections.values()):  # integer storage: each tensor dequantized once per forward
-        return _routed(projections, gated, act, x, topk_weights, topk_ids)
+    route = Route.build(topk_ids.long(), topk_weights.to(x.dtype), projections["down"].num_experts)
+    with dequantized_once(projections.values(), route):  # integer storage: each tensor dequantized once per forward
+        return _routed(projections, gated, act, x, route)
 
 
 def _routed(projections: dict[str, Projection], gated: bool, act: Callable[[torch.Tensor], torch.Tensor],
-            x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+            x: torch.Tensor, route: Route) -> torch.Tensor:
     down = projections["down"]
-    route = Route.build(topk_ids.long(), topk_weights.to(x.dtype), down.num_experts)
     x_pairs = x[route.token]  # [S, H]
     up = projections["up"].expand(x, x_pairs, route)  # [S, F]
     h = act(projections["gate"].expand(x, x_pairs, route)) * up if gated else act(up)
