@@ -72,8 +72,11 @@ def build(kind: str, shape: dict) -> torch.nn.Module:
 
 
 def weights_mib(module: torch.nn.Module) -> float:
-    """What the module stores: parameters and buffers (packed codes and scales)."""
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]) / 2**20
+    """What the module holds for its weights: parameters and buffers (packed codes and scales), and the cores that a
+    forward laid out for torch's int4 kernel."""
+    kernels = [m._kernel[1] for m in module.modules() if getattr(m, "_kernel", None) and m._kernel[1] is not None]
+    tensors = [*module.parameters(), *module.buffers(), *(t for k in kernels for t in (k.packed, k.scales_and_zeros))]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def int4_kernel(shape: dict, rows: tuple[int, ...], repeats: int) -> dict:
