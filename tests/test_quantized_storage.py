@@ -28,7 +28,7 @@ from moe_compress.discovery import split_weights
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, select_trainable, train_quantization_aware
 from moe_compress.experts import Projection, Route, group_format, make_projection
-from moe_compress.quantize import INT4_KERNEL_ROWS, QuantFormat, quantize_rtn
+from moe_compress.quantize import INT4_KERNEL_ROWS, Int4Weight, QuantFormat, quantize_rtn
 from moe_compress.testbed import load_testbed
 
 METHODS = [("delta", {"target_ratio": 0.5}), ("basis", {"target_ratio": 0.5}), ("mixed", {"target_ratio": 0.5}),
@@ -121,6 +121,24 @@ def test_a_4_bit_core_runs_through_torchs_int4_kernel_on_few_bf16_tokens(form, s
         assert (fast - dense).norm() / dense.norm() < 2e-2
         with torch.enable_grad():  # a gradient to pass back: the dequantized core, which autograd sees through
             assert up._int4_core(x.clone().requires_grad_()) is None
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong"])
+def test_an_int4_kernel_that_fails_or_is_wrong_is_dropped_with_a_warning_for_the_dequantized_core(fault, monkeypatch):
+    """Where the kernel (its CUDA layout could not be run here) raises or computes something else, the core is
+    dequantized instead: a warning, then the product of the dequantized core."""
+    def broken(self, x):
+        if fault == "raises":
+            raise RuntimeError("no kernel for this device\nsecond line")
+        return torch.zeros(x.shape[0], self.scales_and_zeros.shape[1], dtype=x.dtype)
+
+    monkeypatch.setattr(Int4Weight, "__call__", broken)
+    up = bf16_experts("delta", symmetric=True).projections["up"]
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad(), pytest.warns(UserWarning, match="the core is dequantized instead"):
+        assert up._int4_core(x) is None
+    with torch.no_grad():
+        assert torch.equal(up.core_product(x), x @ up.dequantized("core")[0].T)
 
 
 @pytest.mark.parametrize("method,size", METHODS, ids=[m for m, _ in METHODS])
