@@ -101,7 +101,7 @@ def test_pack_round_trip(bits, cols):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_unpack_of_whole_words_equals_the_bit_by_bit_reading(bits):
-    """unpack's shift-and-mask path for widths that divide a word, against reading each code's bits one by one from
+    """unpack's bytewise path for widths that divide a word, against reading each code's bits one by one from
     arbitrary words (every int32 bit pattern, negative words included)."""
     cols = 50
     packed = torch.randint(-2**31, 2**31, (3, math.ceil(cols * bits / 32)), dtype=torch.int64,

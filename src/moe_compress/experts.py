@@ -64,10 +64,16 @@ class Route:
             top_k=top_k,
         )
 
+    @property
+    def busy(self) -> bool:
+        """Whether more than half the experts are routed: below that (decoding), work per routed expert is cheaper
+        than work over all of them."""
+        return sum(1 for c in self.counts if c) > len(self.counts) // 2
+
     def routed_experts(self) -> torch.Tensor | None:
-        """The experts some pair is routed to, ascending, where they are at most half of them (decoding); None
-        otherwise, when gathering their part of each tensor would cost more than it saves."""
-        if sum(1 for c in self.counts if c) > len(self.counts) // 2:
+        """The experts some pair is routed to, ascending, where at most half of them are (decoding); None otherwise,
+        when gathering their part of each tensor would cost more than it saves."""
+        if self.busy:
             return None
         return torch.tensor([e for e, c in enumerate(self.counts) if c], device=self.expert.device)
 
@@ -112,8 +118,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
     """Per-expert matmul of sorted pairs: [S, a] x [E, a, b] -> [S, b], row block e times w[e]."""
     fast = x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
     # torch's kernel visits every expert; with few of them routed (decoding) a loop over those is cheaper
-    busy = sum(1 for c in route.counts if c) > len(route.counts) // 2
-    if fast and busy and hasattr(F, "grouped_mm") and _aligned(x) and _aligned(w):
+    if fast and route.busy and hasattr(F, "grouped_mm") and _aligned(x) and _aligned(w):
         try:
             y = F.grouped_mm(x, w, offs=route.offsets)
         except RuntimeError:  # the kernel refuses some layouts and GPUs; the loop below handles all of them

@@ -227,10 +227,8 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     if packed.dtype != torch.int32 or packed.shape[-1] != words:
         raise ValueError(f"unpack takes int32 [..., {words}] for {cols} codes of {bits} bits; got {packed.dtype} "
                          f"{list(packed.shape)}: pass the cols that were packed")
-    if WORD_BITS % bits == 0:  # whole codes in each word (2, 4, 8 bits): shift and mask the words, no gather
-        shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=packed.device)
-        u = (packed.unsqueeze(-1) >> shifts).bitwise_and_((1 << bits) - 1).flatten(-2)[..., :cols]
-        return u.sub_(1 << (bits - 1)).to(torch.int8)
+    if bytewise(bits):  # uint8 arithmetic wraps, so the offset codes read as int8 are the signed ones
+        return whole_codes(packed, bits, cols).sub_(1 << (bits - 1)).view(torch.int8)
     word, offset = _bit_positions(cols, bits)
     unsigned = packed.long() & 0xFFFFFFFF
     u = unsigned[..., word] >> offset
@@ -239,14 +237,33 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return ((u & ((1 << bits) - 1)) - (1 << (bits - 1))).to(torch.int8)
 
 
+def bytewise(bits: int) -> bool:
+    """Whether codes of `bits` can be read from the packed words' bytes (whole_codes): 2, 4 and 8 bits on a
+    little-endian machine; 3-bit codes straddle words."""
+    return WORD_BITS % bits == 0 and sys.byteorder == "little"
+
+
+def whole_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """The unsigned codes [..., cols] (uint8) of packed words, for `bits` that are bytewise: the words' bytes in
+    memory order hold the codes in order, lowest bits first, so each code is one byte operation (3.6x faster than
+    shifting the int32 words, at 4 bits on this project's CPU)."""
+    data, mask = packed.view(torch.uint8), (1 << bits) - 1
+    return torch.stack([data >> shift & mask for shift in range(0, 8, bits)], -1).flatten(-2)[..., :cols]
+
+
+# codes dequantize_packed turns into floats at a time: their intermediates stay in cache and reuse their memory, where
+# dequantizing 600M codes at once spent most of its time in fresh pages (Qwen3-30B-A3B's experts in one layer)
+DEQUANTIZE_CHUNK = 1 << 20
+
+
 def dequantize_packed(packed: torch.Tensor, cols: int, scales: torch.Tensor, zeros: torch.Tensor | None,
                       format: QuantFormat) -> torch.Tensor:
     """QuantizedMatrix(unpack(packed, bits, cols), scales, zeros, format).dequantize(), bit for bit, in fewer passes
-    over the weights: for widths that divide a word, the unsigned codes go from the words to the scales' dtype at once
-    and the offset joins the zero point, (u - (2^(b-1) + z)) * s, every term a small integer that bf16 and fp16 hold
-    exactly."""
+    over the weights, DEQUANTIZE_CHUNK codes at a time: for widths that divide a word, the unsigned codes go to the
+    scales' dtype at once and the offset joins the zero point, (u - (2^(b-1) + z)) * s, every term a small integer
+    that bf16 and fp16 hold exactly."""
     bits = format.bits
-    if WORD_BITS % bits or sys.byteorder != "little":
+    if not bytewise(bits):
         return QuantizedMatrix(unpack(packed, bits, cols), scales, zeros, format).dequantize()
     lead, groups = packed.shape[:-1], scales.shape[-1]
     offset = 1 << (bits - 1)
@@ -255,19 +272,13 @@ def dequantize_packed(packed: torch.Tensor, cols: int, scales: torch.Tensor, zer
     out = torch.empty(packed.shape[0], cols, dtype=scales.dtype, device=packed.device)
     step = max(1, DEQUANTIZE_CHUNK // cols)
     for start in range(0, packed.shape[0], step):
-        # the words' bytes in memory order hold the codes in order, lowest bits first: one byte operation per code
-        # within a byte, stacked (3.6x faster than shifting the int32 words, at 4 bits on this project's CPU)
-        data, mask = packed[start:start + step].view(torch.uint8), (1 << bits) - 1
-        unsigned = torch.stack([data >> s & mask for s in range(0, 8, bits)], -1).flatten(-2)[..., :cols]
-        unsigned = unsigned.to(scales.dtype).unflatten(-1, (groups, -1))  # [rows, groups, G]
-        part = out[start:start + step].unflatten(-1, (groups, -1))
-        torch.mul(unsigned.sub_(shift[start:start + step, :, None]), scales[start:start + step, :, None], out=part)
+        rows = slice(start, start + step)
+        unsigned = whole_codes(packed[rows], bits, cols).to(scales.dtype).unflatten(-1, (groups, -1))  # [r, groups, G]
+        part = out[rows].unflatten(-1, (groups, -1))
+        torch.mul(unsigned.sub_(shift[rows, :, None]), scales[rows, :, None], out=part)
     return out.reshape(*lead, cols)
 
 
-# codes dequantize_packed turns into floats at a time: their intermediates stay in cache and reuse their memory, where
-# dequantizing 600M codes at once spent most of its time in fresh pages (Qwen3-30B-A3B's experts in one layer)
-DEQUANTIZE_CHUNK = 1 << 20
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 weight-only kernels take
 # tokens from which dequantizing a 4-bit matrix and a bf16 matmul beat torch's int4 kernel for the CPU: at
 # Qwen3-30B-A3B's 768 x 2048 the kernel took 0.04 ms on one token against 1.8 ms, and they tied at 128 (BENCHMARKS §3)
