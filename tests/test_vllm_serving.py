@@ -43,15 +43,18 @@ SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(C
 
 SETTINGS = {"als": dict(method="als"), "delta": dict(method="delta"), "basis": dict(method="basis"),
             "mixed": dict(method="mixed"), "delta-2cores": dict(method="delta", num_cores=2, target_ratio=0.4),
-            "mixed-4bit": dict(method="mixed", bits=4, group_size=32, symmetric=False)}
+            "mixed-4bit": dict(method="mixed", bits=4, group_size=32, symmetric=False),
+            "quantize-4bit": dict(method="quantize", bits=4, group_size=32)}  # the dense form: pure quantization
 
 
 @pytest.fixture(scope="module", params=list(SETTINGS))
 def compressed(request, tmp_path_factory) -> Path:
     """The fine-grained testbed compressed to 0.3 of its expert parameters in the form of each method; with two
-    cores (each expert's core read through the loaded expert -> core map); with integer storage."""
+    cores (each expert's core read through the loaded expert -> core map); with integer storage; and its experts only
+    quantized (method=quantize: the dense form)."""
     model, tokenizer = load_testbed(path=FINE_TESTBED_DIR)
-    settings = {"target_ratio": 0.3, **SETTINGS[request.param]}
+    settings = SETTINGS[request.param]
+    settings = settings if settings.get("method") == "quantize" else {"target_ratio": 0.3, **settings}
     report = moe_compress.compress(model, moe_compress.CompressionConfig(**settings))
     return moe_compress.save_compressed(model, tmp_path_factory.mktemp(request.param) / "model", tokenizer=tokenizer,
                                         report=report)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import _default_apply_gate
 
+from moe_compress import cpu_matmul
+from moe_compress.cpu_matmul import PackedMatrices
 from moe_compress.discovery import join_weights, projection_names, split_weights
 from moe_compress.quantize import (INT4_KERNEL_ROWS, Int4Weight, QuantFormat, QuantizedMatrix, dequantize_packed, pack,
                                    pack_zeros, packed_words, round_codes, unpack_zeros)
@@ -69,6 +71,13 @@ class Route:
         """Whether more than half the experts are routed: below that (decoding), work per routed expert is cheaper
         than work over all of them."""
         return sum(1 for c in self.counts if c) > len(self.counts) // 2
+
+    def spans(self) -> Iterator[tuple[int, int]]:
+        """(first sorted pair, pair count) of each expert, in expert order."""
+        start = 0
+        for count in self.counts:
+            yield start, count
+            start += count
 
     def routed_experts(self) -> torch.Tensor | None:
         """The experts some pair is routed to, ascending, where at most half of them are (decoding); None otherwise,
@@ -127,9 +136,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
             if y.requires_grad:  # its backward refuses strided gradients, which a model's gating can hand it
                 y.register_hook(torch.Tensor.contiguous)  # (gpt_oss reads gate and up as every other column)
             return y
-    # unbind, not w[e]: each w[e]'s backward writes a zero gradient the size of all of w (at Qwen3-30B-A3B's shape the
-    # loop's backward took 24-67x longer than with unbind's one stacked gradient)
-    blocks = [x_e @ w_e for x_e, w_e in zip(x.split(route.counts), w.unbind(0)) if x_e.shape[0] > 0]
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        # unbind, not w[e]: each w[e]'s backward writes a zero gradient the size of all of w (at Qwen3-30B-A3B's shape
+        # the loop's backward took 24-67x longer than with unbind's one stacked gradient)
+        blocks = [x_e @ w_e for x_e, w_e in zip(x.split(route.counts), w.unbind(0)) if x_e.shape[0] > 0]
+    else:  # the routed experts alone: views of all 128 cost a tenth of a decoding step (vLLM, Qwen3-30B-A3B's shape)
+        blocks = [x[start:start + count] @ w[e] for e, (start, count) in enumerate(route.spans()) if count]
     return torch.cat(blocks) if blocks else x.new_zeros(0, w.shape[-1])
 
 
@@ -181,6 +193,8 @@ class Projection(nn.Module):
         self._memo: dict[str, torch.Tensor] | None = None
         self._routed: torch.Tensor | None = None  # the experts this forward reads, where not all (dequantized_once)
         self._kernel: tuple[tuple, Int4Weight | None] | None = None  # the core in the int4 kernel's layout, and its key
+        # tensors laid out for oneDNN in their stead (pack_for_cpu_), with the data pointer of their placeholder
+        self._packed: dict[str, tuple[int, PackedMatrices]] = {}
 
     def __getattr__(self, name: str) -> Any:
         stored = self.__dict__.get("stored")
@@ -334,9 +348,64 @@ class Projection(nn.Module):
         return value.mT if stored.transposed else value
 
     def train(self, mode: bool = True) -> Projection:
+        if mode and any(self._packed_matrices(name) for name in list(self._packed)):
+            raise RuntimeError("these experts were packed for inference on the CPU (pack_for_cpu_), which freed the "
+                               "tensors training would update; load the model again to train it")
         # Trainers update parameters in ways the version counters below do not always see: start afresh
         self._derived_cache.clear()
         return super().train(mode)
+
+    def expert_mm(self, x: torch.Tensor, name: str, route: Route) -> torch.Tensor:
+        """x_s T_e for each sorted pair s (expert e), T_e expert e's matrix of the stored tensor `name` as products
+        read it: the tensor's own [in, k] where it is stored so (TRANSPOSED), else its transpose. [S, a] -> [S, b]."""
+        packed = self._packed_matrices(name)
+        if packed is not None:
+            return packed.grouped(x, route.spans())
+        tensor = getattr(self, name)
+        return grouped_mm(x, tensor if name in self.TRANSPOSED else tensor.transpose(1, 2), route)
+
+    def shared_mm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x T for the one matrix T of a stored tensor the experts share ([1, ., .]: a single core, a shared basis),
+        oriented as expert_mm's. [N, a] -> [N, b]."""
+        packed = self._packed_matrices(name)
+        if packed is not None:
+            return packed(x)
+        matrix = getattr(self, name)[0]
+        return x @ (matrix if name in self.TRANSPOSED else matrix.T)
+
+    def packable(self) -> list[str]:
+        """The stored tensors pack_for_cpu_ can lay out for oneDNN: the float ones (integer storage has its own path)
+        that the forward reads through expert_mm and shared_mm alone: not the cores of several groups of experts
+        (read per group), nor the wrapped form's (multiplied with its factors ahead of the forward)."""
+        if self.form == "wrapped":
+            return []
+        names = [name for name in self.TENSORS
+                 if name in self._parameters and cpu_matmul.available(self._parameters[name])]
+        return [name for name in names if name != "core" or self.per_expert("core") or self.shape_of("core")[0] == 1]
+
+    def pack_for_cpu_(self) -> None:
+        """For inference on the CPU: lay each packable tensor out for oneDNN's matmul (cpu_matmul) and free it, so that
+        the experts hold their bytes once. The parameter keeps its shape as a 1-element placeholder that nothing reads;
+        training is refused from then on."""
+        if self.training:
+            raise RuntimeError("pack_for_cpu_ is for inference: call .eval() first")
+        for name in self.packable():
+            param = self._parameters[name]
+            if self._packed_matrices(name) is not None:
+                continue
+            weights = param.detach().mT if name in self.TRANSPOSED else param.detach()  # linear layout: [., out, in]
+            packed = PackedMatrices(weights.unbind(0))
+            param.data = param.new_zeros(1).expand(param.shape)
+            self._packed[name] = (param.data_ptr(), packed)
+
+    def _packed_matrices(self, name: str) -> PackedMatrices | None:
+        """The packed matrices of `name`, unless values were loaded into its tensor since (a new storage in place of
+        the placeholder: vLLM reloading weights), which makes them stale and drops them."""
+        entry = self._packed.get(name)
+        if entry is not None and entry[0] != self._parameters[name].data_ptr():
+            del self._packed[name]
+            return None
+        return None if entry is None else entry[1]
 
     def _derived(self, name: str, inputs: tuple[torch.Tensor, ...], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A product of parameters, cached in eval mode while they stay unchanged; recomputed in training mode and
@@ -370,7 +439,7 @@ class Projection(nn.Module):
         that pays (bf16 tokens, fewer than INT4_KERNEL_ROWS of them, no gradient to pass back), without dequantizing
         it."""
         kernel = self._int4_core(x)
-        return x @ self.core[0].T if kernel is None else kernel(x)
+        return self.shared_mm(x, "core") if kernel is None else kernel(x)
 
     def _int4_core(self, x: torch.Tensor) -> Int4Weight | None:
         stored = self.stored.get("core")
@@ -414,8 +483,8 @@ class Projection(nn.Module):
 
     def core_on_pairs(self, h: torch.Tensor, route: Route) -> torch.Tensor:
         """C_{g(e)} h for each sorted pair: [S, in] -> [S, out]."""
-        if self.core.shape[0] == 1:
-            return h @ self.core[0].T
+        if self.shape_of("core")[0] == 1:
+            return self.shared_mm(h, "core")
         return torch.einsum("si,soi->so", h, self.core[self.expert_core[route.expert]])
 
     def core_reduce(self, h: torch.Tensor, route: Route) -> torch.Tensor:
@@ -514,7 +583,7 @@ class DeltaProjection(Projection):
         return self.core[self.expert_core] + self.u @ self.v.transpose(1, 2)
 
     def _low_rank(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        return grouped_mm(grouped_mm(x, self.v, route), self.u.transpose(1, 2), route)
+        return self.expert_mm(self.expert_mm(x, "v", route), "u", route)
 
     def _pairs(self, core_x: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
         return core_x + self._low_rank(x, route)
@@ -565,22 +634,22 @@ class BasisProjection(Projection):
 
     def _pairs(self, core_x: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
         if self.shared == "in":
-            return core_x + grouped_mm(x @ self.v[0], self.u.transpose(1, 2), route)
-        return core_x + grouped_mm(x, self.v, route) @ self.u[0].T
+            return core_x + self.expert_mm(self.shared_mm(x, "v"), "u", route)
+        return core_x + self.shared_mm(self.expert_mm(x, "v", route), "u")
 
     def expand(self, x: torch.Tensor, x_pairs: torch.Tensor, route: Route) -> torch.Tensor:
         if self.shared == "out":
             return super().expand(x, x_pairs, route)
-        z = (x @ self.v[0])[route.token]  # V^T x once per token: [S, k]
-        return self.add_bias(self.core_on_tokens(x, route) + grouped_mm(z, self.u.transpose(1, 2), route), route)
+        z = self.shared_mm(x, "v")[route.token]  # V^T x once per token: [S, k]
+        return self.add_bias(self.core_on_tokens(x, route) + self.expert_mm(z, "u", route), route)
 
     def reduce(self, h: torch.Tensor, route: Route) -> torch.Tensor:
         weight = route.weight.unsqueeze(-1)
         if self.shared == "in":
-            low_rank = grouped_mm(h @ self.v[0], self.u.transpose(1, 2), route)
+            low_rank = self.expert_mm(self.shared_mm(h, "v"), "u", route)
             return self.core_reduce(h, route) + route.to_tokens(self.add_bias(low_rank, route) * weight)
         # sum_k w_k U V_{e_k}^T h_k = U (sum_k w_k V_{e_k}^T h_k): U once per token, on the weighted sum
-        y = self.core_reduce(h, route) + route.to_tokens(grouped_mm(h, self.v, route) * weight) @ self.u[0].T
+        y = self.core_reduce(h, route) + self.shared_mm(route.to_tokens(self.expert_mm(h, "v", route) * weight), "u")
         if self.bias is not None:
             y = y + route.to_tokens(self.bias[route.expert] * weight)
         return y
@@ -619,7 +688,7 @@ class DenseProjection(Projection):
         return self.pairs(x_pairs, route)
 
     def core_on_pairs(self, h: torch.Tensor, route: Route) -> torch.Tensor:
-        return grouped_mm(h, self.core.transpose(1, 2), route)
+        return self.expert_mm(h, "core", route)
 
     def reduce(self, h: torch.Tensor, route: Route) -> torch.Tensor:
         return route.to_tokens(self.pairs(h, route) * route.weight.unsqueeze(-1))
