@@ -25,15 +25,16 @@ SECTIONS = {
     "startup": (startup, "7. Start-up cost of the loading hook"),
     "calibration": (calibration, "8. Cost of calibration, in memory and time"),
     "budget": (budget, "9. Where the budget goes: rank allocation, several cores, a shared basis"),
-    "vllm_serving": (vllm_serving, "10. Serving with vLLM: tokens per second, compressed against original"),
+    "vllm_serving": (vllm_serving, "10. Serving with vLLM at Qwen3-30B-A3B's shapes: tokens per second and memory"),
     "bits": (bits, "11. Quality against bits per weight: the compressed forms beside the quantizers"),
 }
 # seconds of each section's smoke run on 2 cores (--quick), for --jobs to start the longest first
 SMOKE_SECONDS = {"distillation": 52, "streaming": 46, "calibration": 43, "fit_speed": 22, "budget": 13,
-                 "inference": 12, "quality": 11, "bits": 18, "startup": 2}
+                 "inference": 12, "quality": 11, "bits": 18, "vllm_serving": 17, "startup": 2}
 # the figures a section's own markdown does not embed
 FIGURES = {"fit_speed": "![error against fit time](benchmarks/fit_speed.png)",
-           "distillation": "![distillation loss curve](benchmarks/distillation.png)"}
+           "distillation": "![distillation loss curve](benchmarks/distillation.png)",
+           "vllm_serving": "![tokens per second in vLLM against bits per expert weight](benchmarks/vllm_serving.png)"}
 
 
 def main() -> None:

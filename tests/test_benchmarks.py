@@ -19,7 +19,7 @@ def test_benchmark_smoke_run_writes_report_and_plots(tmp_path):
     for heading in ("Quality at equal storage", "Fit speed", "Inference speed", "parameter-count claim",
                     "Distillation of the compressed testbed", "Streaming, parallel compression",
                     "Start-up cost of the loading hook", "Cost of calibration", "Where the budget goes",
-                    "Quality against bits per weight"):
+                    "Quality against bits per weight", "Serving with vLLM at Qwen3-30B-A3B's shapes"):
         assert heading in report
     # the parameter-count section's worked example: Mixtral-8x7B's projection (8 experts of 14336 x 4096) at rank 64
     E, out_f, in_f, r = 8, 14336, 4096, 64
