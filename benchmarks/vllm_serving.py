@@ -33,11 +33,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from benchmarks.common import plot_to, table
 from moe_compress import CompressionConfig, compress_checkpoint
+from moe_compress.folder.shards import stored_tensors
 from moe_compress.testbed.train import byte_tokenizer
 
 ROOT = Path(__file__).parent.parent
@@ -82,20 +82,9 @@ def build(folder: Path, shape: dict, layers: int, seed: int = 0) -> Path:
 
 
 def experts_bytes(folder: Path) -> int:
-    """Bytes of the experts' tensors in a folder's safetensors files (codes, scales and all)."""
-    total = 0
-    for path in folder.glob("*.safetensors"):
-        with safe_open(path, "pt") as file:
-            for name in file.keys():
-                if ".experts." in name:
-                    tensor = file.get_slice(name)
-                    count = torch.Size(tensor.get_shape()).numel()
-                    total += count * torch.empty(0, dtype=_DTYPES[tensor.get_dtype()]).element_size()
-    return total
-
-
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32,
-           "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16}
+    """Bytes of the experts' tensors in a folder's safetensors files (codes, scales and all), from their headers."""
+    return sum(tensor.size for path in folder.glob("*.safetensors")
+               for name, tensor in stored_tensors(path).items() if ".experts." in name)
 
 
 def folders(work: Path, shape: dict, layers: int) -> dict[str, Path]:

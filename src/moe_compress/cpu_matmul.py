@@ -40,8 +40,3 @@ class PackedMatrices:
 
     def __call__(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weights[index], None, "none", [], "")
-
-    def grouped(self, x: torch.Tensor, spans: Iterable[tuple[int, int]]) -> torch.Tensor:
-        """Row block i of x (its (start, count) span) times W_i^T, the blocks in order: [S, in] -> [S, out]."""
-        blocks = [self(x[start:start + count], i) for i, (start, count) in enumerate(spans) if count]
-        return torch.cat(blocks) if blocks else x.new_zeros(0, self.out_features)

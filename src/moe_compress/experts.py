@@ -72,12 +72,15 @@ class Route:
         than work over all of them."""
         return sum(1 for c in self.counts if c) > len(self.counts) // 2
 
-    def spans(self) -> Iterator[tuple[int, int]]:
-        """(first sorted pair, pair count) of each expert, in expert order."""
-        start = 0
-        for count in self.counts:
-            yield start, count
+    def per_expert(self, x: torch.Tensor, product: Callable[[torch.Tensor, int], torch.Tensor],
+                   out_features: int) -> torch.Tensor:
+        """product(rows of expert e, e) for the routed experts alone, in expert order: [S, a] -> [S, out_features]."""
+        blocks, start = [], 0
+        for expert, count in enumerate(self.counts):
+            if count:
+                blocks.append(product(x[start:start + count], expert))
             start += count
+        return torch.cat(blocks) if blocks else x.new_zeros(0, out_features)
 
     def routed_experts(self) -> torch.Tensor | None:
         """The experts some pair is routed to, ascending, where at most half of them are (decoding); None otherwise,
@@ -140,9 +143,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
         # unbind, not w[e]: each w[e]'s backward writes a zero gradient the size of all of w (at Qwen3-30B-A3B's shape
         # the loop's backward took 24-67x longer than with unbind's one stacked gradient)
         blocks = [x_e @ w_e for x_e, w_e in zip(x.split(route.counts), w.unbind(0)) if x_e.shape[0] > 0]
-    else:  # the routed experts alone: views of all 128 cost a tenth of a decoding step (vLLM, Qwen3-30B-A3B's shape)
-        blocks = [x[start:start + count] @ w[e] for e, (start, count) in enumerate(route.spans()) if count]
-    return torch.cat(blocks) if blocks else x.new_zeros(0, w.shape[-1])
+        return torch.cat(blocks) if blocks else x.new_zeros(0, w.shape[-1])
+    # the routed experts alone: views of all 128 cost a tenth of a decoding step (vLLM, Qwen3-30B-A3B's shape)
+    return route.per_expert(x, lambda rows, e: rows @ w[e], w.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -360,7 +363,7 @@ class Projection(nn.Module):
         read it: the tensor's own [in, k] where it is stored so (TRANSPOSED), else its transpose. [S, a] -> [S, b]."""
         packed = self._packed_matrices(name)
         if packed is not None:
-            return packed.grouped(x, route.spans())
+            return route.per_expert(x, packed, packed.out_features)
         tensor = getattr(self, name)
         return grouped_mm(x, tensor if name in self.TRANSPOSED else tensor.transpose(1, 2), route)
 
