@@ -306,6 +306,7 @@ def test_target_bits_is_respected_as_the_saved_folder_measures_it_and_takes_the_
     candidates = report.choice["candidates"]
     assert all(c["bits_per_weight"] <= budget for c in candidates) and len(candidates) >= 2
     assert {c["symmetric"] for c in candidates} == {True, False}
+    assert all(c["symmetric"] for c in candidates if c["method"] == "quantize")  # pure quantization: symmetric alone
     assert report.choice["chosen"] == min(candidates, key=lambda c: c["error"])
     assert report.choice["chosen"]["bits_per_weight"] == pytest.approx(report.bits_per_weight, rel=1e-12)
     # the folder records the budget as asked; a checkpoint folder compressed to it makes the same choice

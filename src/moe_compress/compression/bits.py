@@ -5,9 +5,12 @@ within B and whose error, measured on a sample of the model's own experts module
 The candidates: the experts as they are, quantized (method=quantize, kept 1) at each bit width, and the default form
 (method=auto: with calibration data the shared input basis and delta below kept 0.4, the shared basis from 0.4, each
 reconstructed, and the first alone from 0.75) at the largest kept fraction within budget (to KEPT_STEP) at each bit
-width, with uniform ranks; each symmetric and asymmetric (zero points cost a little storage and can fit skewed groups
-better: measured on the fine testbed at 4 bits, GPTQ 3-bit asymmetric was chosen over symmetric and lost 0.63x as
-much). Their bits are exact, from the shapes each would store. At each bit width only the largest kept fraction within
+width, with uniform ranks. The forms are tried symmetric and asymmetric (zero points cost a little storage and can fit
+skewed groups better: measured on the fine testbed at 4 bits, GPTQ 3-bit asymmetric was chosen over symmetric and lost
+0.63x as much); pure quantization symmetric alone. Its asymmetric kind has the lower error on the sample, in the
+metric and at the block's output alike, yet on the fine testbed it lost 2.5-5x the held-out loss of the symmetric kind
+at 4 bits (RTN, GPTQ, and ours with or without reconstruction: BENCHMARKS §11), so the error cannot choose between the
+two; symmetric is also the kind a user's GPTQ int4 is and vLLM serves fastest. Their bits are exact, from the shapes each would store. At each bit width only the largest kept fraction within
 budget is measured, since keeping more at the same width cannot cost accuracy (on a grid of kept fractions alone,
 target_bits=2.5 on the fine testbed stored 2.15 bits and left the rest of its budget unspent). Their error is each
 sample module fitted and quantized as the compression would, summed as the report sums it, in the calibrated metric
@@ -43,8 +46,8 @@ def candidates(source: engine.ExpertsSource, config: CompressionConfig) -> tuple
                                                                               Optional[float]]:
     """Every setting target_bits chooses among within config.target_bits, with its planned bits, and the least bits
     any setting stores (None if none fits this model): at each bit width, symmetric and asymmetric, the experts
-    quantized as they are and the default form at the largest kept fraction within budget, with config's other
-    settings (group size, calibration). Uniform ranks: the global allocation spends a budget of parameters, which
+    quantized as they are (symmetric) and the default form at the largest kept fraction within budget, with config's
+    other settings (group size, calibration). Uniform ranks: the global allocation spends a budget of parameters, which
     would not bound the bits."""
     found, fewest = [], []
     for symmetric in (True, False):
@@ -53,8 +56,9 @@ def candidates(source: engine.ExpertsSource, config: CompressionConfig) -> tuple
             quantized = functools.partial(setting, config, source.calibrated, **common, method="quantize",
                                           rank_allocation=None)
             form = functools.partial(setting, config, source.calibrated, **common, rank_allocation="uniform")
-            for candidate, bits, least in (within(source, quantized, [None], config.target_bits),
-                                           within(source, form, KEPT, config.target_bits)):
+            kinds = ([(quantized, [None])] if symmetric else []) + [(form, KEPT)]
+            for make, kept in kinds:
+                candidate, bits, least = within(source, make, kept, config.target_bits)
                 fewest += [] if least is None else [least]
                 found += [] if candidate is None else [(candidate, bits)]
     return found, min(fewest, default=None)
