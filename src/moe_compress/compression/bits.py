@@ -7,14 +7,15 @@ The candidates: the experts as they are, quantized (method=quantize, kept 1) at 
 reconstructed, and the first alone from 0.75) at the largest kept fraction within budget (to KEPT_STEP) at each bit
 width, with uniform ranks. The forms are tried symmetric and asymmetric (zero points cost a little storage and can fit
 skewed groups better: measured on the fine testbed at 4 bits, GPTQ 3-bit asymmetric was chosen over symmetric and lost
-0.63x as much); pure quantization symmetric alone. Its asymmetric kind has the lower error on the sample, in the
-metric and at the block's output alike, yet on the fine testbed it lost 2.5-5x the held-out loss of the symmetric kind
-at 4 bits (RTN, GPTQ, and ours with or without reconstruction: BENCHMARKS §11), so the error cannot choose between the
-two; symmetric is also the kind a user's GPTQ int4 is and vLLM serves fastest. Their bits are exact, from the shapes each would store. At each bit width only the largest kept fraction within
-budget is measured, since keeping more at the same width cannot cost accuracy (on a grid of kept fractions alone,
-target_bits=2.5 on the fine testbed stored 2.15 bits and left the rest of its budget unspent). Their error is each
-sample module fitted and quantized as the compression would, summed as the report sums it, in the calibrated metric
-when there is data: the error on the inputs the experts are routed.
+0.63x as much); pure quantization symmetric alone. Its asymmetric kind has the lower error on the sample, in the metric
+and at the block's output alike, yet on the fine testbed it lost 2.5-6x the held-out loss of the symmetric kind at 4
+bits (RTN and GPTQ in BENCHMARKS §11; ours with and without the reconstruction alike), so the error cannot choose;
+symmetric is also the kind a user's GPTQ int4 is and vLLM serves fastest. Their bits are exact, from the shapes each
+would store. At each bit width only the largest kept fraction within budget is measured, since keeping more at the same
+width cannot cost accuracy (on a grid of kept fractions alone, target_bits=2.5 on the fine testbed stored 2.15 bits and
+left the rest of its budget unspent). Their error is each sample module fitted and quantized as the compression would,
+summed as the report sums it, in the calibrated metric when there is data: the error on the inputs the experts are
+routed.
 """
 
 from __future__ import annotations
