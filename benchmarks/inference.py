@@ -72,9 +72,9 @@ def build(kind: str, shape: dict) -> torch.nn.Module:
 
 
 def weights_mib(module: torch.nn.Module) -> float:
-    """What the module holds for its weights: parameters and buffers (packed codes and scales), and the cores that a
-    forward laid out for torch's int4 kernel."""
-    kernels = [m._kernel[1] for m in module.modules() if getattr(m, "_kernel", None) and m._kernel[1] is not None]
+    """What the module holds for its weights: parameters and buffers (packed codes and scales), and the 4-bit tensors
+    that a forward laid out for torch's int4 kernel."""
+    kernels = [k for m in module.modules() for _, built in getattr(m, "_kernels", {}).values() for k in built or ()]
     tensors = [*module.parameters(), *module.buffers(), *(t for k in kernels for t in (k.packed, k.scales_and_zeros))]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 

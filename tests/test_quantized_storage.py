@@ -28,7 +28,8 @@ from moe_compress.discovery import split_weights
 from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, select_trainable, train_quantization_aware
 from moe_compress.experts import Projection, Route, group_format, make_projection
-from moe_compress.quantize import INT4_KERNEL_ROWS, Int4Weight, QuantFormat, quantize_rtn
+from moe_compress.quantize import (INT4_KERNEL_ROWS, Int4Weight, QuantFormat, QuantizedMatrix, pack,
+                                   quantize_rtn)
 from moe_compress.testbed import load_testbed
 
 METHODS = [("delta", {"target_ratio": 0.5}), ("basis", {"target_ratio": 0.5}), ("mixed", {"target_ratio": 0.5}),
@@ -102,25 +103,86 @@ def bf16_experts(form: str, symmetric: bool) -> mc.SharedCoreExperts:
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("form", ["delta", "mixed"])
-def test_a_4_bit_core_runs_through_torchs_int4_kernel_on_few_bf16_tokens(form, symmetric):
-    """The kernel's product equals the dequantized core's (fp32 reference) to bf16's precision, the experts' output
-    equals the one with every core dequantized to it too, and from INT4_KERNEL_ROWS tokens the core is dequantized."""
+def test_4_bit_tensors_run_through_torchs_int4_kernel_on_few_bf16_tokens(form, symmetric):
+    """The kernel's product equals the dequantized core's (fp32 reference) to bf16's precision; the experts' output,
+    every 4-bit tensor through the kernel (the narrow factors padded to its groups), equals transformers' experts code
+    on every W_e dequantized; from INT4_KERNEL_ROWS tokens the core is dequantized."""
     experts = bf16_experts(form, symmetric)
     up = experts.projections["up"]
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.no_grad():
         reference = x.float() @ up.dequantized("core")[0].float().T
-        assert up._int4_core(x) is not None and up._int4_core(x.new_zeros(INT4_KERNEL_ROWS, 64)) is None
-        got = up.core_product(x).float()
+        assert up._int4_kernels("core", x) is not None
+        got = up.shared_mm(x, "core").float()
         assert (got - reference).norm() / reference.norm() < 5e-3
+        many = x.repeat(INT4_KERNEL_ROWS // 8, 1)
+        assert torch.equal(up.shared_mm(many, "core"), many @ up.dequantized("core")[0].T)
         index = torch.stack([torch.randperm(32, generator=torch.Generator().manual_seed(i))[:4] for i in range(8)])
         weights = torch.rand(8, 4, generator=torch.Generator().manual_seed(1)).softmax(-1).to(torch.bfloat16)
         fast = experts(x, index, weights).float()
+        for proj in experts.projections.values():  # every tensor went through the kernel: none was dequantized
+            assert all(proj._kernels[name][1] is not None for name in proj.TENSORS)
         rebuilt = experts.to_dense().float()  # transformers' own experts code on every W_e rebuilt, in fp32
         dense = type(rebuilt).forward.__wrapped__(rebuilt, x.float(), index, weights.float())
         assert (fast - dense).norm() / dense.norm() < 2e-2
         with torch.enable_grad():  # a gradient to pass back: the dequantized core, which autograd sees through
-            assert up._int4_core(x.clone().requires_grad_()) is None
+            assert up._int4_kernels("core", x.clone().requires_grad_()) is None
+
+
+@pytest.mark.parametrize("form", ["delta", "mixed", "dense"])
+def test_4_bit_experts_packed_for_the_cpu_hold_the_kernel_layout_alone_and_compute_what_the_reference_does(form):
+    """Packed for the CPU (the vLLM plugin does it), every 4-bit tensor runs through the int4 kernel on any number of
+    tokens and its codes are freed: the experts hold the kernel's layout instead, within the padding of the narrow
+    factors to whole kernel groups. Codes loaded anew into a packed tensor (vLLM reloading weights) are read as
+    stored until packed again."""
+    experts = bf16_experts(form, symmetric=False)
+    codes = [(p, name) for p, proj in experts.projections.items() for name in proj.stored]
+    rebuilt = experts.to_dense().float()  # transformers' own experts code on every W_e dequantized, in fp32
+    calls = []
+    for tokens in (1, 16 * INT4_KERNEL_ROWS):  # decoding; prefill, 2 x INT4_KERNEL_ROWS pairs an expert on average
+        index = torch.stack([torch.randperm(32, generator=torch.Generator().manual_seed(i))[:4] for i in range(tokens)])
+        weights = torch.rand(tokens, 4, generator=torch.Generator().manual_seed(1)).softmax(-1).to(torch.bfloat16)
+        calls.append((torch.randn(tokens, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16), index,
+                      weights))
+    with torch.no_grad():
+        for proj in experts.projections.values():
+            proj.pack_for_cpu_()
+        for call in calls:
+            x, index, weights = call
+            dense = type(rebuilt).forward.__wrapped__(rebuilt, x.float(), index, weights.float())
+            got = experts(*call).float()
+            assert (got - dense).norm() / dense.norm() < 2e-2
+        for p, name in codes:
+            proj = experts.projections[p]
+            assert proj._buffers[f"{name}_packed"].untyped_storage().nbytes() <= 4
+            for k in proj._packed[name][1].weights:  # half a byte a code, a bf16 scale and zero a group, padded
+                cols, rows = k.scales_and_zeros.shape[0] * k.group_size, k.scales_and_zeros.shape[1]
+                assert k.packed.nbytes + k.scales_and_zeros.nbytes == rows * cols // 2 + 4 * rows * cols // k.group_size
+                assert cols - k.in_features < k.group_size and rows - k.out_features < 16
+        other = bf16_experts(form, symmetric=False)
+        for p, proj in experts.projections.items():
+            for name in proj.stored:  # as the plugin's loader does: new storage in place of the placeholder
+                for buffer in (f"{name}_packed", f"{name}_scale", f"{name}_zero"):
+                    proj._buffers[buffer].data = other.projections[p]._buffers[buffer].clone()
+        assert torch.equal(experts(*calls[0]), other(*calls[0]))
+        assert not any(proj._packed for proj in experts.projections.values())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("rows,cols,group", [(40, 50, None), (48, 96, 32), (16, 200, None), (64, 128, 128)])
+def test_the_int4_kernel_layout_pads_narrow_matrices_and_computes_their_product(rows, cols, group, symmetric):
+    """Any 4-bit matrix of kernel-sized groups or one group a row (padded to whole kernel groups and rows in
+    sixteens, scales repeated) computes x @ W^T of its dequantized W (fp32 reference) to bf16's precision."""
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols))
+    format = group_format(QuantFormat(4, group, symmetric), cols)
+    q = quantize_rtn(W, format)
+    scales = q.scales.to(torch.bfloat16)
+    weight = Int4Weight.of(pack(q.codes, 4), cols, scales, q.zeros, format)
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    reference = x.float() @ QuantizedMatrix(q.codes, scales, q.zeros, format).dequantize().float().T
+    got = weight(x)
+    assert got.shape == (3, rows) and got.dtype == torch.bfloat16
+    assert (got.float() - reference).norm() / reference.norm() < 5e-3
 
 
 @pytest.mark.parametrize("fault", ["raises", "wrong"])
@@ -136,9 +198,9 @@ def test_an_int4_kernel_that_fails_or_is_wrong_is_dropped_with_a_warning_for_the
     up = bf16_experts("delta", symmetric=True).projections["up"]
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.no_grad(), pytest.warns(UserWarning, match="the core is dequantized instead"):
-        assert up._int4_core(x) is None
+        assert up._int4_kernels("core", x) is None
     with torch.no_grad():
-        assert torch.equal(up.core_product(x), x @ up.dequantized("core")[0].T)
+        assert torch.equal(up.shared_mm(x, "core"), x @ up.dequantized("core")[0].T)
 
 
 @pytest.mark.parametrize("method,size", METHODS, ids=[m for m, _ in METHODS])

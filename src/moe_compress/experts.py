@@ -33,8 +33,8 @@ from transformers.integrations.moe import _default_apply_gate
 from moe_compress import cpu_matmul
 from moe_compress.cpu_matmul import PackedMatrices
 from moe_compress.discovery import join_weights, projection_names, split_weights
-from moe_compress.quantize import (INT4_KERNEL_ROWS, Int4Weight, QuantFormat, QuantizedMatrix, dequantize_packed, pack,
-                                   pack_zeros, packed_words, round_codes, unpack_zeros)
+from moe_compress.quantize import (INT4_KERNEL_ROWS, Int4Matrices, Int4Weight, QuantFormat, QuantizedMatrix,
+                                   dequantize_packed, pack, pack_zeros, packed_words, round_codes, unpack_zeros)
 
 
 @dataclass
@@ -195,9 +195,11 @@ class Projection(nn.Module):
         self.stored: dict[str, Stored] = {}  # the quantized tensors, by name
         self._memo: dict[str, torch.Tensor] | None = None
         self._routed: torch.Tensor | None = None  # the experts this forward reads, where not all (dequantized_once)
-        self._kernel: tuple[tuple, Int4Weight | None] | None = None  # the core in the int4 kernel's layout, and its key
-        # tensors laid out for oneDNN in their stead (pack_for_cpu_), with the data pointer of their placeholder
-        self._packed: dict[str, tuple[int, PackedMatrices]] = {}
+        # 4-bit tensors in the int4 kernel's layout, a matrix each, with the key of the codes they were built from
+        self._kernels: dict[str, tuple[tuple, Int4Matrices | None]] = {}
+        # tensors laid out for oneDNN or the int4 kernel in their stead (pack_for_cpu_), with the data pointer of
+        # their placeholder
+        self._packed: dict[str, tuple[int, PackedMatrices | Int4Matrices]] = {}
 
     def __getattr__(self, name: str) -> Any:
         stored = self.__dict__.get("stored")
@@ -364,6 +366,9 @@ class Projection(nn.Module):
         packed = self._packed_matrices(name)
         if packed is not None:
             return route.per_expert(x, packed, packed.out_features)
+        kernels = self._int4_kernels(name, x) if max(route.counts) < INT4_KERNEL_ROWS else None
+        if kernels is not None:
+            return route.per_expert(x, kernels, kernels.out_features)
         tensor = getattr(self, name)
         return grouped_mm(x, tensor if name in self.TRANSPOSED else tensor.transpose(1, 2), route)
 
@@ -373,39 +378,56 @@ class Projection(nn.Module):
         packed = self._packed_matrices(name)
         if packed is not None:
             return packed(x)
+        kernels = self._int4_kernels(name, x) if x.shape[0] < INT4_KERNEL_ROWS else None
+        if kernels is not None:
+            return kernels(x)
         matrix = getattr(self, name)[0]
         return x @ (matrix if name in self.TRANSPOSED else matrix.T)
 
     def packable(self) -> list[str]:
-        """The stored tensors pack_for_cpu_ can lay out for oneDNN: the float ones (integer storage has its own path)
-        that the forward reads through expert_mm and shared_mm alone: not the cores of several groups of experts
-        (read per group), nor the wrapped form's (multiplied with its factors ahead of the forward)."""
+        """The stored tensors pack_for_cpu_ can lay out for the CPU's fast matmuls: the float ones oneDNN multiplies
+        well, and the 4-bit ones torch's int4 kernel takes, that the forward reads through expert_mm and shared_mm
+        alone: not the cores of several groups of experts (read per group), nor the wrapped form's (multiplied with
+        its factors ahead of the forward)."""
         if self.form == "wrapped":
             return []
         names = [name for name in self.TENSORS
-                 if name in self._parameters and cpu_matmul.available(self._parameters[name])]
-        return [name for name in names if name != "core" or self.per_expert("core") or self.shape_of("core")[0] == 1]
+                 if name != "core" or self.per_expert("core") or self.shape_of("core")[0] == 1]
+        return [name for name in names if self._packs_for_cpu(name)]
+
+    def _packs_for_cpu(self, name: str) -> bool:
+        if name in self.stored:
+            return self._storage(name).device.type == "cpu" and self._int4_layout(name) is not None
+        return cpu_matmul.available(self._parameters[name])
 
     def pack_for_cpu_(self) -> None:
-        """For inference on the CPU: lay each packable tensor out for oneDNN's matmul (cpu_matmul) and free it, so that
-        the experts hold their bytes once. The parameter keeps its shape as a 1-element placeholder that nothing reads;
-        training is refused from then on."""
+        """For inference on the CPU: lay each packable tensor out for oneDNN's matmul (cpu_matmul) or, 4-bit, torch's
+        int4 kernel, and free it, so that the experts hold their bytes once. The tensor (a parameter, or the packed
+        codes) keeps its shape as a 1-element placeholder that nothing reads; training is refused from then on. The
+        4-bit tensors then run through the kernel on any number of tokens (dequantizing needs the codes)."""
         if self.training:
             raise RuntimeError("pack_for_cpu_ is for inference: call .eval() first")
         for name in self.packable():
-            param = self._parameters[name]
             if self._packed_matrices(name) is not None:
                 continue
-            weights = param.detach().mT if name in self.TRANSPOSED else param.detach()  # linear layout: [., out, in]
-            packed = PackedMatrices(weights.unbind(0))
-            param.data = param.new_zeros(1).expand(param.shape)
-            self._packed[name] = (param.data_ptr(), packed)
+            storage = self._storage(name)
+            if name in self.stored:
+                packed = self._kernels.pop(name)[1]
+            else:
+                weights = storage.detach().mT if name in self.TRANSPOSED else storage.detach()  # [., out, in]
+                packed = PackedMatrices(weights.unbind(0))
+            storage.data = storage.new_zeros(1).expand(storage.shape)
+            self._packed[name] = (storage.data_ptr(), packed)
 
-    def _packed_matrices(self, name: str) -> PackedMatrices | None:
+    def _storage(self, name: str) -> torch.Tensor:
+        """The tensor holding the values of the stored tensor `name`: its parameter, or its packed codes."""
+        return self._buffers[f"{name}_packed"] if name in self.stored else self._parameters[name]
+
+    def _packed_matrices(self, name: str) -> PackedMatrices | Int4Matrices | None:
         """The packed matrices of `name`, unless values were loaded into its tensor since (a new storage in place of
         the placeholder: vLLM reloading weights), which makes them stale and drops them."""
         entry = self._packed.get(name)
-        if entry is not None and entry[0] != self._parameters[name].data_ptr():
+        if entry is not None and entry[0] != self._storage(name).data_ptr():
             del self._packed[name]
             return None
         return None if entry is None else entry[1]
@@ -437,50 +459,57 @@ class Projection(nn.Module):
             out[members] = part
         return out
 
-    def core_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ C^T for a single core: [N, in] -> [N, out]; a 4-bit core through torch's int4 weight-only kernel where
-        that pays (bf16 tokens, fewer than INT4_KERNEL_ROWS of them, no gradient to pass back), without dequantizing
-        it."""
-        kernel = self._int4_core(x)
-        return self.shared_mm(x, "core") if kernel is None else kernel(x)
-
-    def _int4_core(self, x: torch.Tensor) -> Int4Weight | None:
-        stored = self.stored.get("core")
-        if (stored is None or "core" in self._parameters or x.dtype != torch.bfloat16 or x.shape[0] >= INT4_KERNEL_ROWS
-                or (torch.is_grad_enabled() and x.requires_grad) or stored.shape[0] != 1):
+    def _int4_kernels(self, name: str, x: torch.Tensor) -> Int4Matrices | None:
+        """The matrices of the 4-bit stored tensor `name` in torch's int4 kernel layout, for products with x where
+        that pays: bf16 tokens (the caller sees to fewer than INT4_KERNEL_ROWS of them a matrix: from there a
+        dequantized matrix and a bf16 matmul are faster), no gradient to pass back. None otherwise, or where the
+        kernel does not take the tensor."""
+        if x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad):
             return None
-        packed = self._buffers["core_packed"]
-        key = (packed.data_ptr(), packed._version, packed.device)
-        if self._kernel is None or self._kernel[0] != key:  # built once, again only when the codes change or move
-            zeros = self._zeros("core")
-            weight = Int4Weight.of(packed[0], stored.matrix[1], self._buffers["core_scale"][0],
-                                   None if zeros is None else zeros[0], stored.format)
-            self._kernel = (key, weight if weight is None else self._checked(weight))
-        return self._kernel[1]
+        return self._int4_layout(name)
 
-    def _checked(self, weight: Int4Weight) -> Int4Weight | None:
-        """`weight` if the kernel computes what the dequantized core does on a few random tokens (to bf16's
+    def _int4_layout(self, name: str) -> Int4Matrices | None:
+        """`name`'s matrices in the int4 kernel's layout, where it is stored in 4 bits with bf16 scales and has no
+        float shadow (training); built once, again when its codes change or move."""
+        stored = self.stored.get(name)
+        if stored is None or stored.format.bits != 4 or name in self._parameters:
+            return None
+        packed = self._buffers[f"{name}_packed"]
+        key = (packed.data_ptr(), packed._version, packed.device)
+        cached = self._kernels.get(name)
+        if cached is None or cached[0] != key:
+            scales, zeros, cols = self._buffers[f"{name}_scale"], self._zeros(name), stored.matrix[1]
+            kernels = [Int4Weight.of(packed[i], cols, scales[i], None if zeros is None else zeros[i], stored.format)
+                       for i in range(packed.shape[0])]
+            kernels = None if any(k is None for k in kernels) else self._checked(name, Int4Matrices(kernels))
+            self._kernels[name] = cached = (key, kernels)
+        return cached[1]
+
+    def _checked(self, name: str, kernels: Int4Matrices) -> Int4Matrices | None:
+        """`kernels` if the first computes what its dequantized matrix does on a few random tokens (to bf16's
         precision), else None with a warning: the CUDA layout could not be tested on this project's machines."""
-        core = self.dequantized("core")[0]
-        x = torch.randn(4, core.shape[1], generator=torch.Generator().manual_seed(0)).to(core)
-        reference = x.float() @ core.float().T
+        matrix = self.dequantized(name, torch.zeros(1, dtype=torch.long, device=self.expert_core.device)
+                                  if self.per_expert(name) else None)[0]
+        matrix = matrix if name in self.TRANSPOSED else matrix.T  # [in, out], as products read it
+        x = torch.randn(4, matrix.shape[0], generator=torch.Generator().manual_seed(0)).to(matrix)
+        reference = x.float() @ matrix.float()
         try:
-            error = ((weight(x).float() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+            error = ((kernels(x).float() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
         except RuntimeError as failure:  # a GPU or shape the kernel refuses only when it runs
             error, why = float("inf"), f"failed ({str(failure).splitlines()[0]})"
         else:
-            why = f"is off by {error:.1e} from the dequantized core"
+            why = f"is off by {error:.1e} from the dequantized {name}"
         if error <= 1e-2:  # bf16 rounding of the activations and outputs is ~3e-3
-            return weight
-        warnings.warn(f"torch's int4 kernel on {x.device.type} {why}; the core is dequantized instead (please report "
-                      "this with your torch version and device)")
+            return kernels
+        warnings.warn(f"torch's int4 kernel on {x.device.type} {why}; the {name} is dequantized instead (please "
+                      "report this with your torch version and device)")
         return None
 
     def core_on_tokens(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         """C_{g(e)} x for each sorted pair, computing each core once per token: [T, in] -> [S, out]."""
         G, out_f, in_f = self.shape_of("core")
         if G == 1:
-            return self.core_product(x)[route.token]
+            return self.shared_mm(x, "core")[route.token]
         z = (x @ self.core.reshape(G * out_f, in_f).T).view(-1, G, out_f)  # [T, G, out]
         return z[route.token, self.expert_core[route.expert]]
 
@@ -494,7 +523,7 @@ class Projection(nn.Module):
         """sum_k w_k C_{g(e_k)} h_k per token, each core once per token on a weighted sum: [S, in] -> [T, out]."""
         weighted = route.to_grid(h * route.weight.unsqueeze(-1))  # [T, K, in]
         if self.shape_of("core")[0] == 1:
-            return self.core_product(weighted.sum(1))
+            return self.shared_mm(weighted.sum(1), "core")
         core_grid = route.to_grid(self.expert_core[route.expert].unsqueeze(-1)).squeeze(-1)  # [T, K]
         one_hot = F.one_hot(core_grid, self.core.shape[0]).to(h.dtype)  # [T, K, G]
         return torch.einsum("tkg,tki,goi->to", one_hot, weighted, self.core)

@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 BITS = (2, 3, 4, 8)
 SCALE_BITS = 16  # scales are stored in the weight's 16-bit dtype
@@ -288,26 +289,34 @@ INT4_KERNEL_ROWS = 128
 @dataclass(frozen=True)
 class Int4Weight:
     """A 4-bit matrix [out, in] in the layout of torch's int4 weight-only kernels (tinygemm's on CUDA), which compute
-    x @ W^T from the codes without dequantizing W: bf16 activations, groups of 32 to 256 columns. The kernels read
-    w = (u - 8) * s + zero for unsigned codes u, so our (q - z) * s, with q = u - 8, is zero = -z * s (in bf16)."""
+    x @ W^T from the codes without dequantizing W: bf16 activations, groups of 32 to 256 columns, rows in sixteens.
+    The kernels read w = (u - 8) * s + zero for unsigned codes u, so our (q - z) * s, with q = u - 8, is
+    zero = -z * s (in bf16). A matrix of one group per row (the narrow rank-r factors) is padded to whole kernel
+    groups with zero columns, its scale repeated over them, and its rows to a multiple of 16 with zero rows; the
+    padding is the kernel's alone (x is padded and the output cut to size on each call)."""
 
     packed: torch.Tensor
-    scales_and_zeros: torch.Tensor  # [groups, out, 2] bf16
+    scales_and_zeros: torch.Tensor  # [groups, padded out, 2] bf16
     group_size: int
+    in_features: int
+    out_features: int
 
     @classmethod
     def of(cls, packed: torch.Tensor, cols: int, scales: torch.Tensor, zeros: torch.Tensor | None,
            format: QuantFormat) -> Int4Weight | None:
         """From our storage (packed words [out, words], scales and integer zero points [out, groups]); None where the
-        kernels do not take it: not 4 bits, other groups, scales not bf16, a device without the kernel."""
-        rows = packed.shape[0]
-        usable = (format.bits == 4 and format.group_size in INT4_KERNEL_GROUPS and scales.dtype == torch.bfloat16
-                  and packed.device.type in ("cpu", "cuda") and rows % 16 == 0 and cols % format.group_size == 0)
-        if not usable:
+        kernels do not take it: not 4 bits, groups the kernel has no size for, scales not bf16, a device without
+        the kernel."""
+        rows, groups = scales.shape
+        group = kernel_group(format, cols, groups)
+        if (format.bits != 4 or group is None or scales.dtype != torch.bfloat16
+                or packed.device.type not in ("cpu", "cuda")):
             return None
-        unsigned = unpack(packed, 4, cols).int() + 8
+        padded_cols, padded_rows = -(-cols // group) * group, -(-rows // 16) * 16
+        unsigned = F.pad(unpack(packed, 4, cols).int() + 8, (0, padded_cols - cols, 0, padded_rows - rows), value=8)
         zero = torch.zeros_like(scales) if zeros is None else -zeros.to(scales.dtype) * scales
-        scales_and_zeros = torch.stack([scales, zero], -1).transpose(0, 1).contiguous()
+        scales_and_zeros = torch.stack([scales, zero], -1).repeat_interleave(padded_cols // group // groups, 1)
+        scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, 0, 0, padded_rows - rows)).transpose(0, 1).contiguous()
         try:
             if packed.device.type == "cpu":
                 weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
@@ -316,13 +325,43 @@ class Int4Weight:
                 weight = torch.ops.aten._convert_weight_to_int4pack(pairs, 8)
         except (RuntimeError, AttributeError):  # shapes or GPUs the kernel refuses, a torch without it
             return None
-        return cls(weight, scales_and_zeros, format.group_size)
+        return cls(weight, scales_and_zeros, group, cols, rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, in] bf16 -> x @ W^T [N, out]."""
+        padded_cols = self.scales_and_zeros.shape[0] * self.group_size
+        if padded_cols != self.in_features:
+            x = F.pad(x, (0, padded_cols - self.in_features))
         if x.device.type == "cpu":
-            return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
-        return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
+            y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
+        return y if y.shape[-1] == self.out_features else y[:, :self.out_features]
+
+
+@dataclass(frozen=True)
+class Int4Matrices:
+    """A stack of 4-bit matrices in the int4 kernels' layout, called as cpu_matmul.PackedMatrices is: x W_i^T."""
+
+    weights: list[Int4Weight]
+
+    @property
+    def out_features(self) -> int:
+        return self.weights[0].out_features
+
+    def __call__(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+        return self.weights[index](x)
+
+
+def kernel_group(format: QuantFormat, cols: int, groups: int) -> int | None:
+    """The group size the int4 kernels run a matrix of `cols` columns in `groups` groups a row with: its own where
+    the kernels have it; for one group a row, the kernel size whose padded codes and repeated scales take the fewest
+    bytes; None where the groups fit no kernel size."""
+    if groups > 1:
+        size = cols // groups
+        return size if size in INT4_KERNEL_GROUPS else None
+    padded = {g: -(-cols // g) * g for g in INT4_KERNEL_GROUPS}
+    return min(INT4_KERNEL_GROUPS, key=lambda g: padded[g] // 2 + 4 * padded[g] // g)  # bytes a row: codes, s and z
 
 
 def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:

@@ -148,8 +148,20 @@ class SharedCoreMoEMethod(FusedMoEMethodBase):
         if missing and len(missing) < len(names):
             raise ValueError(f"{self.prefix}: vLLM did not load {', '.join(missing)} from the folder; the folder "
                              "was written by another moe-compress version or renamed by another vLLM mapping")
-        for projection in self.projections.values():  # on the CPU, the float tensors in oneDNN's layout instead:
-            projection.pack_for_cpu_()  # about twice torch's matmul speed on decoding's few tokens (cpu_matmul)
+        # the layer's parameters wrap our buffers (codes, scales) in tensors of their own: values loaded anew into a
+        # packed placeholder went to the parameter's new storage, which the buffer takes before packing
+        for name, tensor in names.items():
+            param = getattr(layer, name)
+            if param is not tensor and param.data_ptr() != tensor.data_ptr():
+                tensor.data = param.data
+        # on the CPU, the float tensors in oneDNN's layout instead, about twice torch's matmul speed on decoding's few
+        # tokens (cpu_matmul), and the 4-bit ones in torch's int4 kernel's, which reads the codes as they are
+        for projection in self.projections.values():
+            projection.pack_for_cpu_()
+        for name, tensor in layer_tensors(self.projections).items():  # so that the packed storage is freed
+            param = getattr(layer, name)
+            if param is not tensor:
+                param.data = tensor.data
 
     def get_fused_moe_quant_config(self, layer: RoutedExperts) -> FusedMoEQuantConfig | None:
         return None
