@@ -57,6 +57,9 @@ VARIANTS = {
     "mixed, kept 0.3": dict(method="mixed", target_ratio=0.3),
     "basis, kept 0.5": dict(method="basis", target_ratio=0.5),
     "mixed, kept 0.3, 4-bit": dict(method="mixed", target_ratio=0.3, bits=4),
+    # what target_bits=2.5 chose on both testbeds (BENCHMARKS §11); its own choice at this shape would fit a dozen
+    # candidates on the sample modules, hours here
+    "basis, kept 0.57, 4-bit asym": dict(method="basis", target_ratio=0.57, bits=4, symmetric=False),
 }
 PHASES = {"prefill": "prefill tokens/s", "b1": "decode tokens/s, batch 1", "b16": "decode tokens/s, batch 16"}
 
@@ -173,14 +176,15 @@ def markdown(result: dict) -> str:
             f"({shape['num_experts']} experts of width {shape['moe_intermediate_size']}, "
             f"top-{shape['num_experts_per_tok']}, hidden {shape['hidden_size']}) in {result['layers']} layers, "
             "synthetic experts with shared structure, and its compressions (served by the moe-compress plugin, float "
-            "tensors in oneDNN's layout: moe_compress/cpu_matmul.py). Tokens per second, median over every timed "
+            "tensors in oneDNN's layout, moe_compress/cpu_matmul.py, 4-bit ones in torch's int4 kernel's, "
+            "quantize.Int4Weight; `basis, kept 0.57, 4-bit asym` is what target_bits=2.5 chose on both testbeds, "
+            "§11). Tokens per second, median over every timed "
             "call of two rounds in turns, each model in its own vLLM engine as vLLM runs it by default (on 2 cores: "
             "the engine's worker bound to one, the front end on the other); in brackets against the original. "
             "Experts held: the bytes of every tensor the experts layers hold in the engine once loaded, in brackets "
-            "against their bytes in the folder (taken before the first forward: a 4-bit core's layout for torch's "
-            "int4 kernel, built at the first bf16 forward on few tokens, is not in it; §3 measured it at +15% of "
-            "the experts' bytes at mixed rank 16, about +3% at kept 0.3 counted from the shapes); resident: the "
-            "engine process's memory after loading (MiB, with its 2 GiB KV cache).\n\n"
+            "against their bytes in the folder (the 4-bit tensors held in the int4 kernel's layout instead of their "
+            "codes: the narrow factors' one scale a row padded to whole kernel groups, with a zero point a group); "
+            "resident: the engine process's memory after loading (MiB, with its 2 GiB KV cache).\n\n"
             + table(["model", "bits per expert weight", *PHASES.values(), "experts held", "resident MiB"], rows)
             + "\n\nPlot: tokens per second against the original, by bits per expert weight (below).")
 

@@ -155,10 +155,17 @@ def test_4_bit_experts_packed_for_the_cpu_hold_the_kernel_layout_alone_and_compu
         for p, name in codes:
             proj = experts.projections[p]
             assert proj._buffers[f"{name}_packed"].untyped_storage().nbytes() <= 4
-            for k in proj._packed[name][1].weights:  # half a byte a code, a bf16 scale and zero a group, padded
+            layout = proj._packed[name][1].weights
+            for k in layout:  # half a byte a code, padded to whole kernel groups and rows in sixteens
                 cols, rows = k.scales_and_zeros.shape[0] * k.group_size, k.scales_and_zeros.shape[1]
-                assert k.packed.nbytes + k.scales_and_zeros.nbytes == rows * cols // 2 + 4 * rows * cols // k.group_size
+                assert k.packed.nbytes == rows * cols // 2
                 assert cols - k.in_features < k.group_size and rows - k.out_features < 16
+            # a scale a row: the stored scales themselves, and one tensor of unit kernel scales for all the matrices
+            per_row = [k for k in layout if k.row_scale is not None]
+            assert per_row == (layout if proj._buffers[f"{name}_scale"].shape[-1] == 1 else [])
+            assert all(k.row_scale.untyped_storage().data_ptr() == proj._buffers[f"{name}_scale"].data_ptr()
+                       for k in per_row)
+            assert len({k.scales_and_zeros.data_ptr() for k in per_row}) <= 1
         other = bf16_experts(form, symmetric=False)
         for p, proj in experts.projections.items():
             for name in proj.stored:  # as the plugin's loader does: new storage in place of the placeholder

@@ -14,6 +14,7 @@ Shapes: any leading dimensions ([E] experts) ride along: W [..., rows, cols], H 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -291,15 +292,19 @@ class Int4Weight:
     """A 4-bit matrix [out, in] in the layout of torch's int4 weight-only kernels (tinygemm's on CUDA), which compute
     x @ W^T from the codes without dequantizing W: bf16 activations, groups of 32 to 256 columns, rows in sixteens.
     The kernels read w = (u - 8) * s + zero for unsigned codes u, so our (q - z) * s, with q = u - 8, is
-    zero = -z * s (in bf16). A matrix of one group per row (the narrow rank-r factors) is padded to whole kernel
-    groups with zero columns, its scale repeated over them, and its rows to a multiple of 16 with zero rows; the
-    padding is the kernel's alone (x is padded and the output cut to size on each call)."""
+    zero = -z * s (in bf16). A matrix of one group a row (the narrow rank-r factors) runs with unit scales, which
+    every such matrix of its shape shares, and its own scale s and zero point z applied to the product:
+    (x @ (u - 8)^T) * s - sum(x) * z * s, so that its kernel layout holds nothing per row but the codes (a scale
+    repeated over kernel groups would be 4 bytes a group and row). Columns are padded to whole kernel groups and rows
+    to sixteens with zero codes, the kernel's alone: x is padded and the output cut to size on each call."""
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor  # [groups, padded out, 2] bf16
     group_size: int
     in_features: int
     out_features: int
+    row_scale: torch.Tensor | None = None  # [out]: one group a row, applied to the unit-scaled product
+    row_shift: torch.Tensor | None = None  # [out] fp32 z * s, asymmetric with one group a row
 
     @classmethod
     def of(cls, packed: torch.Tensor, cols: int, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -308,15 +313,19 @@ class Int4Weight:
         kernels do not take it: not 4 bits, groups the kernel has no size for, scales not bf16, a device without
         the kernel."""
         rows, groups = scales.shape
-        group = kernel_group(format, cols, groups)
-        if (format.bits != 4 or group is None or scales.dtype != torch.bfloat16
+        per_row = groups == 1
+        group = INT4_KERNEL_GROUPS[0] if per_row else cols // groups
+        if (format.bits != 4 or group not in INT4_KERNEL_GROUPS or scales.dtype != torch.bfloat16
                 or packed.device.type not in ("cpu", "cuda")):
             return None
         padded_cols, padded_rows = -(-cols // group) * group, -(-rows // 16) * 16
         unsigned = F.pad(unpack(packed, 4, cols).int() + 8, (0, padded_cols - cols, 0, padded_rows - rows), value=8)
-        zero = torch.zeros_like(scales) if zeros is None else -zeros.to(scales.dtype) * scales
-        scales_and_zeros = torch.stack([scales, zero], -1).repeat_interleave(padded_cols // group // groups, 1)
-        scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, 0, 0, padded_rows - rows)).transpose(0, 1).contiguous()
+        if per_row:
+            scales_and_zeros = unit_scales(padded_cols // group, padded_rows, packed.device)
+        else:
+            zero = torch.zeros_like(scales) if zeros is None else -zeros.to(scales.dtype) * scales
+            scales_and_zeros = F.pad(torch.stack([scales, zero], -1), (0, 0, 0, 0, 0, padded_rows - rows))
+            scales_and_zeros = scales_and_zeros.transpose(0, 1).contiguous()
         try:
             if packed.device.type == "cpu":
                 weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
@@ -325,7 +334,9 @@ class Int4Weight:
                 weight = torch.ops.aten._convert_weight_to_int4pack(pairs, 8)
         except (RuntimeError, AttributeError):  # shapes or GPUs the kernel refuses, a torch without it
             return None
-        return cls(weight, scales_and_zeros, group, cols, rows)
+        row_scale = scales[:, 0] if per_row else None
+        row_shift = zeros[:, 0].float() * row_scale.float() if per_row and zeros is not None else None
+        return cls(weight, scales_and_zeros, group, cols, rows, row_scale, row_shift)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, in] bf16 -> x @ W^T [N, out]."""
@@ -336,7 +347,21 @@ class Int4Weight:
             y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
         else:
             y = torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
-        return y if y.shape[-1] == self.out_features else y[:, :self.out_features]
+        y = y if y.shape[-1] == self.out_features else y[:, :self.out_features]
+        if self.row_scale is None:
+            return y
+        y = y.float() * self.row_scale.float()  # in fp32: the zero point's term may cancel much of the product
+        if self.row_shift is not None:
+            y = y - x.float().sum(-1, keepdim=True) * self.row_shift
+        return y.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def unit_scales(groups: int, rows: int, device: torch.device) -> torch.Tensor:
+    """The kernels' scales and zeros [groups, rows, 2] of scale 1 and zero 0, one tensor for every matrix of its
+    shape."""
+    ones = torch.ones(groups, rows, 1, dtype=torch.bfloat16, device=device)
+    return torch.cat([ones, torch.zeros_like(ones)], -1)
 
 
 @dataclass(frozen=True)
@@ -351,17 +376,6 @@ class Int4Matrices:
 
     def __call__(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
         return self.weights[index](x)
-
-
-def kernel_group(format: QuantFormat, cols: int, groups: int) -> int | None:
-    """The group size the int4 kernels run a matrix of `cols` columns in `groups` groups a row with: its own where
-    the kernels have it; for one group a row, the kernel size whose padded codes and repeated scales take the fewest
-    bytes; None where the groups fit no kernel size."""
-    if groups > 1:
-        size = cols // groups
-        return size if size in INT4_KERNEL_GROUPS else None
-    padded = {g: -(-cols // g) * g for g in INT4_KERNEL_GROUPS}
-    return min(INT4_KERNEL_GROUPS, key=lambda g: padded[g] // 2 + 4 * padded[g] // g)  # bytes a row: codes, s and z
 
 
 def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
