@@ -103,10 +103,10 @@ def bf16_experts(form: str, symmetric: bool) -> mc.SharedCoreExperts:
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("form", ["delta", "mixed"])
-def test_4_bit_tensors_run_through_torchs_int4_kernel_on_few_bf16_tokens(form, symmetric):
+def test_4_bit_tensors_the_experts_share_run_through_torchs_int4_kernel_on_few_bf16_tokens(form, symmetric):
     """The kernel's product equals the dequantized core's (fp32 reference) to bf16's precision; the experts' output,
-    every 4-bit tensor through the kernel (the narrow factors padded to its groups), equals transformers' experts code
-    on every W_e dequantized; from INT4_KERNEL_ROWS tokens the core is dequantized."""
+    the single cores and shared bases through the kernel, equals transformers' experts code on every W_e
+    dequantized; from INT4_KERNEL_ROWS tokens the core is dequantized."""
     experts = bf16_experts(form, symmetric)
     up = experts.projections["up"]
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -120,8 +120,9 @@ def test_4_bit_tensors_run_through_torchs_int4_kernel_on_few_bf16_tokens(form, s
         index = torch.stack([torch.randperm(32, generator=torch.Generator().manual_seed(i))[:4] for i in range(8)])
         weights = torch.rand(8, 4, generator=torch.Generator().manual_seed(1)).softmax(-1).to(torch.bfloat16)
         fast = experts(x, index, weights).float()
-        for proj in experts.projections.values():  # every tensor went through the kernel: none was dequantized
-            assert all(proj._kernels[name][1] is not None for name in proj.TENSORS)
+        for proj in experts.projections.values():  # the tensors the experts share, not the per-expert ones (packed)
+            assert {name for name, (_, kernels) in proj._kernels.items() if kernels is not None} == {
+                name for name in proj.TENSORS if proj.shape_of(name)[0] == 1}
         rebuilt = experts.to_dense().float()  # transformers' own experts code on every W_e rebuilt, in fp32
         dense = type(rebuilt).forward.__wrapped__(rebuilt, x.float(), index, weights.float())
         assert (fast - dense).norm() / dense.norm() < 2e-2
@@ -145,8 +146,7 @@ def test_4_bit_experts_packed_for_the_cpu_hold_the_kernel_layout_alone_and_compu
         calls.append((torch.randn(tokens, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16), index,
                       weights))
     with torch.no_grad():
-        for proj in experts.projections.values():
-            proj.pack_for_cpu_()
+        mc.pack_for_cpu(experts)
         for call in calls:
             x, index, weights = call
             dense = type(rebuilt).forward.__wrapped__(rebuilt, x.float(), index, weights.float())

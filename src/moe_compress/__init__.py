@@ -47,6 +47,7 @@ _EXPORTS = {
     "watch": "moe_compress.evaluate",
     "ModuleSpec": "moe_compress.experts",
     "SharedCoreExperts": "moe_compress.experts",
+    "pack_for_cpu": "moe_compress.experts",
     "export_dense": "moe_compress.folder.export",
     "merge_experts": "moe_compress.baselines",
     "prune_experts": "moe_compress.baselines",

@@ -363,12 +363,9 @@ class Projection(nn.Module):
     def expert_mm(self, x: torch.Tensor, name: str, route: Route) -> torch.Tensor:
         """x_s T_e for each sorted pair s (expert e), T_e expert e's matrix of the stored tensor `name` as products
         read it: the tensor's own [in, k] where it is stored so (TRANSPOSED), else its transpose. [S, a] -> [S, b]."""
-        packed = self._packed_matrices(name)
-        if packed is not None:
+        packed = self._packed_matrices(name)  # 4-bit per-expert tensors run through the int4 kernel packed alone:
+        if packed is not None:  # its layout beside the codes of every expert would double what they hold
             return route.per_expert(x, packed, packed.out_features)
-        kernels = self._int4_kernels(name, x) if max(route.counts) < INT4_KERNEL_ROWS else None
-        if kernels is not None:
-            return route.per_expert(x, kernels, kernels.out_features)
         tensor = getattr(self, name)
         return grouped_mm(x, tensor if name in self.TRANSPOSED else tensor.transpose(1, 2), route)
 
@@ -460,10 +457,10 @@ class Projection(nn.Module):
         return out
 
     def _int4_kernels(self, name: str, x: torch.Tensor) -> Int4Matrices | None:
-        """The matrices of the 4-bit stored tensor `name` in torch's int4 kernel layout, for products with x where
-        that pays: bf16 tokens (the caller sees to fewer than INT4_KERNEL_ROWS of them a matrix: from there a
-        dequantized matrix and a bf16 matmul are faster), no gradient to pass back. None otherwise, or where the
-        kernel does not take the tensor."""
+        """The 4-bit stored tensor `name` in torch's int4 kernel layout, for products with x where that pays: bf16
+        tokens (the caller sees to fewer than INT4_KERNEL_ROWS of them: from there a dequantized matrix and a bf16
+        matmul are faster), no gradient to pass back. None otherwise, or where the kernel does not take the tensor.
+        The layout is kept beside the codes: for the tensors the experts share, a small part of what they hold."""
         if x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad):
             return None
         return self._int4_layout(name)
@@ -832,6 +829,18 @@ def dequantized_once(projections, route: Route) -> Iterator[None]:
     finally:
         for proj in projections:
             proj._memo = proj._routed = None
+
+
+def pack_for_cpu(model: nn.Module) -> nn.Module:
+    """`model` (in eval mode) laid out for inference on the CPU, in place: in every compressed experts module, the
+    float tensors in oneDNN's layout and the 4-bit ones in torch's int4 kernel's, in their stead (Projection.
+    pack_for_cpu_). Decoding then runs about twice as fast (bf16), and the 4-bit per-expert factors, which unpacked
+    are dequantized at each forward, through the kernel; training and saving the packed model are refused or
+    meaningless: load it again for them. What the vLLM plugin does with each layer it loads."""
+    for module in model.modules():
+        if isinstance(module, Projection):
+            module.pack_for_cpu_()
+    return model
 
 
 class SharedCoreExperts(nn.Module):
