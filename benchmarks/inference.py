@@ -8,7 +8,9 @@ Quantized rows (`4-bit`): every stored tensor in 4-bit groups of 128 (round to n
 them; `original 4-bit` is the original experts so kept (method=quantize, kept 1.0), the weight-only int4 quantization
 of the original. A forward dequantizes what it reads (the per-expert tensors of the routed experts alone), except a
 single 4-bit core on fewer than INT4_KERNEL_ROWS bf16 tokens, which runs through torch's int4 weight-only kernel; the
-`, bf16` rows are the same modules in bf16, as models are served. The kernel is timed apart on one expert's
+`, bf16` rows are the same modules in bf16, as models are served; `, packed` ones laid out for the CPU as the vLLM
+plugin lays them out (moe_compress.pack_for_cpu: the float tensors in oneDNN's layout, the 4-bit ones in the int4
+kernel's, every product through it, in the codes' stead). The kernel is timed apart on one expert's
 projections (`int4_kernel`): against dequantizing the matrix and a bf16 matmul, and against the float matmuls.
 Timing: medians of interleaved runs in one process.
 Memory: peak resident memory of a fresh process that builds one module and runs one forward.
@@ -21,28 +23,35 @@ from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from benchmarks.common import in_fresh_process, interleaved_medians, peak_rss_mib, table
-from moe_compress import ModuleSpec, SharedCoreExperts
+from moe_compress import ModuleSpec, SharedCoreExperts, pack_for_cpu
+from moe_compress.cpu_matmul import PackedMatrices
 from moe_compress.compression.budget import max_rank, stored_params
 from moe_compress.compression.config import MIXED_FORMS, PROJECTIONS
 from moe_compress.compression.fitting import quantized
-from moe_compress.quantize import INT4_KERNEL_ROWS, Int4Weight, QuantFormat, dequantize_packed, pack, quantize_rtn
+from moe_compress.quantize import (INT4_KERNEL_ROWS, Int4Matrices, Int4Weight, QuantFormat, dequantize_packed,
+                                   pack, quantize_rtn)
 
 FULL = dict(num_experts=128, top_k=8, hidden=2048, width=768, tokens=(1, 64, 512), ranks=(16, 64), repeats=7,
             forms=("wrapped", "delta", "basis", "mixed"), quantized=("original 4-bit", "mixed rank 16 4-bit"),
-            bf16=("original", "mixed rank 16", "original 4-bit", "mixed rank 16 4-bit"),
+            bf16=("original", "mixed rank 16", "original 4-bit", "mixed rank 16 4-bit", "mixed rank 16, packed",
+                  "original 4-bit, packed", "mixed rank 16 4-bit, packed"),
             kernel_rows=(1, 8, 64, 128, 512))
 QUICK = dict(num_experts=8, top_k=2, hidden=64, width=32, tokens=(16,), ranks=(4,), repeats=2, forms=("mixed",),
-             quantized=("original 4-bit", "mixed rank 4 4-bit"), bf16=("original", "mixed rank 4 4-bit"),
+             quantized=("original 4-bit", "mixed rank 4 4-bit"),
+             bf16=("original", "mixed rank 4 4-bit", "mixed rank 4 4-bit, packed"),
              kernel_rows=(1, 16))
 BF16 = ", bf16"
+PACKED = ", packed"
 FORMAT = QuantFormat(4, 128)
 
 
 def build(kind: str, shape: dict) -> torch.nn.Module:
     """A module of `kind`: "original", "<form> rank <r>", either followed by " 4-bit" for FORMAT storage, then by
-    BF16 for a bf16 module."""
+    PACKED for one packed for the CPU, then by BF16 for a bf16 module."""
     dtype = torch.bfloat16 if kind.endswith(BF16) else torch.float32
     kind = kind.removesuffix(BF16)
+    if kind.endswith(PACKED):
+        return pack_for_cpu(build(kind.removesuffix(PACKED) + (BF16 if dtype == torch.bfloat16 else ""), shape))
     config = Qwen3MoeConfig(hidden_size=shape["hidden"], moe_intermediate_size=shape["width"],
                             num_experts=shape["num_experts"], num_experts_per_tok=shape["top_k"])
     config._experts_implementation = "grouped_mm"  # what from_pretrained picks by default
@@ -72,11 +81,17 @@ def build(kind: str, shape: dict) -> torch.nn.Module:
 
 
 def weights_mib(module: torch.nn.Module) -> float:
-    """What the module holds for its weights: parameters and buffers (packed codes and scales), and the 4-bit tensors
-    that a forward laid out for torch's int4 kernel."""
-    kernels = [k for m in module.modules() for _, built in getattr(m, "_kernels", {}).values() for k in built or ()]
-    tensors = [*module.parameters(), *module.buffers(), *(t for k in kernels for t in (k.packed, k.scales_and_zeros))]
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    """What the module holds for its weights, each storage once: parameters and buffers (packed codes and scales;
+    one-element placeholders where packed), the 4-bit tensors a forward laid out for torch's int4 kernel, and the
+    packed layouts (oneDNN's opaque ones counted by their elements)."""
+    layouts = [built for m in module.modules() for _, built in getattr(m, "_kernels", {}).values() if built]
+    layouts += [packed for m in module.modules() for _, packed in getattr(m, "_packed", {}).values()]
+    opaque = sum(layout.nbytes for layout in layouts if isinstance(layout, PackedMatrices))
+    tensors = [*module.parameters(), *module.buffers(),
+               *(t for layout in layouts if isinstance(layout, Int4Matrices) for k in layout.weights
+                 for t in (k.packed, k.scales_and_zeros, k.row_shift) if t is not None)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return (sum(storages.values()) + opaque) / 2**20
 
 
 def int4_kernel(shape: dict, rows: tuple[int, ...], repeats: int) -> dict:
@@ -152,9 +167,11 @@ def markdown(result: dict) -> str:
             "runs; `basis rank r` is the shared basis of the width that stores what the wrapper stores at rank r; "
             f"`mixed rank r` that basis for gate and up and delta for down; `4-bit`: every stored tensor in "
             f"{FORMAT.bits}-bit groups of {FORMAT.group_size} (round to nearest), dequantized where a forward reads "
-            "it (the routed experts' alone), except a single core on fewer than "
-            f"{INT4_KERNEL_ROWS} bf16 tokens, which runs through torch's int4 kernel; `original 4-bit` the original "
-            "experts so kept (method=quantize).\n\n" + table(header, rows) + "\n\n" + kernel_text(result, s))
+            "it (the routed experts' alone), except the tensors the experts share (single cores, shared bases) on "
+            f"fewer than {INT4_KERNEL_ROWS} bf16 tokens, which run through torch's int4 kernel; `original 4-bit` the "
+            "original experts so kept (method=quantize); `, packed`: laid out as the vLLM plugin serves them "
+            "(pack_for_cpu: floats for oneDNN, every 4-bit product through the int4 kernel, codes freed).\n\n"
+            + table(header, rows) + "\n\n" + kernel_text(result, s))
 
 
 def kernel_text(result: dict, shape: dict) -> str:
