@@ -66,8 +66,9 @@ def group_size(bits: int) -> int:
 def in_fp32(model: torch.nn.Module) -> torch.nn.Module:
     """The model computing in fp32, its stored values unchanged (bf16 -> fp32 is exact). model.float() leaves the
     quantized tensors dequantizing to the dtype they were quantized in (bf16), which then meets fp32 activations: each
-    one's float dtype is set to fp32 too (the codes and scales stay as stored)."""
-    model.float()
+    one's float dtype is set to fp32 too (the codes and scales stay as stored). torch's own cast: transformers refuses
+    .float() on a model loaded from a quantized folder."""
+    torch.nn.Module.float(model)
     for module in model.modules():
         if isinstance(module, Projection):
             for name, stored in module.stored.items():
