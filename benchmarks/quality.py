@@ -40,8 +40,9 @@ VARIANTS = {"propagate=compressed": {"calibration": {"propagate": "compressed"}}
 FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta", "basis"),
             calibrated=("als", "delta", "basis", "mixed"), repeats=1, adam_repeats=1, default_repeats=1,
             max_tokens=None, calibration_sequences=CalibrationConfig().num_sequences, variants=VARIANTS,
-            variant_ratios=(0.3, 0.5))
-QUICK = dict(ratios=(0.3,), methods=("als", "delta", "basis"), calibrated=("mixed",), repeats=1, adam_repeats=1,
+            variant_ratios=(0.3, 0.5), testbeds=tuple(TESTBED_NAMES))
+# the smoke run on one testbed: the other runs the same code on other data (test suite time)
+QUICK = dict(testbeds=("testbed_fine",), ratios=(0.3,), methods=("als", "delta", "basis"), calibrated=("mixed",), repeats=1, adam_repeats=1,
              default_repeats=1, max_tokens=4096, calibration_sequences=4, adam_steps=5, polish_steps=5,
              reconstruction_steps=5, variants={"router": VARIANTS["router"]}, variant_ratios=(0.3,))
 CALIBRATION_LEN = 256
@@ -196,7 +197,7 @@ def run_testbed(name: str, setting: dict) -> dict:
 
 def run(quick: bool = False) -> dict:
     setting = QUICK if quick else FULL
-    return {"setting": setting, "testbeds": {name: run_testbed(name, setting) for name in TESTBED_NAMES}}
+    return {"setting": setting, "testbeds": {name: run_testbed(name, setting) for name in setting["testbeds"]}}
 
 
 def methods_of(rows: list[dict]) -> list[str]:

@@ -28,9 +28,9 @@ SECTIONS = {
     "vllm_serving": (vllm_serving, "10. Serving with vLLM at Qwen3-30B-A3B's shapes: tokens per second and memory"),
     "bits": (bits, "11. Quality against bits per weight: the compressed forms beside the quantizers"),
 }
-# seconds of each section's smoke run on 2 cores (--quick), for --jobs to start the longest first
-SMOKE_SECONDS = {"distillation": 52, "streaming": 46, "calibration": 43, "fit_speed": 22, "budget": 13,
-                 "inference": 12, "quality": 11, "bits": 18, "vllm_serving": 17, "startup": 2}
+# seconds of each section's smoke run (--quick, one at a time, 2026-12-03), for --jobs to start the longest first
+SMOKE_SECONDS = {"distillation": 121, "calibration": 63, "inference": 58, "streaming": 52, "quality": 55,
+                 "fit_speed": 37, "bits": 28, "budget": 16, "startup": 3, "vllm_serving": 2}
 # the figures a section's own markdown does not embed
 FIGURES = {"fit_speed": "![error against fit time](benchmarks/fit_speed.png)",
            "distillation": "![distillation loss curve](benchmarks/distillation.png)",
