@@ -43,8 +43,8 @@ FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta",
             variant_ratios=(0.3, 0.5), testbeds=tuple(TESTBED_NAMES))
 # the smoke run on one testbed: the other runs the same code on other data (test suite time)
 QUICK = dict(testbeds=("testbed_fine",), ratios=(0.3,), methods=("als", "delta", "basis"), calibrated=("mixed",),
-             repeats=1, adam_repeats=1, default_repeats=1, max_tokens=4096, calibration_sequences=4, adam_steps=5, polish_steps=5,
-             reconstruction_steps=5, variants={"router": VARIANTS["router"]}, variant_ratios=(0.3,))
+             repeats=1, adam_repeats=1, default_repeats=1, max_tokens=4096, calibration_sequences=4, adam_steps=5,
+             polish_steps=5, reconstruction_steps=5, variants={"router": VARIANTS["router"]}, variant_ratios=(0.3,))
 CALIBRATION_LEN = 256
 PEERS = {"reap": prune_experts, "hc-smoe": merge_experts}
 LABELS = {"adam": "seed adam", "als": "als (wrapper)", "delta": "delta (C + U_e V_e^T; the default data-free)",
