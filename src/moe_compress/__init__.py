@@ -92,7 +92,7 @@ if TYPE_CHECKING:
     from moe_compress.discovery import NoExpertsError, find_experts
     from moe_compress.distill import DistillationConfig, DistillationTrainer, distill
     from moe_compress.evaluate import EvalConfig, evaluate_model, read_results, watch
-    from moe_compress.experts import ModuleSpec, SharedCoreExperts
+    from moe_compress.experts import ModuleSpec, SharedCoreExperts, pack_for_cpu
     from moe_compress.folder.export import export_dense
     from moe_compress.folder.load import load_compressed, load_model
     from moe_compress.folder.quantizer import SharedCoreConfig
