@@ -147,6 +147,8 @@ def test_4_bit_experts_packed_for_the_cpu_hold_the_kernel_layout_alone_and_compu
                       weights))
     with torch.no_grad():
         mc.pack_for_cpu(experts)
+        mc.pack_for_cpu(experts)  # again (vLLM may process a layer twice): nothing laid out anew from placeholders
+        assert not any(proj._kernels for proj in experts.projections.values())
         for call in calls:
             x, index, weights = call
             dense = type(rebuilt).forward.__wrapped__(rebuilt, x.float(), index, weights.float())

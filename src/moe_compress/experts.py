@@ -390,7 +390,8 @@ class Projection(nn.Module):
             return []
         names = [name for name in self.TENSORS
                  if name != "core" or self.per_expert("core") or self.shape_of("core")[0] == 1]
-        return [name for name in names if self._packs_for_cpu(name)]
+        # a tensor packed already is: its placeholder must not be laid out again (as zeros, beside the real layout)
+        return [name for name in names if self._packed_matrices(name) is not None or self._packs_for_cpu(name)]
 
     def _packs_for_cpu(self, name: str) -> bool:
         if name in self.stored:
