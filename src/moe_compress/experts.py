@@ -345,12 +345,18 @@ class Projection(nn.Module):
         only their matrices are dequantized and the others' are left unset: for a forward that reads no other (a
         decoding step routes 8 of Qwen3-30B-A3B's 128 experts, so it dequantizes 1/16 of them)."""
         stored = self.stored[name]
-        value = dequantize_packed(self._stored_part(f"{name}_packed", experts), stored.matrix[1],
-                                  self._stored_part(f"{name}_scale", experts), self._zeros(name, experts),
-                                  stored.format).to(stored.dtype)
+        value = self._matrices(name, experts)
         if experts is not None:  # in the matrices' layout, as the whole tensor would be: the same products after
             value = value.new_empty(stored.shape[0], *stored.matrix).index_copy_(0, experts, value)
         return value.mT if stored.transposed else value
+
+    def _matrices(self, name: str, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """The quantized tensor's matrices, dequantized as they are stored ([n, rows, cols], cols contracted): all of
+        them, or those of `experts` alone."""
+        stored = self.stored[name]
+        return dequantize_packed(self._stored_part(f"{name}_packed", experts), stored.matrix[1],
+                                 self._stored_part(f"{name}_scale", experts), self._zeros(name, experts),
+                                 stored.format).to(stored.dtype)
 
     def train(self, mode: bool = True) -> Projection:
         if mode and any(self._packed_matrices(name) for name in list(self._packed)):
@@ -486,11 +492,11 @@ class Projection(nn.Module):
     def _checked(self, name: str, kernels: Int4Matrices) -> Int4Matrices | None:
         """`kernels` if the first computes what its dequantized matrix does on a few random tokens (to bf16's
         precision), else None with a warning: the CUDA layout could not be tested on this project's machines."""
-        matrix = self.dequantized(name, torch.zeros(1, dtype=torch.long, device=self.expert_core.device)
-                                  if self.per_expert(name) else None)[0]
-        matrix = matrix if name in self.TRANSPOSED else matrix.T  # [in, out], as products read it
-        x = torch.randn(4, matrix.shape[0], generator=torch.Generator().manual_seed(0)).to(matrix)
-        reference = x.float() @ matrix.float()
+        # the first matrix alone, [out, in] as the kernel reads it (not the whole tensor: at pack time that is the
+        # float size of every expert's factor, for one matrix)
+        matrix = self._matrices(name, torch.zeros(1, dtype=torch.long, device=self.expert_core.device))[0]
+        x = torch.randn(4, matrix.shape[1], generator=torch.Generator().manual_seed(0)).to(matrix)
+        reference = x.float() @ matrix.float().T
         try:
             error = ((kernels(x).float() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
         except RuntimeError as failure:  # a GPU or shape the kernel refuses only when it runs
