@@ -19,8 +19,10 @@ from safetensors.torch import load_file, save_file
 
 import moe_compress as mc
 from moe_compress import SharedCoreExperts
+from moe_compress.calibration.layers import loaded_statistics
 from moe_compress.compression.config import RECONSTRUCTION_STEPS
 from moe_compress.compression.from_folder import work_dir
+from moe_compress.compression.reconstruction import outputs, reconstruct
 from moe_compress.discovery import find_experts
 from moe_compress.parallel import Manifest
 
@@ -110,6 +112,49 @@ def test_reconstruction_lowers_each_block_output_error_as_measured_afresh(tmp_pa
     assert f"before -> after layer-wise reconstruction | {before:.4f} -> {after:.4f} |" in card
     config = json.loads((tmp_path / "sc" / "config.json").read_text())["quantization_config"]
     assert config["stats"]["reconstruction"] == {"block_error": {"before": before, "after": after}}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_the_pass_keeps_each_blocks_outputs_as_the_block_computes_them(model_type):
+    """The reconstruction's targets come from the calibration pass, which runs the original blocks anyway: the kept
+    tokens' MoE block outputs (across batches, cut at the kept count) equal the block run afresh on the kept inputs
+    as one sequence (fp32; 1e-5 relative)."""
+    model = tiny_model(model_type)
+    names = [name for name, _ in find_experts(model)]
+    kept = 0
+    for grams in loaded_statistics(model, list(token_ids(4, 32).split(2)), names, keep_inputs=100):
+        for name, stats in grams.items():
+            x, y = stats.block_inputs, stats.block_outputs
+            want = outputs(model.get_submodule(name.rpartition(".")[0]), x).detach()
+            assert x.shape == y.shape == (100, model.config.hidden_size)
+            assert ((y - want).norm() / want.norm()).item() < 1e-5
+            kept += 1
+    assert kept == len(names)
+
+
+def test_targets_from_the_pass_reconstruct_as_targets_computed_afresh():
+    """reconstruct() given the pass's targets and computing them itself (a statistics store saved before they were
+    kept) trains the same block to the same error (fp32: the targets differ by rounding alone)."""
+    model = tiny_model()
+    name = find_experts(model)[0][0]
+    stats = next(loaded_statistics(model, [token_ids(4, 32)], [name], keep_inputs=128))[name]
+    errors = []
+    for targets in (stats.block_outputs, None):
+        trained = copy.deepcopy(model)
+        block = trained.get_submodule(name.rpartition(".")[0])
+        compressed = first_compressed()
+        errors.append(reconstruct(name, block, block.experts, compressed, stats.block_inputs, RECONSTRUCT, 0,
+                                  targets=targets))
+    assert errors[0].after < errors[0].before
+    assert errors[0].before == pytest.approx(errors[1].before, rel=1e-4)
+    assert errors[0].after == pytest.approx(errors[1].after, rel=1e-3)
+
+
+def first_compressed() -> SharedCoreExperts:
+    """The first experts module of the tiny model, fitted data-free at rank 2."""
+    model = tiny_model()
+    mc.compress(model, mc.CompressionConfig(rank=2, reconstruction=mc.ReconstructionConfig(steps=0)), progress=False)
+    return model.model.layers[0].mlp.experts
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))

@@ -49,8 +49,8 @@ class ExpertGrams(RoutingCounts):
                  keep_outputs: bool = False):
         """`parts`: the module's split_weights when its own parameters are elsewhere (offloaded, read from disk);
         `keep_inputs`: how many of the first tokens' inputs to keep as they are (`block_inputs`), for the layer-wise
-        reconstruction, and with `keep_outputs` their decoder layer's outputs too (`layer_outputs`, given by the
-        layer-by-layer pass)."""
+        reconstruction, with their MoE block's outputs (`block_outputs`, its targets), and with `keep_outputs` their
+        decoder layer's outputs too (`layer_outputs`); the outputs are given by the layer-by-layer pass."""
         parts = split_weights(experts) if parts is None else parts
         self.gated = "gate" in parts
         E, F, H = parts["up"][0].shape
@@ -61,6 +61,7 @@ class ExpertGrams(RoutingCounts):
         self.weights = {name: (W.detach(), b) for name, (W, b) in parts.items() if name != "down"}
         self.keep_inputs = keep_inputs
         self.kept: list[torch.Tensor] = []  # [T_i, H] fp32, the first keep_inputs tokens in calibration order
+        self.kept_outputs: list[torch.Tensor] = []  # [T_i, H] fp32, their MoE block's outputs
         self.keep_outputs = keep_outputs
         self.layer_outputs: torch.Tensor | None = None  # [N, H] fp32, their decoder layer's outputs
 
@@ -71,15 +72,27 @@ class ExpertGrams(RoutingCounts):
             tokens = sum(len(x) for x in self.kept)
             self.layer_outputs = torch.cat([y.reshape(-1, y.shape[-1]) for y in outputs])[:tokens].float()
 
+    def observe_block(self, output: torch.Tensor) -> None:
+        """The MoE block's output hidden states on one batch, of the tokens whose inputs are kept: the original
+        block's outputs on them, which the reconstruction would otherwise compute again."""
+        room = self.keep_inputs - sum(len(y) for y in self.kept_outputs)
+        if room > 0:
+            self.kept_outputs.append(output.reshape(-1, output.shape[-1])[:room].float().clone())
+
     @property
     def block_inputs(self) -> torch.Tensor | None:
         """The kept inputs of the experts module (its block's, flattened): [N, H] fp32; None when none are kept."""
         return torch.cat(self.kept) if self.kept else None
 
+    @property
+    def block_outputs(self) -> torch.Tensor | None:
+        """Their MoE block's outputs [N, H] fp32; None when none were observed (statistics saved without them)."""
+        return torch.cat(self.kept_outputs) if self.kept_outputs else None
+
     def state(self) -> dict[str, torch.Tensor]:
-        """The statistics in their saved form: the Grams packed (see `pack`), and the kept inputs."""
-        inputs = self.block_inputs
-        kept = {} if inputs is None else {"block_inputs": inputs}
+        """The statistics in their saved form: the Grams packed (see `pack`), and the kept inputs and outputs."""
+        kept = {key: value for key, value in (("block_inputs", self.block_inputs),
+                                              ("block_outputs", self.block_outputs)) if value is not None}
         return {"tokens": self.tokens, "inputs": pack(self.inputs), "intermediate": pack(self.intermediate), **kept}
 
     @classmethod
@@ -89,6 +102,7 @@ class ExpertGrams(RoutingCounts):
         grams = cls.__new__(cls)
         grams.tokens = state["tokens"]
         grams.kept = [state["block_inputs"]] if "block_inputs" in state else []
+        grams.kept_outputs = [state["block_outputs"]] if "block_outputs" in state else []
         grams.keep_inputs = sum(len(x) for x in grams.kept)
         grams.keep_outputs, grams.layer_outputs = False, None
         grams.inputs, grams.intermediate = (unpack(state[key]) if state[key].dim() == 2 else state[key].float()

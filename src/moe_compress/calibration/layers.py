@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
 from moe_compress.calibration.grams import ExpertGrams
-from moe_compress.calibration.observe import observing
+from moe_compress.calibration.observe import observing, observing_blocks
 from moe_compress.discovery import find_experts, is_experts_module
 
 
@@ -158,7 +158,8 @@ def layer_statistics(model: nn.Module, inputs: LayerInputs, wanted: Callable[[st
     for index in tqdm(range(len(inputs.layers)), desc=desc, unit="layer", disable=not progress):
         names = [name for name in inputs.experts_of(index, model) if wanted(name)]
         grams = {name: make_grams(name) for name in names}
-        with observing(model, grams), around_layer(inputs.layers[index]):
+        kept = {name: stats.observe_block for name, stats in grams.items() if stats.keep_inputs}
+        with observing(model, grams), observing_blocks(model, kept), around_layer(inputs.layers[index]):
             outputs = inputs.run(index, dtype)
         for stats in grams.values():
             stats.observe_layer(outputs)

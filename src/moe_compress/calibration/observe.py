@@ -75,6 +75,22 @@ def observing(model: nn.Module, observers: dict[str, Observer]) -> Iterator[None
             handle.remove()
 
 
+@contextmanager
+def observing_blocks(model: nn.Module, observers: dict[str, Callable[[torch.Tensor], None]]) -> Iterator[None]:
+    """Within the block, every forward of the module that holds the experts module `name` (its MoE block) hands the
+    block's output hidden states (the first element of a tuple) to observers[name]; the hooks are gone afterwards."""
+    def hook(observer: Callable[[torch.Tensor], None]) -> Callable:
+        return lambda block, args, output: observer(output[0] if isinstance(output, tuple) else output)
+
+    handles = [model.get_submodule(name.rpartition(".")[0]).register_forward_hook(hook(observer))
+               for name, observer in observers.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _check_ids(ids: torch.Tensor) -> None:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
         got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__

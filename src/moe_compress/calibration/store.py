@@ -41,10 +41,11 @@ def load_token_counts(manifest: Manifest, name: str) -> list[int]:
         return f.get_tensor("tokens").tolist()
 
 
-def load_block_inputs(manifest: Manifest, name: str) -> torch.Tensor:
-    """The calibration inputs [N, H] kept with one module's statistics, without reading its Grams."""
+def load_block_data(manifest: Manifest, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration inputs [N, H] kept with one module's statistics and their MoE block's outputs (None in a
+    store saved before they were kept), without reading its Grams."""
     with safe_open(manifest.path(name), "pt") as f:
         if "block_inputs" not in f.keys():
             raise ValueError(f"the statistics of {name} in {manifest.folder} keep no inputs; delete that folder to "
                              "gather them again with the reconstruction's")
-        return f.get_tensor("block_inputs")
+        return f.get_tensor("block_inputs"), f.get_tensor("block_outputs") if "block_outputs" in f.keys() else None

@@ -157,6 +157,7 @@ class FittedModule:
     rows: list[ProjectionStats]
     coverage: Optional[list[int]] = None
     inputs: Optional[torch.Tensor] = None  # [N, H] the block's kept calibration inputs, for the reconstruction
+    targets: Optional[torch.Tensor] = None  # [N, H] the original block's outputs on them
     layer_outputs: Optional[torch.Tensor] = None  # [N, H] their decoder layer's outputs (objective=normed)
 
 
@@ -170,8 +171,8 @@ def fit_module(name: str, weights: Weights, spec: ModuleSpec, config: Compressio
                grams: Optional[ExpertGrams] = None) -> FittedModule:
     """Fit the projections in `weights` of the experts module `name` as `spec` shapes them, in the metric of `grams`
     when given."""
-    fitted = FittedModule(name, {}, [], None if grams is None else grams.tokens.tolist(),
-                          None if grams is None else grams.block_inputs, None if grams is None else grams.layer_outputs)
+    fitted = FittedModule(name, {}, []) if grams is None else FittedModule(
+        name, {}, [], grams.tokens.tolist(), grams.block_inputs, grams.block_outputs, grams.layer_outputs)
     for projection, (W, bias) in weights.items():
         check_finite(name, projection, W)
         start = time.perf_counter()

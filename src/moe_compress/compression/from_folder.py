@@ -32,7 +32,7 @@ from transformers.utils.hub import convert_file_size_to_int
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.observe import Calibration, token_batches
 from moe_compress.calibration.offloaded import gather_statistics
-from moe_compress.calibration.store import load_block_inputs, load_statistics, load_token_counts, statistics_dir
+from moe_compress.calibration.store import load_block_data, load_statistics, load_token_counts, statistics_dir
 from moe_compress.compression import bits, engine
 from moe_compress.compression.allocation import Curve
 from moe_compress.compression.budget import stored_params
@@ -221,8 +221,9 @@ def reconstruct_share(source: CheckpointFolder, specs: dict[str, ModuleSpec], na
         for projection in specs[name].ranks:
             state.update(load_file(manifest.path(unit_name(name, projection)), device=str(device)))
         compressed.load_state_dict({key.removeprefix(f"{on_disk.saved_as}."): value for key, value in state.items()})
-        error = reconstruct(name, block, original, compressed, load_block_inputs(source.store, name),
-                            config.reconstruction, config.seed)
+        inputs, targets = load_block_data(source.store, name)
+        error = reconstruct(name, block, original, compressed, inputs, config.reconstruction, config.seed,
+                            targets=targets)
         tensors = {f"{on_disk.saved_as}.{key}": value.cpu() for key, value in compressed.state_dict().items()}
         if config.reconstruction.router:
             routers = {id(p) for p in router_parameters(block, compressed)}

@@ -90,7 +90,7 @@ class LoadedModel:
             if config.reconstruction.objective == "normed":
                 normed = Normed(self.next_norm(fitted.name), fitted.layer_outputs)
             return reconstruct(fitted.name, block, experts, shared, fitted.inputs, config.reconstruction, config.seed,
-                               normed)
+                               normed, fitted.targets)
         setattr(block, child, shared)
         return None
 

@@ -145,13 +145,15 @@ def judged(tokens: int) -> int:
 
 
 def reconstruct(name: str, block: nn.Module, original: nn.Module, compressed: SharedCoreExperts, x: torch.Tensor,
-                config: ReconstructionConfig, seed: int, normed: Normed | None = None) -> BlockError:
+                config: ReconstructionConfig, seed: int, normed: Normed | None = None,
+                targets: torch.Tensor | None = None) -> BlockError:
     """Put `compressed` in place of `original` in `block` and train it (with config.router, the router too) so that
-    the block's output on the inputs x [N, H] matches what it was with `original` (with `normed`, the next layer's
-    normalised input, norm(residual + output)): Adam on the squared error relative to the targets' mean square, over
-    config.steps batches of config.batch_tokens, its learning rate decaying to 0 on a cosine. The last JUDGED of the
-    tokens judge it (with config.held_out, they are not trained on): it is kept only where it lowers the block's output
-    error on them, otherwise the block is left as the fit left it; the errors reported are theirs."""
+    the block's output on the inputs x [N, H] matches what it was with `original`, `targets` [N, H] (the calibration
+    pass observes them as it runs the original block; computed here, in fp32, when not given), or with `normed` the
+    next layer's normalised input, norm(residual + output): Adam on the squared error relative to the targets' mean
+    square, over config.steps batches of config.batch_tokens, its learning rate decaying to 0 on a cosine. The last
+    JUDGED of the tokens judge it (with config.held_out, they are not trained on): it is kept only where it lowers the
+    block's output error on them, otherwise the block is left as the fit left it; the errors reported are theirs."""
     start = time.perf_counter()
     slot = slot_of(block, original)
     was_training = block.training
@@ -161,8 +163,11 @@ def reconstruct(name: str, block: nn.Module, original: nn.Module, compressed: Sh
         x = x.to(compressed.projections["down"].expert_core.device)
         last = slice(len(x) - judged(len(x)), None)
         trained = last.start if config.held_out and last.start else len(x)  # one token alone: trained and judged
-        with in_fp32(block):  # the original block in fp32 too: targets as exact as they can be
-            y = outputs_in_chunks(block, x)
+        if targets is not None:
+            y = targets.to(x.device, torch.float32)
+        else:
+            with in_fp32(block):  # the original block in fp32 too: targets as exact as they can be
+                y = outputs_in_chunks(block, x)
         # the residual stream beside the block's output, for the normed objective (None: the block's output alone,
         # and its targets are y itself: at 65,536 kept tokens each [N, H] copy is 0.5 GiB at hidden 2048)
         residual = None if normed is None else normed.layer_outputs.to(y.device) - y
