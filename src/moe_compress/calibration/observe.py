@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from moe_compress.discovery import find_experts, is_experts_module
@@ -66,13 +67,9 @@ def observing(model: nn.Module, observers: dict[str, Observer]) -> Iterator[None
     unknown = sorted(set(observers) - set(modules))
     if unknown:
         raise ValueError(f"no experts module named {unknown[0]!r} in this model; use names from find_experts(model)")
-    handles = [modules[name].register_forward_pre_hook(_observer_hook(observer), with_kwargs=True)
-               for name, observer in observers.items()]
-    try:
+    with _removed_after([modules[name].register_forward_pre_hook(_observer_hook(observer), with_kwargs=True)
+                         for name, observer in observers.items()]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -82,8 +79,14 @@ def observing_blocks(model: nn.Module, observers: dict[str, Callable[[torch.Tens
     def hook(observer: Callable[[torch.Tensor], None]) -> Callable:
         return lambda block, args, output: observer(output[0] if isinstance(output, tuple) else output)
 
-    handles = [model.get_submodule(name.rpartition(".")[0]).register_forward_hook(hook(observer))
-               for name, observer in observers.items()]
+    with _removed_after([model.get_submodule(name.rpartition(".")[0]).register_forward_hook(hook(observer))
+                         for name, observer in observers.items()]):
+        yield
+
+
+@contextmanager
+def _removed_after(handles: list[RemovableHandle]) -> Iterator[None]:
+    """The hooks of `handles` removed when the block ends, whatever happens."""
     try:
         yield
     finally:
