@@ -25,7 +25,10 @@ def machine() -> str:
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
-        device = f"CPU only, {os.cpu_count()} cores ({cpu}), {torch.get_num_threads()} torch threads"
+        # the vector extensions torch's kernels use (AVX2, AVX512...): speed tables depend on them (bf16 matmuls are
+        # slow without AVX512's bf16 instructions)
+        device = (f"CPU only, {os.cpu_count()} cores ({cpu}, {torch.backends.cpu.get_cpu_capability()}), "
+                  f"{torch.get_num_threads()} torch threads")
     return f"{device}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
