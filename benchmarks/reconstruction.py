@@ -126,8 +126,9 @@ def markdown(part: dict) -> str:
     shape = (f"At Qwen3-30B-A3B's shape the module's fits take {q['fits_s']:.0f} s of the {q['without_s']:.0f} s "
              f"({q['method']}); its block's output error went {q['block_error'][0]:.3f} -> {q['block_error'][1]:.3f} "
              "on random weights and inputs." if q is not None else part.get("qwen3_note", ""))
+    where = ", ".join(meta[key] for key in ("date", "machine") if key in meta)  # parts may run on another machine
     return (f"**Reconstruction**, measured with `{meta.get('command', 'python -m benchmarks.reconstruction')}`"
-            f" ({meta.get('date', '')}): compress() at kept {part['testbed_setting']['ratio']} with calibration data "
+            f" ({where}): compress() at kept {part['testbed_setting']['ratio']} with calibration data "
             f"(method=auto), with the default reconstruction ({RECONSTRUCTION_STEPS} Adam steps a block of "
             f"{ReconstructionConfig().batch_tokens} tokens) and without it; testbeds: median of "
             f"{part['testbed_setting']['repeats']} runs in turns; Qwen3-30B-A3B's shape: one run of a one-layer model "
