@@ -7,7 +7,8 @@ the width k that stores as much; mixed: that basis for gate and up, delta for do
 Quantized rows (`4-bit`): every stored tensor in 4-bit groups of 128 (round to nearest), as compress(bits=4) keeps
 them; `original 4-bit` is the original experts so kept (method=quantize, kept 1.0), the weight-only int4 quantization
 of the original. A forward dequantizes what it reads (the per-expert tensors of the routed experts alone), except a
-single 4-bit core on fewer than INT4_KERNEL_ROWS bf16 tokens, which runs through torch's int4 weight-only kernel; the
+single 4-bit core on fewer than INT4_KERNEL_ROWS bf16 tokens (on any number where the CPU has no native bf16 matmul:
+quantize.int4_kernel_rows), which runs through torch's int4 weight-only kernel; the
 `, bf16` rows are the same modules in bf16, as models are served; `, packed` ones laid out for the CPU as the vLLM
 plugin lays them out (moe_compress.pack_for_cpu: the float tensors in oneDNN's layout, the 4-bit ones in the int4
 kernel's, every product through it, in the codes' stead). The kernel is timed apart on one expert's
@@ -17,6 +18,8 @@ Memory: peak resident memory of a fresh process that builds one module and runs 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers import Qwen3MoeConfig
@@ -29,7 +32,7 @@ from moe_compress.compression.budget import max_rank, stored_params
 from moe_compress.compression.config import MIXED_FORMS, PROJECTIONS
 from moe_compress.compression.fitting import quantized
 from moe_compress.quantize import (INT4_KERNEL_ROWS, Int4Matrices, Int4Weight, QuantFormat, dequantize_packed,
-                                   pack, quantize_rtn)
+                                   int4_kernel_rows, pack, quantize_rtn)
 
 FULL = dict(num_experts=128, top_k=8, hidden=2048, width=768, tokens=(1, 64, 512), ranks=(16, 64), repeats=7,
             forms=("wrapped", "delta", "basis", "mixed"), quantized=("original 4-bit", "mixed rank 16 4-bit"),
@@ -154,7 +157,8 @@ def run(quick: bool = False) -> dict:
             rows.append({"tokens": tokens, "module": kind, "tokens_per_s": tokens / seconds[kind],
                          "ms": 1e3 * seconds[kind], "speedup": seconds[original] / seconds[kind],
                          "weights_mib": weights, "peak_rss_mib": peak})
-    return {"shape": shape, "rows": rows, "int4_kernel": int4_kernel(shape, shape["kernel_rows"], shape["repeats"])}
+    return {"shape": shape, "rows": rows, "int4_kernel": int4_kernel(shape, shape["kernel_rows"], shape["repeats"]),
+            "int4_kernel_rows": int4_kernel_rows("cpu")}  # this machine's: infinite without native bf16 matmuls
 
 
 def markdown(result: dict) -> str:
@@ -168,10 +172,17 @@ def markdown(result: dict) -> str:
             f"`mixed rank r` that basis for gate and up and delta for down; `4-bit`: every stored tensor in "
             f"{FORMAT.bits}-bit groups of {FORMAT.group_size} (round to nearest), dequantized where a forward reads "
             "it (the routed experts' alone), except the tensors the experts share (single cores, shared bases) on "
-            f"fewer than {INT4_KERNEL_ROWS} bf16 tokens, which run through torch's int4 kernel; `original 4-bit` the "
+            f"{kernel_tokens(result.get('int4_kernel_rows', INT4_KERNEL_ROWS))} bf16 tokens, which run through "
+            "torch's int4 kernel; `original 4-bit` the "
             "original experts so kept (method=quantize); `, packed`: laid out as the vLLM plugin serves them "
             "(pack_for_cpu: floats for oneDNN, every 4-bit product through the int4 kernel, codes freed).\n\n"
             + table(header, rows) + "\n\n" + kernel_text(result, s))
+
+
+def kernel_tokens(rows: float) -> str:
+    """The bf16 token counts on which a forward of the unpacked module runs the shared 4-bit tensors through the
+    kernel."""
+    return f"fewer than {rows:.0f}" if math.isfinite(rows) else "any number of (this CPU has no native bf16 matmul)"
 
 
 def kernel_text(result: dict, shape: dict) -> str:

@@ -33,8 +33,8 @@ from transformers.integrations.moe import _default_apply_gate
 from moe_compress import cpu_matmul
 from moe_compress.cpu_matmul import PackedMatrices
 from moe_compress.discovery import join_weights, projection_names, split_weights
-from moe_compress.quantize import (INT4_KERNEL_ROWS, Int4Matrices, Int4Weight, QuantFormat, QuantizedMatrix,
-                                   dequantize_packed, pack, pack_zeros, packed_words, round_codes, unpack_zeros)
+from moe_compress.quantize import (Int4Matrices, Int4Weight, QuantFormat, QuantizedMatrix, dequantize_packed,
+                                   int4_kernel_rows, pack, pack_zeros, packed_words, round_codes, unpack_zeros)
 
 
 @dataclass
@@ -381,7 +381,7 @@ class Projection(nn.Module):
         packed = self._packed_matrices(name)
         if packed is not None:
             return packed(x)
-        kernels = self._int4_kernels(name, x) if x.shape[0] < INT4_KERNEL_ROWS else None
+        kernels = self._int4_kernels(name, x) if x.shape[0] < int4_kernel_rows(x.device.type) else None
         if kernels is not None:
             return kernels(x)
         matrix = getattr(self, name)[0]
@@ -465,7 +465,7 @@ class Projection(nn.Module):
 
     def _int4_kernels(self, name: str, x: torch.Tensor) -> Int4Matrices | None:
         """The 4-bit stored tensor `name` in torch's int4 kernel layout, for products with x where that pays: bf16
-        tokens (the caller sees to fewer than INT4_KERNEL_ROWS of them: from there a dequantized matrix and a bf16
+        tokens (the caller sees to fewer than int4_kernel_rows of them: from there a dequantized matrix and a bf16
         matmul are faster), no gradient to pass back. None otherwise, or where the kernel does not take the tensor.
         The layout is kept beside the codes: for the tensors the experts share, a small part of what they hold."""
         if x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad):

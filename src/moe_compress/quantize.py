@@ -282,9 +282,22 @@ def dequantize_packed(packed: torch.Tensor, cols: int, scales: torch.Tensor, zer
 
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 weight-only kernels take
-# tokens from which dequantizing a 4-bit matrix and a bf16 matmul beat torch's int4 kernel for the CPU: at
-# Qwen3-30B-A3B's 768 x 2048 the kernel took 0.04 ms on one token against 1.8 ms, and they tied at 128 (BENCHMARKS §3)
+# tokens from which dequantizing a 4-bit matrix and a bf16 matmul beat torch's int4 kernel, where bf16 matmuls are
+# native: at Qwen3-30B-A3B's 768 x 2048 on an AVX512 CPU the kernel took 0.04 ms on one token against 1.8 ms, and they
+# tied at 128 (BENCHMARKS §3)
 INT4_KERNEL_ROWS = 128
+
+
+@functools.lru_cache(maxsize=None)
+def int4_kernel_rows(device_type: str) -> float:
+    """INT4_KERNEL_ROWS, or infinity on a CPU without oneDNN's bf16 path (AVX2 alone), whose bf16 matmul is emulated:
+    on an AVX2 CPU at Qwen3-30B-A3B's 768 x 2048 the kernel took 0.3 ms on one token and 198 on 2,048, against 3.9
+    and 938 dequantized and multiplied in bf16 (4.7x-13x slower at every count from 1 to 2,048; 2026-12-03,
+    benchmarks.inference.int4_kernel)."""
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if device_type == "cpu" and native is not None and not native():
+        return math.inf
+    return INT4_KERNEL_ROWS
 
 
 @dataclass(frozen=True)
