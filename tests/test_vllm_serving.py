@@ -9,6 +9,7 @@ where MOE_COMPRESS_VLLM_PYTHON names that environment's python; `.ci/vllm-check`
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -153,8 +154,12 @@ def test_perplexity_equals_moe_compress_eval(compressed, server):
     results = simple_evaluate(model="local-completions", model_args=args, tasks=list(tasks), task_manager=manager,
                               batch_size=16, bootstrap_iters=0)
     got = results["results"]["tinyshakespeare"]
+    # each metric is the same summed loss over bytes or words, the perplexities exponentiated: compared as the mean
+    # loss they come from (a 0.3% loss difference is 0.6% of byte perplexity but 3% of word perplexity at 5.5
+    # bytes a word). bf16: the two stacks round activations at different places (attention, sums; 0.03% of the loss
+    # on an AVX512 CPU, 0.27% on an AVX2 one)
+    tolerance = 1e-4 if dtype_of(compressed) == "float32" else 5e-3
     for metric in ("byte_perplexity", "word_perplexity", "bits_per_byte"):
         print(f"{metric}: vLLM {got[f'{metric},none']:.6f}, moe-compress eval {expected[metric]:.6f}")
-        # bf16: the two stacks round activations at different places (attention, sums), about 0.4% each
-        tolerance = 1e-3 if dtype_of(compressed) == "float32" else 1e-2
-        assert got[f"{metric},none"] == pytest.approx(expected[metric], rel=tolerance), metric
+        loss = math.log if metric.endswith("perplexity") else float
+        assert loss(got[f"{metric},none"]) == pytest.approx(loss(expected[metric]), rel=tolerance), metric
