@@ -36,7 +36,9 @@ VARIANTS = {"propagate=compressed": {"calibration": {"propagate": "compressed"}}
             "router": {"reconstruction": {"router": True}},
             "propagate=compressed, router": {"calibration": {"propagate": "compressed"},
                                              "reconstruction": {"router": True}},
-            "objective=normed": {"reconstruction": {"objective": "normed"}}}
+            "objective=normed": {"reconstruction": {"objective": "normed"}},
+            "propagate=compressed, router, 300 steps": {"calibration": {"propagate": "compressed"},
+                                                        "reconstruction": {"router": True, "steps": 300}}}
 FULL = dict(ratios=(0.2, 0.25, 0.3, 0.5, 0.75), methods=("adam", "als", "delta", "basis"),
             calibrated=("als", "delta", "basis", "mixed"), repeats=1, adam_repeats=1, default_repeats=1,
             max_tokens=None, calibration_sequences=CalibrationConfig().num_sequences, variants=VARIANTS,
@@ -359,8 +361,10 @@ def reconstruction_note(result: dict) -> str:
             f"BENCHMARKS.md of 2026-11-26; this run calibrates on {result['setting']['calibration_sequences']} "
             "windows, the product's default number of calibration sequences):\n\n" + "\n".join(lines))
     if variant_rows_:
+        rerun = result.get("variants_meta")
+        rerun = "" if rerun is None else f"; `{rerun['command']}`, {rerun['date']}"
         text += ("\n\nThe reconstruction's other settings, each against the default at the same kept fraction (one "
-                 "run each):\n\n" + table(["testbed", "kept", "setting", "increase", "against the default",
+                 f"run each{rerun}):\n\n" + table(["testbed", "kept", "setting", "increase", "against the default",
                                            "block error after"], variant_rows_))
     return text
 
