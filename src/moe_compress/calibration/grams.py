@@ -75,9 +75,13 @@ class ExpertGrams(RoutingCounts):
     def observe_block(self, output: torch.Tensor) -> None:
         """The MoE block's output hidden states on one batch, of the tokens whose inputs are kept: the original
         block's outputs on them, which the reconstruction would otherwise compute again."""
-        room = self.keep_inputs - sum(len(y) for y in self.kept_outputs)
+        self._keep_first(self.kept_outputs, output.reshape(-1, output.shape[-1]))
+
+    def _keep_first(self, kept: list[torch.Tensor], rows: torch.Tensor) -> None:
+        """Append to `kept` as many of `rows` [T, H] (in fp32) as keep it within the first keep_inputs tokens."""
+        room = self.keep_inputs - sum(len(part) for part in kept)
         if room > 0:
-            self.kept_outputs.append(output.reshape(-1, output.shape[-1])[:room].float().clone())
+            kept.append(rows[:room].float().clone())
 
     @property
     def block_inputs(self) -> torch.Tensor | None:
@@ -124,9 +128,7 @@ class ExpertGrams(RoutingCounts):
         super().__call__(experts, hidden_states, top_k_index, top_k_weights)
         self.__dict__.pop("_last_metric", None)
         x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-        room = self.keep_inputs - sum(len(kept) for kept in self.kept)
-        if room > 0:
-            self.kept.append(x[:room].float().clone())
+        self._keep_first(self.kept, x)
         for e in top_k_index.unique().tolist():
             token, slot = (top_k_index == e).nonzero(as_tuple=True)
             g = top_k_weights[token, slot].float().unsqueeze(1)  # [T_e, 1]
