@@ -27,8 +27,10 @@ from moe_compress.data import DataConfig
 from moe_compress.distill import DistillationConfig, distill, load_teacher, teacher_memory
 from moe_compress.testbed import TESTBEDS, heldout_loss, load_testbed, read_split
 
-FULL = dict(ratio=0.3, steps=300, batch=16, seq_len=256, lr=1e-4, alpha=0.9, eval_steps=50, max_tokens=None)
-QUICK = dict(ratio=0.3, steps=4, batch=2, seq_len=64, lr=1e-4, alpha=0.9, eval_steps=4, max_tokens=4096)
+FULL = dict(ratio=0.3, steps=300, batch=16, seq_len=256, lr=1e-4, alpha=0.9, eval_steps=50, eval_batch=16,
+            max_tokens=None)
+# the smoke run evaluates the whole validation split once: in batches of 64, not 2 (872 forwards took 35 s)
+QUICK = dict(ratio=0.3, steps=4, batch=2, seq_len=64, lr=1e-4, alpha=0.9, eval_steps=4, eval_batch=64, max_tokens=4096)
 TEACHER_TESTBED = "testbed_fine"
 QUANTIZED_STUDENT = dict(kept=0.5, bits=4, steps=150, batch=8, seq_len=128, alpha=0.9, lrs=(1e-4, 1e-3),
                          trains=("wrappers+cores", "outside-experts", "all"), calibration_sequences=64, max_tokens=None)
@@ -146,7 +148,7 @@ def trained(quick: bool = False) -> dict:
     text = read_split("validation")
     loss = lambda model: heldout_loss(model, text, max_tokens=s["max_tokens"])
     teacher_loss, before = loss(teacher), loss(student)
-    args = training_args(s, s["lr"], per_device_eval_batch_size=s["batch"], eval_strategy="steps",
+    args = training_args(s, s["lr"], per_device_eval_batch_size=s["eval_batch"], eval_strategy="steps",
                          eval_steps=s["eval_steps"])
     start = time.perf_counter()
     trainer = distill(student, teacher, tokenizer, DataConfig(seq_len=s["seq_len"]),

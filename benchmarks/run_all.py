@@ -29,8 +29,8 @@ SECTIONS = {
     "bits": (bits, "11. Quality against bits per weight: the compressed forms beside the quantizers"),
 }
 # seconds of each section's smoke run (--quick, one at a time, 2026-12-03), for --jobs to start the longest first
-SMOKE_SECONDS = {"distillation": 121, "calibration": 63, "inference": 58, "streaming": 52, "quality": 55,
-                 "fit_speed": 37, "bits": 28, "budget": 16, "startup": 3, "vllm_serving": 2}
+SMOKE_SECONDS = {"distillation": 84, "calibration": 74, "inference": 60, "streaming": 39, "quality": 25,
+                 "fit_speed": 33, "bits": 42, "budget": 18, "startup": 3, "vllm_serving": 1}
 # the figures a section's own markdown does not embed
 FIGURES = {"fit_speed": "![error against fit time](benchmarks/fit_speed.png)",
            "distillation": "![distillation loss curve](benchmarks/distillation.png)",

@@ -98,7 +98,7 @@ def test_distill_trains_a_compressed_folder_and_writes_checkpoints(tmp_path):
     result = cli("distill", f"student={student}", f"output_dir={run}", "data.seq_len=64", "training.max_steps=4",
                  "training.per_device_train_batch_size=2", "training.save_steps=2", "training.eval_steps=4",
                  "training.per_device_eval_batch_size=64", "distill.alpha=0.7", "training.report_to=wandb",
-                 "training.logging_steps=1", cwd=tmp_path)
+                 "training.logging_steps=1", "dtype=float32", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     trainable, total = select_trainable(mc.load_compressed(student), "wrappers+cores", train_routers=False)
     assert f"training {trainable:,} of {total:,} student parameters" in result.stdout
@@ -108,7 +108,7 @@ def test_distill_trains_a_compressed_folder_and_writes_checkpoints(tmp_path):
     assert (run / "training_complete.json").exists() and (run / "hydra" / ".hydra" / "config.yaml").exists()
     trained = mc.load_compressed(run / "checkpoint-4", dtype=torch.float32)
     initial = mc.load_compressed(student, dtype=torch.float32)
-    # every W_e rebuilt in fp32 (the checkpoint stores bf16), run by transformers' own code
+    # every W_e rebuilt in fp32, run by transformers' own code
     mc.export_dense(run / "checkpoint-4", tmp_path / "dense", dtype="float32")
     ids = token_ids(1, 8) % 256
     with torch.no_grad():  # the checkpoint holds trained weights, and its logits are what they compute
