@@ -28,7 +28,7 @@ SECTIONS = {
     "vllm_serving": (vllm_serving, "10. Serving with vLLM at Qwen3-30B-A3B's shapes: tokens per second and memory"),
     "bits": (bits, "11. Quality against bits per weight: the compressed forms beside the quantizers"),
 }
-# seconds of each section's smoke run (--quick, one at a time, 2026-12-03), for --jobs to start the longest first
+# seconds of each section's smoke run (--quick --jobs 2, 2026-12-03), for --jobs to start the longest first
 SMOKE_SECONDS = {"distillation": 84, "calibration": 74, "inference": 60, "streaming": 39, "quality": 25,
                  "fit_speed": 33, "bits": 42, "budget": 18, "startup": 3, "vllm_serving": 1}
 # the figures a section's own markdown does not embed
