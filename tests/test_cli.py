@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from conftest import token_ids, tiny_model
 
@@ -98,7 +99,7 @@ def test_distill_trains_a_compressed_folder_and_writes_checkpoints(tmp_path):
     result = cli("distill", f"student={student}", f"output_dir={run}", "data.seq_len=64", "training.max_steps=4",
                  "training.per_device_train_batch_size=2", "training.save_steps=2", "training.eval_steps=4",
                  "training.per_device_eval_batch_size=64", "distill.alpha=0.7", "training.report_to=wandb",
-                 "training.logging_steps=1", "dtype=float32", cwd=tmp_path)
+                 "training.logging_steps=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     trainable, total = select_trainable(mc.load_compressed(student), "wrappers+cores", train_routers=False)
     assert f"training {trainable:,} of {total:,} student parameters" in result.stdout
@@ -106,6 +107,10 @@ def test_distill_trains_a_compressed_folder_and_writes_checkpoints(tmp_path):
     (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     assert all(key in log.read_bytes() for key in (b"train/kl", b"train/ce", b"train/loss"))
     assert (run / "training_complete.json").exists() and (run / "hydra" / ".hydra" / "config.yaml").exists()
+    # dtype=auto on the CPU trains in float32 (the folders are bf16): the checkpoint holds what was trained
+    with safe_open(run / "checkpoint-4" / "model.safetensors", "pt") as stored:
+        dtypes = {stored.get_slice(key).get_dtype() for key in stored.keys()}
+    assert "F32" in dtypes and not dtypes & {"BF16", "F16"}
     trained = mc.load_compressed(run / "checkpoint-4", dtype=torch.float32)
     initial = mc.load_compressed(student, dtype=torch.float32)
     # every W_e rebuilt in fp32, run by transformers' own code

@@ -21,7 +21,7 @@ from transformers import TrainingArguments
 from moe_compress.compression.config import CompressionConfig
 from moe_compress.compression.from_folder import compress_checkpoint
 from moe_compress.data import DataConfig
-from moe_compress.distill import DistillationConfig, check_family, distill, load_teacher
+from moe_compress.distill import DistillationConfig, check_family, distill, load_teacher, training_dtype
 from moe_compress.evaluate import EvalConfig, evaluate_model, format_scores, watch
 from moe_compress.folder.export import export_dense, size_note
 from moe_compress.folder.load import load_compressed, load_tokenizer, local_model_folder
@@ -92,8 +92,9 @@ def run_distill(cfg: DictConfig) -> None:
         check_family(cfg.student, cfg.teacher)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, f"pass tokenizer=<a folder or hub id>, e.g. "
                                    f"tokenizer={cfg.teacher} (the teacher's: its vocabulary matches the student's)")
-        student = load_compressed(cfg.student, dtype=cfg.dtype)
-        teacher = load_teacher(cfg.teacher, distillation.teacher_quantization, cfg.dtype)
+        dtype = training_dtype(cfg.dtype, args)
+        student = load_compressed(cfg.student, dtype=dtype)
+        teacher = load_teacher(cfg.teacher, distillation.teacher_quantization, dtype)
         trainer = distill(student, teacher, tokenizer, data, distillation, args, resume=cfg.resume)
         print(f"distilled {trainer.state.global_step} steps; checkpoints and final/ in {cfg.output_dir}")
 

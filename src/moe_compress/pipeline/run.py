@@ -17,7 +17,7 @@ from transformers import TrainingArguments
 from moe_compress.compression.config import CompressionConfig
 from moe_compress.compression.from_folder import compress_checkpoint
 from moe_compress.data import DataConfig
-from moe_compress.distill import DistillationConfig, distill, load_teacher, teacher_memory
+from moe_compress.distill import DistillationConfig, distill, load_teacher, teacher_memory, training_dtype
 from moe_compress.evaluate import EvalConfig, teacher_scores, watch
 from moe_compress.folder.load import load_compressed, load_tokenizer, local_model_folder
 from moe_compress.pipeline.folders import PipelineRun
@@ -89,10 +89,11 @@ def run_pipeline(folder: str | Path, model: str, teacher: str, compression: Comp
     started = time.perf_counter()
     watcher = start_watcher(run, teacher, evaluation, eval_devices)
     try:
+        args = TrainingArguments(output_dir=str(run.distill_dir), **training)
+        dtype = training_dtype(dtype, args)
         student = load_compressed(run.compressed, dtype=dtype)
         tokenizer = load_tokenizer(run.compressed, f"the compressed folder takes its tokenizer from {model}: give "
                                    "that model folder tokenizer files")
-        args = TrainingArguments(output_dir=str(run.distill_dir), **training)
         teacher_model = load_teacher(teacher, distillation.teacher_quantization, dtype)
         run.teacher = teacher_memory(teacher_model)
         distill(student, teacher_model, tokenizer, data, distillation, args)
