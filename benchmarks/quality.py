@@ -32,10 +32,9 @@ from moe_compress.testbed import TESTBEDS, heldout_loss, load_testbed, read_spli
 TESTBED_NAMES = {"testbed": "upcycled testbed (8 experts of width 256, top-2)",
                  "testbed_fine": "fine-grained testbed, trained from scratch (32 experts of width 64, top-4)"}
 # variants: the default's reconstruction with other settings, at the kept fractions of variant_ratios
-VARIANTS = {"propagate=compressed": {"calibration": {"propagate": "compressed"}},
+VARIANTS = {"weighting=uniform (the default of 2026-12-03)": {"reconstruction": {"weighting": "uniform"}},
+            "propagate=compressed": {"calibration": {"propagate": "compressed"}},
             "router": {"reconstruction": {"router": True}},
-            "propagate=compressed, router": {"calibration": {"propagate": "compressed"},
-                                             "reconstruction": {"router": True}},
             "objective=normed": {"reconstruction": {"objective": "normed"}},
             "propagate=compressed, router, 300 steps": {"calibration": {"propagate": "compressed"},
                                                         "reconstruction": {"router": True, "steps": 300}}}
@@ -55,8 +54,8 @@ LABELS = {"adam": "seed adam", "als": "als (wrapper)", "delta": "delta (C + U_e 
           "delta+calibration": "delta, calibrated",
           "mixed+calibration": "mixed (basis for gate, up; delta for down), calibrated",
           "basis+calibration": "basis, calibrated",
-          "auto+calibration": ("the default: mixed below kept 0.4, basis from it, each reconstructed; mixed alone "
-                               "from 0.75")}
+          "auto+calibration": ("the default: mixed below kept 0.4, basis from it, each reconstructed (loss-weighted); "
+                               "mixed alone from 0.75")}
 # the default with calibration data before reconstruction (BENCHMARKS.md of 2026-11-26: closed-form fits of 3 rounds,
 # on 64 calibration windows), which issue 22's goals are stated against
 BEFORE_RECONSTRUCTION = {"testbed": {0.2: 0.0283, 0.25: 0.0201, 0.3: 0.0153, 0.5: 0.0044, 0.75: 0.0012},
@@ -355,9 +354,10 @@ def reconstruction_note(result: dict) -> str:
                                   "-" if row["block_error"] is None else f"{row['block_error'][1]:.3f}"])
     defaults = ReconstructionConfig()
     text = (f"Layer-wise reconstruction (the default with calibration data: {RECONSTRUCTION_STEPS} Adam steps a "
-            f"block on its output, lr {defaults.lr:g}, {defaults.batch_tokens} tokens a step out of the first "
-            f"{defaults.max_tokens} that reach it; compression/reconstruction.py), against the closed-form fits it "
-            "starts from and against the default before it (closed-form fits of 3 rounds on 64 calibration windows, "
+            "block on its output, each token's squared error weighted by the norm of the original model's loss "
+            f"gradient there, lr {defaults.lr:g}, {defaults.batch_tokens} tokens a step out of the first "
+            f"{defaults.max_tokens} that reach it; compression/reconstruction.py, calibration/sensitivity.py), "
+            "against the closed-form fits it starts from and against the default before it (closed-form fits of 3 rounds on 64 calibration windows, "
             f"BENCHMARKS.md of 2026-11-26; this run calibrates on {result['setting']['calibration_sequences']} "
             "windows, the product's default number of calibration sequences):\n\n" + "\n".join(lines))
     if variant_rows_:

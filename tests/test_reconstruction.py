@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 import moe_compress as mc
 from moe_compress import SharedCoreExperts
 from moe_compress.calibration.layers import loaded_statistics
+from moe_compress.calibration.sensitivity import token_sensitivity
+from moe_compress.calibration.store import load_sensitivity
 from moe_compress.compression.config import RECONSTRUCTION_STEPS
 from moe_compress.compression.from_folder import work_dir
 from moe_compress.compression.reconstruction import outputs, reconstruct
@@ -71,11 +73,49 @@ def block_inputs(model, layer: int, ids) -> torch.Tensor:
     return torch.cat(seen)
 
 
-def block_error(original, compressed, layer: int, x: torch.Tensor) -> float:
+def block_error(original, compressed, layer: int, x: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """The relative output error of the compressed model's MoE block of `layer`, each token's squares weighted by
+    `weights` [N] when given."""
     with torch.no_grad():
         want = original.model.layers[layer].mlp(x.unsqueeze(0))[0]
         got = compressed.model.layers[layer].mlp(x.unsqueeze(0))[0]
-    return ((got - want).norm() / want.norm()).item()
+    w = torch.ones(len(x)) if weights is None else weights
+    return ((w * (got - want).square().sum(-1)).sum() / (w * want.square().sum(-1)).sum()).sqrt().item()
+
+
+def loss_gradient_norms(model, ids) -> list[torch.Tensor]:
+    """Per MoE block, the norm of the gradient of the summed next-token loss at the block's output on each token
+    [B * L], as a plain backward through a copy of the model computes it (gradients retained on the outputs),
+    normalised to mean 1."""
+    model = copy.deepcopy(model).eval()
+    kept = []
+
+    def retain(module, args, output):
+        output = output[0] if isinstance(output, tuple) else output
+        output.retain_grad()
+        kept.append(output)
+
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(retain)
+    logits = model(ids).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    norms = [output.grad.norm(dim=-1).reshape(-1) for output in kept]
+    return [n / n.mean() for n in norms]
+
+
+def test_token_weights_are_the_loss_gradients_at_each_block_output():
+    """In batches, cut at the kept tokens, against one backward of the whole batch (fp32 sums in another order:
+    1e-4); a sequence's last token predicts nothing and passes nothing on, so it weighs nothing."""
+    model, ids = tiny_model(), token_ids(4, 16)
+    blocks = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in find_experts(model)}
+    want = loss_gradient_norms(model, ids)
+    got = token_sensitivity(model, list(ids.split(2)), blocks, tokens=ids.numel())
+    cut = token_sensitivity(model, list(ids.split(2)), blocks, tokens=40)
+    for weights, part, reference in zip(got.values(), cut.values(), want):
+        assert torch.allclose(weights, reference, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(part, reference[:40] / reference[:40].mean(), rtol=1e-4, atol=1e-6)
+        assert (weights.reshape(4, 16)[:, -1] == 0).all() and (weights.reshape(4, 16)[:, :-1] > 0).all()
+    assert all(p.requires_grad for p in model.parameters())  # the weights' own flags as they were
 
 
 def judged(x: torch.Tensor) -> torch.Tensor:
@@ -83,23 +123,25 @@ def judged(x: torch.Tensor) -> torch.Tensor:
     return x[len(x) - round(len(x) / 8):]
 
 
-@pytest.mark.parametrize("held_out", [False, True])
-def test_reconstruction_lowers_each_block_output_error_as_measured_afresh(tmp_path, held_out):
+@pytest.mark.parametrize("weighting,held_out", [("uniform", False), ("uniform", True), ("loss", False)])
+def test_reconstruction_lowers_each_block_output_error_as_measured_afresh(tmp_path, weighting, held_out):
     """Judged on the last eighth of the tokens, trained on or held out (held out on 8 sequences, one of the two blocks
-    learnt the first 7 and not the last and was undone: 32 sequences here)."""
+    learnt the first 7 and not the last and was undone: 32 sequences here), each token weighted as trained."""
     original, ids = tiny_model(), token_ids(32, 32)
     model = copy.deepcopy(original)
     without = copy.deepcopy(original)
-    config = mc.CompressionConfig(target_ratio=0.5, reconstruction=dict(steps=60, batch_tokens=64, held_out=held_out))
+    config = mc.CompressionConfig(target_ratio=0.5, reconstruction=dict(steps=60, batch_tokens=64, held_out=held_out,
+                                                                        weighting=weighting))
+    weights = loss_gradient_norms(original, ids) if weighting == "loss" else [None] * len(find_experts(original))
     report = mc.compress(model, config, calibration=ids, progress=False)
     mc.compress(without, mc.CompressionConfig(target_ratio=0.5, reconstruction=mc.ReconstructionConfig(steps=0)),
                 calibration=ids, progress=False)
     assert [b.module for b in report.blocks] == [name for name, _ in find_experts(original)]
     for layer, block in enumerate(report.blocks):
         x = block_inputs(original, layer, ids)  # propagate=original: every block's inputs are the original model's
-        x = judged(x)
-        assert len(x) == 128 and block_error(original, without, layer, x) == pytest.approx(block.before, rel=1e-4)
-        assert block_error(original, model, layer, x) == pytest.approx(block.after, rel=1e-4)
+        x, w = judged(x), None if weights[layer] is None else judged(weights[layer])
+        assert len(x) == 128 and block_error(original, without, layer, x, w) == pytest.approx(block.before, rel=1e-4)
+        assert block_error(original, model, layer, x, w) == pytest.approx(block.after, rel=1e-4)
         assert block.after < 0.9 * block.before and block.steps == 60
     assert logit_error(model, original, ids) < logit_error(without, original, ids)
     mc.save_compressed(model, tmp_path / "sc", report=report)
@@ -207,8 +249,8 @@ def test_quantized_storage_trains_through_its_rounding_and_stays_integers(tmp_pa
         for proj in experts.projections.values():
             assert set(proj.stored) == set(proj.TENSORS) and not list(proj.parameters())  # no float shadows left
             assert proj.core_packed.dtype == torch.int32
-    x = judged(block_inputs(original, 0, ids))
-    assert block_error(original, model, 0, x) == pytest.approx(report.blocks[0].after, rel=1e-4)
+    x, weights = judged(block_inputs(original, 0, ids)), judged(loss_gradient_norms(original, ids)[0])
+    assert block_error(original, model, 0, x, weights) == pytest.approx(report.blocks[0].after, rel=1e-4)
     mc.save_compressed(model, tmp_path / "sc")
     with torch.no_grad():
         assert torch.equal(mc.load_compressed(tmp_path / "sc")(ids).logits, model(ids).logits)
@@ -351,6 +393,24 @@ def test_bad_reconstruction_settings_are_refused_in_one_line():
         mc.ReconstructionConfig(steps=-1)
     with pytest.raises(ValueError, match="lr must be > 0"):
         mc.CompressionConfig(rank=2, reconstruction={"lr": 0})
+    with pytest.raises(ValueError, match="weighting='fisher' is unknown"):
+        mc.ReconstructionConfig(weighting="fisher")
     assert mc.CompressionConfig(rank=2).for_data(True).reconstruction.steps == RECONSTRUCTION_STEPS
     assert mc.CompressionConfig(rank=2).for_data(False).reconstruction.steps == 0
     assert mc.CompressionConfig(rank=2, method="delta").for_data(True).reconstruction.steps == 0
+
+
+def test_a_checkpoint_folder_weighs_its_tokens_as_the_loaded_model_does(tmp_path):
+    """The folder's weights come layer by layer, each layer run again for its backward (calibration/offloaded.py);
+    the loaded model's from one backward through it: the same sums in the same order here (fp32)."""
+    src, ids = source_folder(tmp_path), token_ids(8, 16)
+    config = mc.CompressionConfig(target_ratio=0.5, reconstruction={"steps": 2, "max_tokens": 100})
+    mc.compress_checkpoint(src, tmp_path / "sc", config, calibration=ids, progress=False)
+    (statistics,) = tmp_path.glob(".moe-compress-statistics-*")
+    model = tiny_model()
+    blocks = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in find_experts(model)}
+    want = token_sensitivity(model, list(ids.split(config.calibration.batch_size)), blocks, tokens=100)
+    for name, weights in want.items():
+        assert torch.allclose(load_sensitivity(Manifest(statistics), name), weights, rtol=1e-5, atol=1e-6), name
+    recorded = json.loads((tmp_path / "sc" / "config.json").read_text())["quantization_config"]
+    assert recorded["compression"]["reconstruction"]["weighting"] == "loss"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Collection, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -113,26 +113,54 @@ class LayerInputs:
         self.hidden = outputs if outputs is not None else self.run(index)
 
 
+class _Replayer(_Recorder):
+    """Stands in for decoder layer `index` as a recorder does, and passes its input on; the last gives `output`
+    instead (what the real layers computed), so that the model's own code runs what follows the layers on it."""
+
+    def __init__(self, index: int, layer: nn.Module, output: torch.Tensor, last: bool):
+        super().__init__(index, layer, None, last)
+        self.__dict__["output"] = output
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.__dict__["output"] if self.last else hidden_states
+
+
+@contextmanager
+def standing_in(layers: nn.ModuleList, make: Callable[[int, nn.Module, bool], nn.Module]) -> Iterator[None]:
+    """Every decoder layer replaced by make(index, layer, last) for the block, and put back after."""
+    originals = list(layers)
+    try:
+        for index, layer in enumerate(originals):
+            layers[index] = make(index, layer, index == len(layers) - 1)
+        yield
+    finally:
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+
+
 @torch.inference_mode()
 def capture(model: nn.Module, batches: Iterable[torch.Tensor]) -> LayerInputs:
     """Run the model on token-id batches with every decoder layer replaced by a recorder: the first layer's inputs
     and every layer's kwargs, built by the model's own code (embeddings, masks, rotary embeddings)."""
     prefix, layers = decoder_layers(model)
     inputs = LayerInputs(prefix, layers, kwargs=[[] for _ in layers])
-    originals = list(layers)
     device = next(model.parameters()).device
-    try:
-        for index in range(len(layers)):
-            layers[index] = _Recorder(index, originals[index], inputs, last=index == len(layers) - 1)
+    with standing_in(layers, lambda index, layer, last: _Recorder(index, layer, inputs, last)):
         for ids in batches:
             try:
                 model.base_model(input_ids=ids.to(device), use_cache=False)
             except _Done:
                 pass
-    finally:
-        for index, layer in enumerate(originals):
-            layers[index] = layer
     return inputs
+
+
+def logits_on(model: nn.Module, ids: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """The model's logits on token ids [B, L] where its last decoder layer outputs `outputs` [B, L, H]: what follows
+    the layers (the final norm, the head) run by the model's own code, differentiable in `outputs`."""
+    _, layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    with standing_in(layers, lambda index, layer, last: _Replayer(index, layer, outputs, last)):
+        return model(input_ids=ids.to(device), use_cache=False).logits
 
 
 def release_free_heap() -> None:

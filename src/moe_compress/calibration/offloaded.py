@@ -32,7 +32,8 @@ from torch import nn
 
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.layers import capture, decoder_layers, layer_statistics
-from moe_compress.calibration.store import save_statistics
+from moe_compress.calibration.sensitivity import layer_sensitivity
+from moe_compress.calibration.store import save_sensitivity, save_statistics, sensitivity_unit
 from moe_compress.discovery import split_weights
 from moe_compress.parallel import Manifest
 
@@ -126,35 +127,52 @@ def _sum_over_ranks(stats: ExpertGrams, device: str) -> None:
         total.copy_(on_device)
 
 
+def _gather(model: nn.Module, batches: list[torch.Tensor], done: dict, on_disk: dict, read_gate_up: Callable,
+            manifest: Manifest, device: str, dtype: torch.dtype | None, progress: bool, keep_inputs: int) -> None:
+    """The statistics pass of gather_statistics over this process's `batches`, for the modules not `done`."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    statistics = layer_statistics(
+        model, capture(model, batches), lambda name: name not in done,
+        lambda name: ExpertGrams(model.get_submodule(name), split_weights(read_gate_up(on_disk[name])),
+                                 keep_inputs),
+        dtype=dtype, around_layer=lambda layer: onloaded(layer, dtype), progress=progress,
+        desc="calibration" if world == 1 else f"calibration [rank {rank}/{world}]")
+    for grams in statistics:
+        for name, stats in grams.items():
+            if world > 1:
+                _sum_over_ranks(stats, device)
+            if rank == 0:
+                save_statistics(manifest, name, stats)
+        del grams
+
+
 def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module], batches: list[torch.Tensor],
-                      folder: Path, device: str, progress: bool = True, keep_inputs: int = 0) -> Manifest:
+                      folder: Path, device: str, progress: bool = True, keep_inputs: int = 0,
+                      weigh: bool = False) -> Manifest:
     """Every experts module's statistics in `folder` (a statistics store); those already there and verified are
     kept. `checkpoint` is the source checkpoint's index (compression.checkpoint_index) and read_gate_up(experts) reads
     a module's gate and up weights from it. Under torch.distributed every process calls it, with the same batches:
     each runs its share of them. Each module keeps the inputs of its first `keep_inputs` tokens (under
-    torch.distributed, of the first process's share)."""
+    torch.distributed, of the first process's share), and with `weigh` their weights (calibration/sensitivity.py),
+    which the first process computes before the statistics."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     manifest = Manifest(folder)
     names = [experts.name for experts in checkpoint.experts]
     done = manifest.done(names)
-    if len(done) == len(names):
+    unweighed = weigh and len(manifest.done([sensitivity_unit(name) for name in names])) < len(names)
+    if len(done) == len(names) and not unweighed:
         return manifest
     (folder / "units").mkdir(parents=True, exist_ok=True)
     on_disk = {experts.name: experts for experts in checkpoint.experts}
     with tempfile.TemporaryDirectory(dir=folder, prefix="offload-") as offload:
         model = offloaded_model(checkpoint, Path(offload), device)
         dtype = compute_dtype(model.dtype, device)
-        statistics = layer_statistics(
-            model, capture(model, batches[rank::world]), lambda name: name not in done,
-            lambda name: ExpertGrams(model.get_submodule(name), split_weights(read_gate_up(on_disk[name])),
-                                     keep_inputs),
-            dtype=dtype, around_layer=lambda layer: onloaded(layer, dtype), progress=progress,
-            desc="calibration" if world == 1 else f"calibration [rank {rank}/{world}]")
-        for grams in statistics:
-            for name, stats in grams.items():
-                if world > 1:
-                    _sum_over_ranks(stats, device)
-                if rank == 0:
-                    save_statistics(manifest, name, stats)
-            del grams
+        if unweighed and rank == 0:
+            weights = layer_sensitivity(model, batches[::world], keep_inputs, dtype,
+                                        lambda layer: onloaded(layer, dtype), progress)
+            for name, found in weights.items():
+                save_sensitivity(manifest, name, found)
+        if len(done) < len(names):
+            _gather(model, batches[rank::world], done, on_disk, read_gate_up, manifest, device, dtype, progress,
+                    keep_inputs)
     return manifest

@@ -49,3 +49,20 @@ def load_block_data(manifest: Manifest, name: str) -> tuple[torch.Tensor, torch.
             raise ValueError(f"the statistics of {name} in {manifest.folder} keep no inputs; delete that folder to "
                              "gather them again with the reconstruction's")
         return f.get_tensor("block_inputs"), f.get_tensor("block_outputs") if "block_outputs" in f.keys() else None
+
+
+def sensitivity_unit(name: str) -> str:
+    """The store's unit of one experts module's token weights (calibration/sensitivity.py)."""
+    return f"{name}.sensitivity"
+
+
+def save_sensitivity(manifest: Manifest, name: str, weights: torch.Tensor) -> None:
+    manifest.save(sensitivity_unit(name), {"weights": weights}, {"tokens": len(weights)})
+
+
+def load_sensitivity(manifest: Manifest, name: str) -> torch.Tensor:
+    """The token weights [N] of one experts module's kept calibration tokens."""
+    if not manifest.done([sensitivity_unit(name)]):
+        raise ValueError(f"the statistics in {manifest.folder} keep no token weights for {name}; delete that folder "
+                         "to gather them again with the loss-weighted reconstruction's")
+    return load_file(manifest.path(sensitivity_unit(name)))["weights"]

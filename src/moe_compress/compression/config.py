@@ -93,6 +93,9 @@ class CalibrationConfig:
 
 
 OBJECTIVES = ("block", "normed")
+# how the reconstruction weighs each token's error: by the original model's loss gradient at the block's output on it
+# (calibration/sensitivity.py), or alike
+WEIGHTINGS = ("loss", "uniform")
 RECONSTRUCTION_STEPS = 100  # what reconstruction.steps=null runs with calibration data and method=auto (BENCHMARKS §1)
 
 
@@ -105,9 +108,11 @@ class ReconstructionConfig:
     data and method=auto (or target_bits), else none; 0: off. Each step reads `batch_tokens` of the first `max_tokens`
     calibration tokens that reach the block. `objective` "block" matches the block's output; "normed" the next
     decoder layer's normalised input (the residual added, the next layer's input norm applied: errors weighed as the
-    next layer sees them), in memory only (BENCHMARKS §1 compares them). The last eighth of those tokens judges it:
-    a block keeps its reconstruction only where their output error falls, and reports theirs; with `held_out`, they
-    are not trained on."""
+    next layer sees them), in memory only (BENCHMARKS §1 compares them). `weighting` "loss" weighs each token's squared
+    error by the norm of the original model's loss gradient at the block's output on it (one backward pass of the
+    model over those tokens: calibration/sensitivity.py), "uniform" weighs them alike. The last eighth of those
+    tokens judges it: a block keeps its reconstruction only where their output error (weighted as trained) falls, and
+    reports theirs; with `held_out`, they are not trained on."""
 
     steps: Optional[int] = None
     lr: float = 3e-3
@@ -115,6 +120,7 @@ class ReconstructionConfig:
     max_tokens: int = 65536  # held in memory as the inputs and targets, fp32: 2 x 65536 x hidden x 4 bytes
     router: bool = False
     objective: str = "block"
+    weighting: str = "loss"
     # the tokens that judge the reconstruction (the last eighth) not trained on: a held-out judgement, at the cost of
     # training on 7/8 of the data (worse on both testbeds at kept 0.3 and 0.5, BENCHMARKS §1)
     held_out: bool = False
@@ -126,6 +132,8 @@ class ReconstructionConfig:
             raise ValueError("reconstruction lr must be > 0 and batch_tokens, max_tokens >= 1")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"reconstruction objective={self.objective!r} is unknown; use one of {list(OBJECTIVES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"reconstruction weighting={self.weighting!r} is unknown; use one of {list(WEIGHTINGS)}")
 
     @property
     def on(self) -> bool:

@@ -32,7 +32,8 @@ from transformers.utils.hub import convert_file_size_to_int
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.observe import Calibration, token_batches
 from moe_compress.calibration.offloaded import gather_statistics
-from moe_compress.calibration.store import load_block_data, load_statistics, load_token_counts, statistics_dir
+from moe_compress.calibration.store import (load_block_data, load_sensitivity, load_statistics, load_token_counts,
+                                           statistics_dir)
 from moe_compress.compression import bits, engine
 from moe_compress.compression.allocation import Curve
 from moe_compress.compression.budget import stored_params
@@ -160,7 +161,7 @@ def gathered_statistics(checkpoint: SourceCheckpoint, token_ids: torch.Tensor, c
         inputs_side = lambda module: [p for p in projection_names(module) if p != "down"]  # up alone when gate-less
         read = lambda experts: read_experts(checkpoint, experts, params_of(experts.module, inputs_side(experts.module)))
         gather_statistics(checkpoint, read, list(token_ids.split(config.calibration.batch_size)), folder, str(device),
-                          progress, keep_inputs)
+                          progress, keep_inputs, weigh=bool(keep_inputs) and config.reconstruction.weighting == "loss")
         barrier()
     finally:
         if ranks.is_main:
@@ -222,8 +223,9 @@ def reconstruct_share(source: CheckpointFolder, specs: dict[str, ModuleSpec], na
             state.update(load_file(manifest.path(unit_name(name, projection)), device=str(device)))
         compressed.load_state_dict({key.removeprefix(f"{on_disk.saved_as}."): value for key, value in state.items()})
         inputs, targets = load_block_data(source.store, name)
+        weights = load_sensitivity(source.store, name) if config.reconstruction.weighting == "loss" else None
         error = reconstruct(name, block, original, compressed, inputs, config.reconstruction, config.seed,
-                            targets=targets)
+                            targets=targets, weights=weights)
         tensors = {f"{on_disk.saved_as}.{key}": value.cpu() for key, value in compressed.state_dict().items()}
         if config.reconstruction.router:
             routers = {id(p) for p in router_parameters(block, compressed)}

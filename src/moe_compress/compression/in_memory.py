@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 from typing import Optional
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.layers import decoder_layers, loaded_statistics
 from moe_compress.calibration.observe import Calibration, token_batches
+from moe_compress.calibration.sensitivity import token_sensitivity
 from moe_compress.compression import bits, engine
 from moe_compress.compression.config import CompressionConfig
 from moe_compress.compression.fitting import FittedModule, Weights
@@ -47,6 +49,7 @@ class LoadedModel:
         self.batch_size = batch_size
         self.keep_inputs = 0  # tokens' inputs each module's statistics keep, for the reconstruction (keep())
         self.keep_outputs = False  # and their layer's outputs (objective=normed)
+        self.sensitivity: dict[str, torch.Tensor] = {}  # and with weighting=loss, their weights [N] per module
 
     def experts(self) -> list[tuple[str, nn.Module]]:
         return self.found
@@ -59,10 +62,13 @@ class LoadedModel:
         return loaded_statistics(self.model, self.batches, names, recompute, self.keep_inputs, self.keep_outputs)
 
     def keep(self, config: CompressionConfig) -> None:
-        """What the statistics keep for config's reconstruction: its tokens' inputs, and for objective=normed their
-        layer's outputs."""
+        """What the statistics keep for config's reconstruction: its tokens' inputs, for objective=normed their
+        layer's outputs, and for weighting=loss their weights, from a backward pass of the original model."""
         self.keep_inputs = engine.kept_inputs(config)
         self.keep_outputs = config.reconstruction.objective == "normed"
+        if self.keep_inputs and config.reconstruction.weighting == "loss":
+            blocks = {name: self.model.get_submodule(name.rpartition(".")[0]) for name, _ in self.found}
+            self.sensitivity = token_sensitivity(self.model, self.batches, blocks, self.keep_inputs)
 
     def next_norm(self, name: str) -> nn.Module:
         """The norm the decoder layer after the one holding `name` applies to its input (`input_layernorm`), or the
@@ -90,7 +96,7 @@ class LoadedModel:
             if config.reconstruction.objective == "normed":
                 normed = Normed(self.next_norm(fitted.name), fitted.layer_outputs)
             return reconstruct(fitted.name, block, experts, shared, fitted.inputs, config.reconstruction, config.seed,
-                               normed, fitted.targets)
+                               normed, fitted.targets, self.sensitivity.get(fitted.name))
         setattr(block, child, shared)
         return None
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe_compress.calibration.sensitivity import frozen
 from moe_compress.compression.config import ReconstructionConfig
 from moe_compress.compression.report import BlockError
 from moe_compress.experts import SharedCoreExperts
@@ -63,9 +64,13 @@ def outputs_in_chunks(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([outputs(block, chunk) for chunk in x.split(EVAL_CHUNK)])
 
 
-def relative_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def relative_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """||y_hat - y|| / ||y|| over the tokens, each token's squares weighted by `weights` [N] when given."""
     y_hat = outputs_in_chunks(block, x)
-    return ((y_hat - y).norm() / y.norm().clamp_min(1e-30)).item()
+    errors, norms = (y_hat - y).square().sum(-1), y.square().sum(-1)
+    if weights is not None:
+        errors, norms = errors * weights, norms * weights
+    return (errors.sum() / norms.sum().clamp_min(1e-30)).sqrt().item()
 
 
 @contextmanager
@@ -105,19 +110,6 @@ def training(block: nn.Module, compressed: SharedCoreExperts, router: bool) -> I
                     proj.end_quantization_aware_()
 
 
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """No gradient into `module`'s parameters for the block."""
-    grads = {p: p.requires_grad for p in module.parameters()}
-    for p in grads:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, grad in grads.items():
-            p.requires_grad_(grad)
-
-
 def batches(tokens: int, batch: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
     """`steps` batches of token indices: passes over a seeded permutation of the tokens, `batch` at a time."""
     generator = torch.Generator().manual_seed(seed)
@@ -147,14 +139,15 @@ def judged(tokens: int) -> int:
 
 def reconstruct(name: str, block: nn.Module, original: nn.Module, compressed: SharedCoreExperts, x: torch.Tensor,
                 config: ReconstructionConfig, seed: int, normed: Normed | None = None,
-                targets: torch.Tensor | None = None) -> BlockError:
+                targets: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> BlockError:
     """Put `compressed` in place of `original` in `block` and train it (with config.router, the router too) so that
     the block's output on the inputs x [N, H] matches what it was with `original`, `targets` [N, H] (the calibration
     pass observes them as it runs the original block; computed here, in fp32, when not given), or with `normed` the
     next layer's normalised input, norm(residual + output): Adam on the squared error relative to the targets' mean
-    square, over config.steps batches of config.batch_tokens, its learning rate decaying to 0 on a cosine. The last
-    JUDGED of the tokens judge it (with config.held_out, they are not trained on): it is kept only where it lowers the
-    block's output error on them, otherwise the block is left as the fit left it; the errors reported are theirs."""
+    square, each token's weighted by `weights` [N] when given (calibration/sensitivity.py), over config.steps batches
+    of config.batch_tokens, its learning rate decaying to 0 on a cosine. The last JUDGED of the tokens judge it (with
+    config.held_out, they are not trained on): it is kept only where it lowers the block's output error on them,
+    weighted as trained, otherwise the block is left as the fit left it; the errors reported are theirs."""
     start = time.perf_counter()
     slot = slot_of(block, original)
     was_training = block.training
@@ -172,27 +165,29 @@ def reconstruct(name: str, block: nn.Module, original: nn.Module, compressed: Sh
         # the residual stream beside the block's output, for the normed objective (None: the block's output alone,
         # and its targets are y itself: at 65,536 kept tokens each [N, H] copy is 0.5 GiB at hidden 2048)
         residual = None if normed is None else normed.layer_outputs.to(y.device) - y
+        w = torch.ones(len(x), 1, device=x.device) if weights is None else weights.to(x.device, torch.float32)[:, None]
+        judged_weights = None if weights is None else w[last, 0]
         setattr(block, slot, compressed)
         with training(block, compressed, config.router) as params, in_fp32(norm), frozen(norm), torch.no_grad():
             target = y if residual is None else torch.cat([norm(r + chunk) for r, chunk in
                                                            zip(residual.split(EVAL_CHUNK), y.split(EVAL_CHUNK))])
-            before = relative_error(block, x[last], y[last])
+            before = relative_error(block, x[last], y[last], judged_weights)
             kept = [p.detach().clone() for p in params]
             # fused: one kernel for every tensor's update, where the default loops over them in Python on the CPU
             optimizer = torch.optim.Adam(params, lr=config.lr, fused=all(p.device.type in FUSED_ADAM for p in params))
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps)))
-            scale = target[:trained].square().mean()
+            scale = (w[:trained] * target[:trained].square()).mean()
             with torch.enable_grad():
                 for index in batches(trained, config.batch_tokens, config.steps, seed):
                     predicted = outputs(block, x[index])
                     predicted = predicted if residual is None else norm(residual[index] + predicted)
-                    loss = (predicted - target[index]).square().mean() / scale
+                    loss = (w[index] * (predicted - target[index]).square()).mean() / scale
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     schedule.step()
-            after = relative_error(block, x[last], y[last])
+            after = relative_error(block, x[last], y[last], judged_weights)
             if not after < before:
                 with torch.no_grad():
                     for p, value in zip(params, kept):
