@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import moe_compress as mc
 from moe_compress import SharedCoreExperts
 from moe_compress.calibration.layers import loaded_statistics
+from moe_compress.calibration import sensitivity
 from moe_compress.calibration.sensitivity import token_sensitivity
 from moe_compress.calibration.store import load_sensitivity
 from moe_compress.compression.config import RECONSTRUCTION_STEPS
@@ -103,16 +104,23 @@ def loss_gradient_norms(model, ids) -> list[torch.Tensor]:
     return [n / n.mean() for n in norms]
 
 
-def test_token_weights_are_the_loss_gradients_at_each_block_output():
-    """In batches, cut at the kept tokens, against one backward of the whole batch (fp32 sums in another order:
-    1e-4); a sequence's last token predicts nothing and passes nothing on, so it weighs nothing."""
+@pytest.mark.parametrize("one_row", [False, True])
+def test_token_weights_are_the_loss_gradients_at_each_block_output(monkeypatch, one_row):
+    """In batches (with `one_row`, one sequence a pass, as a large vocabulary makes it), cut at the kept tokens, in
+    one backward through the model or layer by layer, against one backward of the whole batch (fp32 sums in another
+    order: 1e-4); a sequence's last token predicts nothing and passes nothing on, so it weighs nothing."""
+    if one_row:
+        monkeypatch.setattr(sensitivity, "LOGITS_BUDGET", 1)
     model, ids = tiny_model(), token_ids(4, 16)
     blocks = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in find_experts(model)}
     want = loss_gradient_norms(model, ids)
     got = token_sensitivity(model, list(ids.split(2)), blocks, tokens=ids.numel())
+    layer_by_layer = sensitivity.layer_sensitivity(model, list(ids.split(2)), tokens=ids.numel())
     cut = token_sensitivity(model, list(ids.split(2)), blocks, tokens=40)
-    for weights, part, reference in zip(got.values(), cut.values(), want):
+    assert got.keys() == layer_by_layer.keys() == cut.keys()
+    for weights, layered, part, reference in zip(got.values(), layer_by_layer.values(), cut.values(), want):
         assert torch.allclose(weights, reference, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(layered, reference, rtol=1e-4, atol=1e-6)
         assert torch.allclose(part, reference[:40] / reference[:40].mean(), rtol=1e-4, atol=1e-6)
         assert (weights.reshape(4, 16)[:, -1] == 0).all() and (weights.reshape(4, 16)[:, :-1] > 0).all()
     assert all(p.requires_grad for p in model.parameters())  # the weights' own flags as they were

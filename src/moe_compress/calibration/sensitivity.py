@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from moe_compress.calibration.layers import capture, logits_on
 
+LOGITS_BUDGET = 2**28  # logit elements a forward and backward holds at once (1 GiB in fp32), times about 3
+
 
 @contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
@@ -50,7 +52,8 @@ def token_sensitivity(model: nn.Module, batches: list[torch.Tensor], blocks: dic
     the gradient of the model's summed next-token loss at the block's output, for the first T <= `tokens`
     calibration tokens in calibration order (the tokens the reconstruction keeps), normalised to mean 1 per block.
     A sequence's last token, which predicts nothing here, still weighs what its output passes to no later token:
-    nothing (0). One batch of token ids [B, L] at a time, the model in eval mode and its weights frozen."""
+    nothing (0). A batch of token ids [B, L] at a time (fewer rows where its logits would be large:
+    rows_per_pass), the model in eval mode and its weights frozen."""
     found: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
     outputs: dict[str, torch.Tensor] = {}
 
@@ -66,20 +69,17 @@ def token_sensitivity(model: nn.Module, batches: list[torch.Tensor], blocks: dic
     was_training = model.training
     model.eval()
     device = embeddings.weight.device
-    seen = 0
     try:
         with frozen(model), torch.enable_grad():
-            for ids in batches:
-                if seen >= tokens:
-                    break
-                ids = ids.to(device)
-                loss = next_token_loss(model(input_ids=ids, use_cache=False).logits, ids)
-                grads = torch.autograd.grad(loss, list(outputs.values()), allow_unused=True)
-                for (name, output), grad in zip(outputs.items(), grads):
-                    norms = torch.zeros(output.shape[:-1]) if grad is None else grad.float().norm(dim=-1).cpu()
-                    found[name].append(norms.reshape(-1))
-                outputs.clear()
-                seen += ids.numel()
+            for batch in first_batches(batches, tokens):
+                for ids in batch.split(rows_per_pass(model, batch.shape[1])):
+                    ids = ids.to(device)
+                    loss = next_token_loss(model(input_ids=ids, use_cache=False).logits, ids)
+                    grads = torch.autograd.grad(loss, list(outputs.values()), allow_unused=True)
+                    for (name, output), grad in zip(outputs.items(), grads):
+                        norms = torch.zeros(output.shape[:-1]) if grad is None else grad.float().norm(dim=-1).cpu()
+                        found[name].append(norms.reshape(-1))
+                    outputs.clear()
     finally:
         for hook in hooks:
             hook.remove()
@@ -91,6 +91,13 @@ def normalised(weights: torch.Tensor) -> torch.Tensor:
     """`weights` over their mean (all ones where every weight is 0: nothing to tell the tokens apart)."""
     mean = weights.mean()
     return weights / mean if mean > 0 else torch.ones_like(weights)
+
+
+def rows_per_pass(model: nn.Module, length: int) -> int:
+    """How many sequences of `length` tokens one forward and backward takes: as many as keep their logits, in fp32,
+    within LOGITS_BUDGET elements (one sequence of 2,048 tokens at Qwen3's 151,936-entry vocabulary is 1.2 GiB)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max(1, LOGITS_BUDGET // (length * vocab))
 
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -129,10 +136,15 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int
             inputs.advance(index, inputs.run(index, dtype))
     grads = []
     with frozen(model), torch.enable_grad():
-        for ids, outputs in zip(batches, inputs.hidden):
-            outputs = outputs.clone().requires_grad_()  # a copy outside inference mode, which autograd can use
-            grads.append(torch.autograd.grad(next_token_loss(logits_on(model, ids, outputs), ids), outputs)[0])
-    found: dict[str, list[list[torch.Tensor]]] = {}
+        for batch, last in zip(batches, inputs.hidden):
+            rows = rows_per_pass(model, batch.shape[1])
+            parts = []
+            for ids, outputs in zip(batch.split(rows), last.split(rows)):
+                outputs = outputs.clone().requires_grad_()  # a copy outside inference mode, which autograd can use
+                parts.append(torch.autograd.grad(next_token_loss(logits_on(model, ids, outputs), ids), outputs)[0])
+            grads.append(torch.cat(parts))
+    found: dict[str, list[torch.Tensor]] = {name: [] for index in range(len(layers))
+                                            for name in inputs.experts_of(index, model)}  # in the model's order
     for index in reversed(range(len(layers))):
         bar.update()
         within = [name.removeprefix(f"{inputs.prefix}.{index}.") for name in inputs.experts_of(index, model)]
@@ -141,7 +153,7 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int
             for batch, (hidden, kwargs) in enumerate(zip(kept[index], inputs.kwargs[index])):
                 norms, grads[batch] = layer_backward(model, layers[index], blocks, hidden, kwargs, grads[batch], dtype)
                 for name, norm in norms.items():
-                    found.setdefault(f"{inputs.prefix}.{index}.{name}", []).append(norm)
+                    found[f"{inputs.prefix}.{index}.{name}"].append(norm)
     bar.close()
     return {name: normalised(torch.cat(parts)[:tokens]) for name, parts in found.items()}
 

@@ -31,9 +31,10 @@ class ProjectionStats:
 
 @dataclass
 class BlockError:
-    """An MoE block's relative output error, ||y_hat - y|| / ||y||, after the closed-form fit and after the layer-wise
-    reconstruction (compression/reconstruction.py), on the calibration inputs it held out of its training (all of
-    them with held_out=0), and the reconstruction's time."""
+    """An MoE block's relative output error, ||y_hat - y|| / ||y|| (each token's squares weighted as the
+    reconstruction weighs them: reconstruction.weighting), after the closed-form fit and after the layer-wise
+    reconstruction (compression/reconstruction.py), on the calibration tokens that judge it, and the
+    reconstruction's time."""
 
     module: str  # the experts module
     before: float

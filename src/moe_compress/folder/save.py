@@ -141,6 +141,12 @@ def replace_folder(staging: Path, path: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def weighed(settings: dict) -> str:
+    """How the card names the blocks' output error: weighted as the reconstruction weighed it."""
+    return " (tokens weighted by the loss's gradient)" if settings.get("reconstruction", {}).get(
+        "weighting", "loss") == "loss" else ""
+
+
 def model_card(model: nn.Module) -> str:
     compression = compression_of(model)
     stats, settings = compression.stats, compression.compression
@@ -163,7 +169,8 @@ def model_card(model: nn.Module) -> str:
         *([f"| bits per expert weight (every stored tensor and scale) | {stats['bits_per_weight']:.3f} |"]
           if stats.get("bits_per_weight") is not None else []),
         f"| relative reconstruction error | {stats.get('rel_error', float('nan')):.4f} |",
-        *([f"| MoE blocks' output error on the last eighth of the calibration tokens, before -> after layer-wise "
+        *([f"| MoE blocks' output error{weighed(settings)} on the last eighth of the calibration tokens, before -> "
+           "after layer-wise "
            f"reconstruction | {block['before']:.4f} -> {block['after']:.4f} |"]
           if (block := stats.get("reconstruction", {}).get("block_error")) else []),
         f"| compressed experts modules | {len(compression.modules)} |",
