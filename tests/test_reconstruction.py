@@ -408,6 +408,14 @@ def test_bad_reconstruction_settings_are_refused_in_one_line():
     assert mc.CompressionConfig(rank=2, method="delta").for_data(True).reconstruction.steps == 0
 
 
+def test_layer_inputs_spilled_to_files_give_the_same_weights_and_are_removed(tmp_path):
+    model, batches = tiny_model(), list(token_ids(12, 8).split(1))  # 12 batches: "10" sorts before "2"
+    want = sensitivity.layer_sensitivity(model, batches, tokens=96)
+    got = sensitivity.layer_sensitivity(model, batches, tokens=96, spill=tmp_path)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_checkpoint_folder_weighs_its_tokens_as_the_loaded_model_does(tmp_path):
     """The folder's weights come layer by layer, each layer run again for its backward (calibration/offloaded.py);
     the loaded model's from one backward through it: the same sums in the same order here (fp32)."""

@@ -169,7 +169,7 @@ def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module],
         dtype = compute_dtype(model.dtype, device)
         if unweighed and rank == 0:
             weights = layer_sensitivity(model, batches[::world], keep_inputs, dtype,
-                                        lambda layer: onloaded(layer, dtype), progress)
+                                        lambda layer: onloaded(layer, dtype), progress, spill=Path(offload))
             for name, found in weights.items():
                 save_sensitivity(manifest, name, found)
         if len(done) < len(names):

@@ -21,9 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
@@ -119,9 +121,10 @@ def first_batches(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor
 
 def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int, dtype: torch.dtype | None = None,
                       around_layer: Callable[[nn.Module], AbstractContextManager] = lambda layer: nullcontext(),
-                      progress: bool = False) -> dict[str, torch.Tensor]:
+                      progress: bool = False, spill: Path | None = None) -> dict[str, torch.Tensor]:
     """token_sensitivity of every experts module of `model`, computed one decoder layer at a time: forward through
-    the layers keeping each one's inputs (on the CPU), the loss's gradient at the last one's outputs through what
+    the layers keeping each one's inputs (on the CPU, or with `spill` in files in that folder: 12 GiB at
+    Qwen3-30B-A3B's 48 layers, 65,536 tokens in bf16), the loss's gradient at the last one's outputs through what
     follows the layers, then back through the layers, each run again on its inputs for its backward. `dtype` and
     `around_layer` are how a layer runs (calibration/layers.py: LayerInputs.run), here with gradients; `progress`
     shows a bar over the layers, each counted forward and backward."""
@@ -131,7 +134,11 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int
     bar = tqdm(total=2 * len(layers), desc="loss weights", unit="layer", disable=not progress)
     for index in range(len(layers)):
         bar.update()
-        kept.append([hidden.cpu() for hidden in inputs.hidden])
+        hidden = [h.cpu() for h in inputs.hidden]
+        if spill is not None:
+            save_file({str(b): h.contiguous() for b, h in enumerate(hidden)}, spill / f"layer-{index}.safetensors")
+            hidden = spill / f"layer-{index}.safetensors"
+        kept.append(hidden)
         with around_layer(layers[index]):
             inputs.advance(index, inputs.run(index, dtype))
     grads = []
@@ -149,13 +156,21 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int
         bar.update()
         within = [name.removeprefix(f"{inputs.prefix}.{index}.") for name in inputs.experts_of(index, model)]
         blocks = {name: name.rpartition(".")[0] for name in within}  # experts module: its block, within the layer
+        hidden = kept[index] if spill is None else unspilled(kept[index])
         with around_layer(layers[index]), frozen(layers[index]), torch.enable_grad():
-            for batch, (hidden, kwargs) in enumerate(zip(kept[index], inputs.kwargs[index])):
+            for batch, (hidden, kwargs) in enumerate(zip(hidden, inputs.kwargs[index])):
                 norms, grads[batch] = layer_backward(model, layers[index], blocks, hidden, kwargs, grads[batch], dtype)
                 for name, norm in norms.items():
                     found[f"{inputs.prefix}.{index}.{name}"].append(norm)
     bar.close()
     return {name: normalised(torch.cat(parts)[:tokens]) for name, parts in found.items()}
+
+
+def unspilled(path: Path) -> list[torch.Tensor]:
+    """The batches' tensors a spill file holds, in order; the file removed."""
+    found = load_file(path)
+    path.unlink()
+    return [found[str(batch)] for batch in range(len(found))]
 
 
 def layer_backward(model: nn.Module, layer: nn.Module, blocks: dict[str, str], hidden: torch.Tensor, kwargs: dict,
