@@ -73,7 +73,8 @@ def test_two_gloo_processes_calibrate_on_their_shares_of_the_batches_and_write_t
         assert re.search(rf"calibration \[rank {rank}/2\]: 100%\|[^|]*\| 2/2 ", stderr["two"])
     assert "calibration:" not in stderr["one"]  # no bar: gathered once by the two processes, then reused
     (statistics,) = tmp_path.glob(".moe-compress-statistics-*")
-    assert len(list((statistics / "units").glob("*.safetensors"))) == 2
+    units = sorted(p.name for p in (statistics / "units").glob("*.safetensors"))
+    assert units == [f"model.layers.{i}.mlp.experts{kind}.safetensors" for i in (0, 1) for kind in ("", ".sensitivity")]
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     coverage = json.loads((tmp_path / "two" / "compression_report.json").read_text())["coverage"]
