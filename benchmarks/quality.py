@@ -357,7 +357,8 @@ def reconstruction_note(result: dict) -> str:
             "block on its output, each token's squared error weighted by the norm of the original model's loss "
             f"gradient there, lr {defaults.lr:g}, {defaults.batch_tokens} tokens a step out of the first "
             f"{defaults.max_tokens} that reach it; compression/reconstruction.py, calibration/sensitivity.py), "
-            "against the closed-form fits it starts from and against the default before it (closed-form fits of 3 rounds on 64 calibration windows, "
+            "against the closed-form fits it starts from and against the default before it (closed-form fits of 3 "
+            "rounds on 64 calibration windows, "
             f"BENCHMARKS.md of 2026-11-26; this run calibrates on {result['setting']['calibration_sequences']} "
             "windows, the product's default number of calibration sequences):\n\n" + "\n".join(lines))
     if variant_rows_:

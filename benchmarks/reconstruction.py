@@ -86,10 +86,14 @@ def qwen3_shaped(setting: dict):
     return model
 
 
+def qwen3_tokens(setting: dict) -> torch.Tensor:
+    """The random calibration token ids the Qwen3-shaped model compresses on, seeded."""
+    return torch.randint(0, 256, (setting["sequences"], setting["length"]), generator=torch.Generator().manual_seed(0))
+
+
 def qwen3_row(setting: dict) -> dict:
     model = qwen3_shaped(setting)
-    tokens = torch.randint(0, 256, (setting["sequences"], setting["length"]),
-                           generator=torch.Generator().manual_seed(0))
+    tokens = qwen3_tokens(setting)
     # uniform ranks: the global allocation's curves cost the same with or without reconstruction, so leaving them
     # out leaves the ratio at its least favourable to the reconstruction
     config = CompressionConfig(target_ratio=setting["ratio"], rank_allocation="uniform",
@@ -107,8 +111,7 @@ def weights_seconds(setting: dict) -> float:
     """The time of the pass that weighs the kept tokens (calibration/sensitivity.py), which compress() runs before
     the fits, on the model and tokens of qwen3_row, timed on its own."""
     model = qwen3_shaped(setting)
-    tokens = torch.randint(0, 256, (setting["sequences"], setting["length"]),
-                           generator=torch.Generator().manual_seed(0))
+    tokens = qwen3_tokens(setting)
     blocks = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in find_experts(model)}
     start = time.perf_counter()
     token_sensitivity(model, list(tokens.split(CalibrationConfig().batch_size)), blocks,

@@ -57,17 +57,9 @@ def token_sensitivity(model: nn.Module, batches: list[torch.Tensor], blocks: dic
     nothing (0). A batch of token ids [B, L] at a time (fewer rows where its logits would be large:
     rows_per_pass), the model in eval mode and its weights frozen."""
     found: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
-    outputs: dict[str, torch.Tensor] = {}
-
-    def keeper(name: str):
-        def keep_output(module: nn.Module, args, output) -> None:
-            outputs[name] = output[0] if isinstance(output, tuple) else output
-        return keep_output
-
     embeddings = model.get_input_embeddings()
-    hooks = [block.register_forward_hook(keeper(name)) for name, block in blocks.items()]
     # the graph starts at the embeddings' output, since no weight asks for a gradient
-    hooks.append(embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_()))
+    hook = embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_())
     was_training = model.training
     model.eval()
     device = embeddings.weight.device
@@ -76,17 +68,40 @@ def token_sensitivity(model: nn.Module, batches: list[torch.Tensor], blocks: dic
             for batch in first_batches(batches, tokens):
                 for ids in batch.split(rows_per_pass(model, batch.shape[1])):
                     ids = ids.to(device)
-                    loss = next_token_loss(model(input_ids=ids, use_cache=False).logits, ids)
+                    with block_outputs(blocks) as outputs:
+                        loss = next_token_loss(model(input_ids=ids, use_cache=False).logits, ids)
                     grads = torch.autograd.grad(loss, list(outputs.values()), allow_unused=True)
-                    for (name, output), grad in zip(outputs.items(), grads):
-                        norms = torch.zeros(output.shape[:-1]) if grad is None else grad.float().norm(dim=-1).cpu()
-                        found[name].append(norms.reshape(-1))
-                    outputs.clear()
+                    for name, norms in gradient_norms(outputs, grads).items():
+                        found[name].append(norms)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return {name: normalised(torch.cat(parts)[:tokens]) for name, parts in found.items()}
+
+
+@contextmanager
+def block_outputs(blocks: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """{name: the output hidden states of blocks[name]} of the forwards run in the block (a block returning a tuple
+    gives its first element)."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str):
+        def keep_output(module: nn.Module, args, output) -> None:
+            outputs[name] = output[0] if isinstance(output, tuple) else output
+        return keep_output
+
+    hooks = [block.register_forward_hook(keeper(name)) for name, block in blocks.items()]
+    try:
+        yield outputs
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
-    return {name: normalised(torch.cat(parts)[:tokens]) for name, parts in found.items()}
+
+
+def gradient_norms(outputs: dict[str, torch.Tensor], grads) -> dict[str, torch.Tensor]:
+    """Each output's gradient's norm per token, [tokens] fp32 on the CPU (zeros where the loss did not reach it)."""
+    return {name: (torch.zeros(output.shape[:-1]) if grad is None else grad.float().norm(dim=-1).cpu()).reshape(-1)
+            for (name, output), grad in zip(outputs.items(), grads)}
 
 
 def normalised(weights: torch.Tensor) -> torch.Tensor:
@@ -159,7 +174,7 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int
         hidden = kept[index] if spill is None else unspilled(kept[index])
         with around_layer(layers[index]), frozen(layers[index]), torch.enable_grad():
             for batch, (hidden, kwargs) in enumerate(zip(hidden, inputs.kwargs[index])):
-                norms, grads[batch] = layer_backward(model, layers[index], blocks, hidden, kwargs, grads[batch], dtype)
+                norms, grads[batch] = layer_backward(layers[index], blocks, hidden, kwargs, grads[batch], dtype)
                 for name, norm in norms.items():
                     found[f"{inputs.prefix}.{index}.{name}"].append(norm)
     bar.close()
@@ -173,8 +188,8 @@ def unspilled(path: Path) -> list[torch.Tensor]:
     return [found[str(batch)] for batch in range(len(found))]
 
 
-def layer_backward(model: nn.Module, layer: nn.Module, blocks: dict[str, str], hidden: torch.Tensor, kwargs: dict,
-                   grad: torch.Tensor, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def layer_backward(layer: nn.Module, blocks: dict[str, str], hidden: torch.Tensor, kwargs: dict, grad: torch.Tensor,
+                   dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One decoder layer run on one batch of its inputs `hidden` [B, L, H] (with `dtype`, computing in it), and the
     gradient `grad` at its outputs taken back through it: the gradient's norm at each of its MoE blocks' outputs
     per token [B * L] (`blocks`: {experts module name within the layer: its block's}), and the gradient at its
@@ -183,20 +198,7 @@ def layer_backward(model: nn.Module, layer: nn.Module, blocks: dict[str, str], h
     x = hidden.to(device).clone().requires_grad_()
     cast = partial(tree_map_only, torch.Tensor, lambda t: (t.to(dtype) if dtype is not None and t.is_floating_point()
                                                            else t).clone())  # clones: outside inference mode
-    outputs: dict[str, torch.Tensor] = {}
-
-    def keeper(name: str):
-        def keep_output(module: nn.Module, args, output) -> None:
-            outputs[name] = output[0] if isinstance(output, tuple) else output
-        return keep_output
-
-    hooks = [layer.get_submodule(block).register_forward_hook(keeper(name)) for name, block in blocks.items()]
-    try:
+    with block_outputs({name: layer.get_submodule(block) for name, block in blocks.items()}) as outputs:
         y = layer(cast(x), **cast(kwargs))
-    finally:
-        for hook in hooks:
-            hook.remove()
     found = torch.autograd.grad(y, [x, *outputs.values()], grad.to(y.dtype), allow_unused=True)
-    norms = {name: (torch.zeros(output.shape[:-1]) if g is None else g.float().norm(dim=-1).cpu()).reshape(-1)
-             for (name, output), g in zip(outputs.items(), found[1:])}
-    return norms, found[0].to(grad.dtype)
+    return gradient_norms(outputs, found[1:]), found[0].to(grad.dtype)

@@ -132,6 +132,11 @@ def kept_inputs(config: CompressionConfig) -> int:
     return config.reconstruction.max_tokens if config.reconstruction.on else 0
 
 
+def weighs(config: CompressionConfig) -> bool:
+    """Whether the kept tokens get weights from the loss's gradient (calibration/sensitivity.py)."""
+    return config.reconstruction.on and config.reconstruction.weighting == "loss"
+
+
 def report_of(config: CompressionConfig, rows: list[ProjectionStats], coverage: dict[str, list[int]],
               source: ExpertsSource) -> CompressionReport:
     """The report of a compression, with one warning naming the experts that received too few calibration tokens."""

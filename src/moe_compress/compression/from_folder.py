@@ -161,7 +161,7 @@ def gathered_statistics(checkpoint: SourceCheckpoint, token_ids: torch.Tensor, c
         inputs_side = lambda module: [p for p in projection_names(module) if p != "down"]  # up alone when gate-less
         read = lambda experts: read_experts(checkpoint, experts, params_of(experts.module, inputs_side(experts.module)))
         gather_statistics(checkpoint, read, list(token_ids.split(config.calibration.batch_size)), folder, str(device),
-                          progress, keep_inputs, weigh=bool(keep_inputs) and config.reconstruction.weighting == "loss")
+                          progress, keep_inputs, engine.weighs(config))
         barrier()
     finally:
         if ranks.is_main:

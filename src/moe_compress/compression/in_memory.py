@@ -66,7 +66,7 @@ class LoadedModel:
         layer's outputs, and for weighting=loss their weights, from a backward pass of the original model."""
         self.keep_inputs = engine.kept_inputs(config)
         self.keep_outputs = config.reconstruction.objective == "normed"
-        if self.keep_inputs and config.reconstruction.weighting == "loss":
+        if engine.weighs(config):
             blocks = {name: self.model.get_submodule(name.rpartition(".")[0]) for name, _ in self.found}
             self.sensitivity = token_sensitivity(self.model, self.batches, blocks, self.keep_inputs)
 
