@@ -10,9 +10,11 @@ import pytest
 import torch
 from conftest import tiny_model
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import moe_compress as mc
-from moe_compress.calibration.store import load_statistics
+from moe_compress.calibration.sensitivity import token_sensitivity
+from moe_compress.calibration.store import load_sensitivity, load_statistics
 from moe_compress.parallel import Manifest, Ranks, open_work_dir, share, write_atomically
 from moe_compress import compress_checkpoint
 
@@ -71,6 +73,8 @@ def test_two_gloo_processes_calibrate_on_their_shares_of_the_batches_and_write_t
         stderr[out] = result.stderr
     for rank in (0, 1):  # 3 batches: rank 0 runs two of them through both layers, rank 1 the third
         assert re.search(rf"calibration \[rank {rank}/2\]: 100%\|[^|]*\| 2/2 ", stderr["two"])
+        # the reconstruction's tokens are rank 0's two batches: each process weighs one (2 layers, there and back)
+        assert re.search(rf"loss weights \[rank {rank}/2\]: 100%\|[^|]*\| 4/4 ", stderr["two"])
     assert "calibration:" not in stderr["one"]  # no bar: gathered once by the two processes, then reused
     (statistics,) = tmp_path.glob(".moe-compress-statistics-*")
     units = sorted(p.name for p in (statistics / "units").glob("*.safetensors"))
@@ -88,6 +92,15 @@ def test_two_gloo_processes_calibrate_on_their_shares_of_the_batches_and_write_t
         for a, b in ((summed.inputs, single.inputs), (summed.intermediate, single.intermediate)):
             scale = b.diagonal(dim1=1, dim2=2).amax(-1)[:, None, None]
             assert ((a - b).abs() <= 2**-7 * scale).all()  # fp32 sums in another order: one bf16 step apart at most
+    # the two processes' token weights, each computing one batch, against one backward through the loaded model on
+    # the reconstruction's tokens: the first process's share of the batches, the first and the third
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    names = [name for name, _ in mc.find_experts(model)]
+    batches = CALIBRATION.split(CONFIG["calibration"]["batch_size"])
+    want = token_sensitivity(model, [batches[0], batches[2]], {n: model.get_submodule(n.rpartition(".")[0])
+                                                               for n in names}, tokens=2 * batches[0].numel())
+    for name in names:
+        torch.testing.assert_close(load_sensitivity(Manifest(statistics), name), want[name], rtol=1e-5, atol=1e-5)
 
 
 def test_share_gives_each_rank_a_contiguous_block_and_every_unit_once():

@@ -14,7 +14,8 @@ resumes from the first layer not saved, and a compression of the same model on t
 size reuses them without calibrating again.
 
 Under torchrun the pass is data-parallel: every process runs its share of the batches through the layers, and since
-the statistics are sums over tokens, an all-reduce after each layer gives every process the whole; rank 0 saves them.
+the statistics are sums over tokens, an all-reduce after each layer gives every process the whole; rank 0 saves them. The loss weights of the
+reconstruction's tokens, computed before, are shared out by batch the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.layers import capture, decoder_layers, layer_statistics
-from moe_compress.calibration.sensitivity import layer_sensitivity
+from moe_compress.calibration.sensitivity import first_batches, layer_gradient_norms, normalised
 from moe_compress.calibration.store import save_sensitivity, save_statistics, sensitivity_unit
 from moe_compress.discovery import split_weights
 from moe_compress.parallel import Manifest
@@ -146,6 +147,29 @@ def _gather(model: nn.Module, batches: list[torch.Tensor], done: dict, on_disk: 
         del grams
 
 
+def _weigh(model: nn.Module, batches: list[torch.Tensor], names: list[str], tokens: int, manifest: Manifest,
+           device: str, dtype: torch.dtype | None, progress: bool, spill: Path) -> None:
+    """The token weights of the first `tokens` tokens of `batches` (calibration/sensitivity.py) for the experts
+    modules `names`, saved by the first process. Under torch.distributed every process computes them on its share of
+    the batches, and a sum over the processes, each filling its own batches' places with the rest zero, puts them
+    together: no process waits while one weighs the whole."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = batches[rank::world]
+    found = layer_gradient_norms(model, mine, dtype, lambda layer: onloaded(layer, dtype), progress, spill,
+                                 "loss weights" if world == 1 else f"loss weights [rank {rank}/{world}]") if mine else {}
+    ends = torch.tensor([ids.numel() for ids in batches]).cumsum(0).tolist()
+    for name in names:
+        weights = torch.zeros(ends[-1])
+        for batch, norms in zip(range(rank, len(batches), world), found.get(name, [])):
+            weights[ends[batch] - norms.numel():ends[batch]] = norms
+        if world > 1:
+            on_device = weights.to(device)  # nccl reduces GPU tensors only
+            dist.all_reduce(on_device)
+            weights = on_device.cpu()
+        if rank == 0:
+            save_sensitivity(manifest, name, normalised(weights[:tokens]))
+
+
 def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module], batches: list[torch.Tensor],
                       folder: Path, device: str, progress: bool = True, keep_inputs: int = 0,
                       weigh: bool = False) -> Manifest:
@@ -154,7 +178,7 @@ def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module],
     a module's gate and up weights from it. Under torch.distributed every process calls it, with the same batches:
     each runs its share of them. Each module keeps the inputs of its first `keep_inputs` tokens (under
     torch.distributed, of the first process's share), and with `weigh` their weights (calibration/sensitivity.py),
-    which the first process computes before the statistics."""
+    computed before the statistics, by every process on its share of those tokens' batches."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     manifest = Manifest(folder)
     names = [experts.name for experts in checkpoint.experts]
@@ -167,11 +191,9 @@ def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module],
     with tempfile.TemporaryDirectory(dir=folder, prefix="offload-") as offload:
         model = offloaded_model(checkpoint, Path(offload), device)
         dtype = compute_dtype(model.dtype, device)
-        if unweighed and rank == 0:
-            weights = layer_sensitivity(model, batches[::world], keep_inputs, dtype,
-                                        lambda layer: onloaded(layer, dtype), progress, spill=Path(offload))
-            for name, found in weights.items():
-                save_sensitivity(manifest, name, found)
+        if unweighed:
+            _weigh(model, first_batches(batches[::world], keep_inputs), names, keep_inputs, manifest, device, dtype,
+                   progress, Path(offload))
         if len(done) < len(names):
             _gather(model, batches[rank::world], done, on_disk, read_gate_up, manifest, device, dtype, progress,
                     keep_inputs)

@@ -137,16 +137,28 @@ def first_batches(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor
 def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int, dtype: torch.dtype | None = None,
                       around_layer: Callable[[nn.Module], AbstractContextManager] = lambda layer: nullcontext(),
                       progress: bool = False, spill: Path | None = None) -> dict[str, torch.Tensor]:
-    """token_sensitivity of every experts module of `model`, computed one decoder layer at a time: forward through
-    the layers keeping each one's inputs (on the CPU, or with `spill` in files in that folder: 12 GiB at
-    Qwen3-30B-A3B's 48 layers, 65,536 tokens in bf16), the loss's gradient at the last one's outputs through what
-    follows the layers, then back through the layers, each run again on its inputs for its backward. `dtype` and
-    `around_layer` are how a layer runs (calibration/layers.py: LayerInputs.run), here with gradients; `progress`
-    shows a bar over the layers, each counted forward and backward."""
-    batches = first_batches(batches, tokens)
+    """token_sensitivity of every experts module of `model`, computed one decoder layer at a time
+    (layer_gradient_norms, whose arguments these are) for a checkpoint whose layers are offloaded to disk."""
+    kept = first_batches(batches, tokens)
+    found = layer_gradient_norms(model, kept, dtype, around_layer, progress, spill)
+    return {name: normalised(torch.cat(norms)[:tokens]) for name, norms in found.items()}
+
+
+def layer_gradient_norms(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | None = None,
+                         around_layer: Callable[[nn.Module], AbstractContextManager] = lambda layer: nullcontext(),
+                         progress: bool = False, spill: Path | None = None,
+                         desc: str = "loss weights") -> dict[str, list[torch.Tensor]]:
+    """For every experts module of `model` (in model order), per batch [B * L]: the norm of the gradient of the
+    model's summed next-token loss at its block's output, computed one decoder layer at a time: forward through the
+    layers keeping each one's inputs (on the CPU, or with `spill` in files in that folder: 12 GiB at Qwen3-30B-A3B's
+    48 layers, 65,536 tokens in bf16), the loss's gradient at the last one's outputs through what follows the
+    layers, then back through the layers, each run again on its inputs for its backward. Batches are independent,
+    so processes may each take some. `dtype` and `around_layer` are how a layer runs (calibration/layers.py:
+    LayerInputs.run), here with gradients; `progress` shows a bar (`desc`) over the layers, each counted forward and
+    backward."""
     inputs = capture(model, batches)
     layers, kept = inputs.layers, []
-    bar = tqdm(total=2 * len(layers), desc="loss weights", unit="layer", disable=not progress)
+    bar = tqdm(total=2 * len(layers), desc=desc, unit="layer", disable=not progress)
     for index in range(len(layers)):
         bar.update()
         hidden = [h.cpu() for h in inputs.hidden]
@@ -178,7 +190,7 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int
                 for name, norm in norms.items():
                     found[f"{inputs.prefix}.{index}.{name}"].append(norm)
     bar.close()
-    return {name: normalised(torch.cat(parts)[:tokens]) for name, parts in found.items()}
+    return found
 
 
 def unspilled(path: Path) -> list[torch.Tensor]:
