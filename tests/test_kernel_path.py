@@ -1,8 +1,9 @@
 """The fast forward on torch's grouped_mm kernel, forward and backward, against the plain math in fp64.
 
 At rank 3 (the other forward tests) fp32 rows of factors are 12 bytes, which grouped_mm refuses (it wants 16-byte
-aligned rows), so those tests run the fallback loop. Here the ranks are aligned and every test checks that the kernel
-ran. Reference: each W_e rebuilt by the formula of its form, written out below, then transformers' own eager experts
+aligned rows), so those tests, which want no gradient, run the fallback loop. Here the ranks are aligned, or unaligned
+with gradients wanted, where the module pads the factors with zeros to aligned sizes (training, as the reconstruction
+does), and every test checks that the kernel ran. Reference: each W_e rebuilt by the formula of its form, written out below, then transformers' own eager experts
 code on those weights, all in fp64 from the very values the module holds, so that autograd through both gives the
 reference gradients of every core, factor, bias and the input.
 
@@ -24,8 +25,10 @@ E, T, K = 8, 48, 2  # 96 (token, expert) pairs: every expert routed, so grouped_
 FORMS = {"wrapped": "wrapped", "delta": "delta", "basis": "basis",
          "mixed": {"gate": "basis", "up": "basis", "down": "delta"}}
 # fp32 at ranks 4 and 8 (16 and 32-byte rows). bf16 at rank 8 only: at rank 4 its rows are 8 bytes, which torch 2.13's
-# CPU grouped_mm refuses ("strides should be multiple of 16 bytes"), so the module sends them to the loop.
+# CPU grouped_mm refuses ("strides should be multiple of 16 bytes"), so the module sends them to the loop, or with
+# gradients wanted pads them to 16 bytes (PADDED).
 PRECISIONS = [(torch.float32, 4), (torch.float32, 8), (torch.bfloat16, 8)]
+PADDED = [(torch.float32, 3), (torch.bfloat16, 4)]  # 12 and 8-byte rows: zero-padded to 16, since gradients are wanted
 # Norm-wise relative error against fp64, per tensor. fp32 (unit roundoff 6e-8): the kernel and the reference sum the
 # same products in other orders, in dot products of at most 64 terms and a chain of about six products, so a few 1e-7
 # (measured <= 4e-7); 1e-5 leaves a margin of 25x. bf16 (unit roundoff 2^-9 = 2e-3): every product and sum of the
@@ -122,11 +125,11 @@ def case(form: str, dtype: torch.dtype, rank: int, model_type: str, monkeypatch)
 # gpt_oss's own gating reads gate = gate_up[..., ::2]: the gradient reaching the gate and up projections' last
 # grouped_mm is a view with a stride of 2, which grouped_mm's backward refuses ("Invalid strides/sizes"); the kernel
 # path makes it contiguous (experts.grouped_mm), and these cases check that it does.
-PRECISION_IDS = ["fp32-r4", "fp32-r8", "bf16-r8"]
+PRECISION_IDS = ["fp32-r4", "fp32-r8", "bf16-r8", "fp32-r3-padded", "bf16-r4-padded"]
 
 
 @pytest.mark.parametrize("model_type", MODELS)
-@pytest.mark.parametrize("dtype, rank", PRECISIONS, ids=PRECISION_IDS)
+@pytest.mark.parametrize("dtype, rank", PRECISIONS + PADDED, ids=PRECISION_IDS)
 @pytest.mark.parametrize("form", list(FORMS))
 def test_kernel_forward_matches_the_plain_math(form, dtype, rank, model_type, monkeypatch):
     shared, batch, calls = case(form, dtype, rank, model_type, monkeypatch)
@@ -139,7 +142,7 @@ def test_kernel_forward_matches_the_plain_math(form, dtype, rank, model_type, mo
 
 
 @pytest.mark.parametrize("model_type", MODELS)
-@pytest.mark.parametrize("dtype, rank", PRECISIONS, ids=PRECISION_IDS)
+@pytest.mark.parametrize("dtype, rank", PRECISIONS + PADDED, ids=PRECISION_IDS)
 @pytest.mark.parametrize("form", list(FORMS))
 def test_kernel_backward_matches_the_plain_math(form, dtype, rank, model_type, monkeypatch):
     shared, batch, calls = case(form, dtype, rank, model_type, monkeypatch)
@@ -153,7 +156,8 @@ def test_kernel_backward_matches_the_plain_math(form, dtype, rank, model_type, m
     assert max(errors.values()) < TOLERANCE[dtype], errors
 
 
-@pytest.mark.parametrize("dtype, rank", [(torch.float32, 4), (torch.bfloat16, 8)], ids=["fp32-r4", "bf16-r8"])
+@pytest.mark.parametrize("dtype, rank", [(torch.float32, 4), (torch.bfloat16, 8), (torch.float32, 3)],
+                         ids=["fp32-r4", "bf16-r8", "fp32-r3-padded"])
 @pytest.mark.parametrize("form", list(FORMS))
 def test_kernel_and_fallback_loop_agree(form, dtype, rank, monkeypatch):
     """The same module, batch and cotangent on the kernel and, with torch's grouped_mm taken away, on the loop."""
