@@ -119,12 +119,13 @@ def weights_seconds(setting: dict) -> float:
     return time.perf_counter() - start
 
 
-def cost_part(quick: bool = False, testbeds: dict | None = None) -> dict:
-    """The part; `testbeds`: rows measured before, kept (`--qwen3-only`)."""
+def cost_part(quick: bool = False, testbeds: dict | None = None, qwen3: dict | None = None) -> dict:
+    """The part; `testbeds`, `qwen3`: rows measured before, kept (`--qwen3-only`, `--testbeds-only`)."""
     torch.set_num_threads(1)
-    testbed, qwen3 = (QUICK_TESTBED, QUICK_QWEN3) if quick else (TESTBED, QWEN3)
+    testbed, shape = (QUICK_TESTBED, QUICK_QWEN3) if quick else (TESTBED, QWEN3)
     rows = testbeds if testbeds is not None else testbed_rows(testbed)
-    return {"testbed_setting": testbed, "testbeds": rows, "qwen3_setting": qwen3, "qwen3": qwen3_row(qwen3)}
+    return {"testbed_setting": testbed, "testbeds": rows, "qwen3_setting": shape,
+            "qwen3": qwen3 if qwen3 is not None else qwen3_row(shape)}
 
 
 def markdown(part: dict) -> str:
@@ -146,6 +147,8 @@ def markdown(part: dict) -> str:
     shape = (f"At Qwen3-30B-A3B's shape the module's fits take {q['fits_s']:.0f} s of the {q['without_s']:.0f} s "
              f"({q['method']}); its block's output error went {q['block_error'][0]:.3f} -> {q['block_error'][1]:.3f} "
              "on random weights and inputs." if q is not None else part.get("qwen3_note", ""))
+    if q is not None and "date" in q:  # kept from an earlier run
+        shape += f" That row is kept from the run of {q['date']} (`--testbeds-only`)."
     where = ", ".join(meta[key] for key in ("date", "machine") if key in meta)  # parts may run on another machine
     return (f"**Reconstruction**, measured with `{meta.get('command', 'python -m benchmarks.reconstruction')}`"
             f" ({where}): compress() at kept {part['testbed_setting']['ratio']} with calibration data "
@@ -162,12 +165,14 @@ def markdown(part: dict) -> str:
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    testbeds = None
+    path = Path(__file__).parent / "results" / "calibration.json"
+    kept = {}
     if "--qwen3-only" in sys.argv:  # the testbeds' rows of the last run kept
-        testbeds = json.loads((Path(__file__).parent / "results" / "calibration.json").read_text())
-        testbeds = testbeds["reconstruction"]["testbeds"]
+        kept["testbeds"] = json.loads(path.read_text())["reconstruction"]["testbeds"]
+    if "--testbeds-only" in sys.argv:  # the Qwen3-shaped row of the last run kept, with its date
+        stored = json.loads(path.read_text())["reconstruction"]
+        kept["qwen3"] = {"date": stored["meta"]["date"], **stored["qwen3"]}
     if "--weights-only" in sys.argv:  # the stored run's Qwen3-shaped row, with its weighing pass timed alone
-        path = Path(__file__).parent / "results" / "calibration.json"
         stored = json.loads(path.read_text())
         q = stored["reconstruction"]["qwen3"]
         torch.set_num_threads(1)
@@ -178,8 +183,9 @@ def main() -> None:
         path.write_text(json.dumps(stored, indent=1, default=str))
         print(markdown(stored["reconstruction"]))
         return
-    command = "python -m benchmarks.reconstruction" + (" --qwen3-only" if testbeds is not None else "")
-    part = stored_part("calibration", "reconstruction", command, lambda: cost_part(quick, testbeds), store=not quick)
+    flags = {"testbeds": " --qwen3-only", "qwen3": " --testbeds-only"}  # the rows each flag keeps
+    command = "python -m benchmarks.reconstruction" + "".join(flags[k] for k in kept)
+    part = stored_part("calibration", "reconstruction", command, lambda: cost_part(quick, **kept), store=not quick)
     print(markdown(part))
 
 

@@ -130,7 +130,7 @@ def test_bfloat16_model_stays_bfloat16_and_computes_what_its_stored_factors_do()
 
 
 def test_the_default_method_is_basis_or_mixed_with_calibration_data_and_delta_without():
-    """With calibration data: mixed below kept 0.4, basis from it, each reconstructed; mixed alone from 0.75."""
+    """With calibration data: mixed below kept 0.4, basis from it, each reconstructed."""
     assert mc.CompressionConfig(rank=2).method == "auto"
     ids = torch.randint(0, tiny_model().config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     chosen = {}
@@ -140,7 +140,7 @@ def test_the_default_method_is_basis_or_mixed_with_calibration_data_and_delta_wi
                                  progress=False)
             chosen[ratio, calibration is not None] = report.config.method, len(report.blocks)
     assert chosen == {(0.38, False): ("delta", 0), (0.38, True): ("mixed", 2), (0.6, False): ("delta", 0),
-                      (0.6, True): ("basis", 2), (0.8, False): ("delta", 0), (0.8, True): ("mixed", 0)}
+                      (0.6, True): ("basis", 2), (0.8, False): ("delta", 0), (0.8, True): ("basis", 2)}
     assert mc.CompressionConfig(rank=2).for_data(True).method == "mixed"
     assert mc.CompressionConfig(target_ratio=0.5, num_cores=2).for_data(True).method == "delta"  # one core in basis
 

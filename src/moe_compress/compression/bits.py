@@ -4,7 +4,7 @@ within B and whose error, measured on a sample of the model's own experts module
 
 The candidates: the experts as they are, quantized (method=quantize, kept 1) at each bit width, and the default form
 (method=auto: with calibration data the shared input basis and delta below kept 0.4, the shared basis from 0.4, each
-reconstructed, and the first alone from 0.75) at the largest kept fraction within budget (to KEPT_STEP) at each bit
+reconstructed) at the largest kept fraction within budget (to KEPT_STEP) at each bit
 width, with uniform ranks. The forms are tried symmetric and asymmetric (zero points cost a little storage and can fit
 skewed groups better: measured on the fine testbed at 4 bits, GPTQ 3-bit asymmetric was chosen over symmetric and lost
 0.63x as much); pure quantization symmetric alone. Its asymmetric kind has the lower error on the sample, in the metric

@@ -23,10 +23,6 @@ MIXED_FORMS = {"gate": "basis", "up": "basis", "down": "delta"}
 # method=auto fits the shared basis, with calibration data, from this kept fraction on, and mixed below it
 # (BENCHMARKS §1)
 BASIS_FROM = 0.4
-# and from this kept fraction on, mixed without reconstruction: there the reconstruction lowered each block's output
-# error but raised the held-out loss (fine-grained testbed at kept 0.75: +0.0040 basis reconstructed, +0.0039 mixed
-# reconstructed, +0.0020 mixed closed-form; upcycled +0.0012 either way, BENCHMARKS §1)
-CLOSED_FORM_FROM = 0.75
 CORE_CHOICES = (1, 2, 4)  # what num_cores="auto" chooses among, per experts module
 ALLOCATIONS = ("global", "uniform")
 PROJECTIONS = ("gate", "up", "down")
@@ -148,8 +144,8 @@ class CompressionConfig:
     model where it lowers the error most (allocation.py); "uniform" takes the largest rank that fits in every
     projection alike. `method="basis"` fits the shared-basis form (rank r: the width k that stores as much);
     "mixed" the shared input basis for gate and up and delta for down; "auto" (the default) is, with calibration
-    data, mixed below target_ratio 0.4 and basis from it, each reconstructed, and mixed alone from 0.75; else delta:
-    the best measured (BENCHMARKS §1)."""
+    data, mixed below target_ratio 0.4 and basis from it, each reconstructed; else delta: the best measured
+    (BENCHMARKS §1)."""
 
     rank: Optional[int] = None
     target_ratio: Optional[float] = None
@@ -262,10 +258,10 @@ class CompressionConfig:
 
     def for_data(self, calibrated: bool) -> CompressionConfig:
         """This config with method=auto and reconstruction.steps=null made concrete. With calibration statistics:
-        mixed below BASIS_FROM of the expert parameters kept, basis from it, each reconstructed, and mixed without
-        reconstruction from CLOSED_FORM_FROM; delta without them, or with several cores (a basis has one core)."""
+        mixed below BASIS_FROM of the expert parameters kept, basis from it, each reconstructed; delta without them,
+        or with several cores (a basis has one core)."""
         if self.reconstruction.steps is None:
-            auto = calibrated and (self.method == "auto" and not self.closed_form or self.target_bits is not None)
+            auto = calibrated and (self.method == "auto" or self.target_bits is not None)
             steps = RECONSTRUCTION_STEPS if auto else 0
             return dataclasses.replace(self, reconstruction=dataclasses.replace(self.reconstruction, steps=steps)
                                        ).for_data(calibrated)
@@ -276,13 +272,8 @@ class CompressionConfig:
             return self
         if not calibrated or self.num_cores not in (1, "auto"):
             return dataclasses.replace(self, method="delta")
-        large = self.target_ratio is not None and self.target_ratio >= BASIS_FROM and not self.closed_form
+        large = self.target_ratio is not None and self.target_ratio >= BASIS_FROM
         return dataclasses.replace(self, method="basis" if large else "mixed")
-
-    @property
-    def closed_form(self) -> bool:
-        """Whether method=auto keeps so much (CLOSED_FORM_FROM) that it fits in closed form alone."""
-        return self.target_ratio is not None and self.target_ratio >= CLOSED_FORM_FROM
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
