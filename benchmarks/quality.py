@@ -54,8 +54,7 @@ LABELS = {"adam": "seed adam", "als": "als (wrapper)", "delta": "delta (C + U_e 
           "delta+calibration": "delta, calibrated",
           "mixed+calibration": "mixed (basis for gate, up; delta for down), calibrated",
           "basis+calibration": "basis, calibrated",
-          "auto+calibration": ("the default: mixed below kept 0.4, basis from it, each reconstructed (loss-weighted); "
-                               "mixed alone from 0.75")}
+          "auto+calibration": "the default: mixed below kept 0.4, basis from it, each reconstructed (loss-weighted)"}
 # the default with calibration data before reconstruction (BENCHMARKS.md of 2026-11-26: closed-form fits of 3 rounds,
 # on 64 calibration windows), which issue 22's goals are stated against
 BEFORE_RECONSTRUCTION = {"testbed": {0.2: 0.0283, 0.25: 0.0201, 0.3: 0.0153, 0.5: 0.0044, 0.75: 0.0012},
