@@ -6,6 +6,7 @@ one and resumes per block."""
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,6 +125,15 @@ def test_token_weights_are_the_loss_gradients_at_each_block_output(monkeypatch, 
         assert torch.allclose(part, reference[:40] / reference[:40].mean(), rtol=1e-4, atol=1e-6)
         assert (weights.reshape(4, 16)[:, -1] == 0).all() and (weights.reshape(4, 16)[:, :-1] > 0).all()
     assert all(p.requires_grad for p in model.parameters())  # the weights' own flags as they were
+
+
+def test_the_weighing_pass_shows_its_progress(capsys):
+    """compress() with progress: the weighing pass's bar over its batches (4 sequences in 2 batches) beside the
+    fits'."""
+    mc.compress(tiny_model(), mc.CompressionConfig(target_ratio=0.5, calibration={"batch_size": 2},
+                                                   reconstruction={"steps": 2}), calibration=token_ids(4, 16))
+    err = capsys.readouterr().err
+    assert re.search(r"loss weights: 100%\|[^|]*\| 2/2 ", err) and "compress" in err, err[-2000:]
 
 
 def judged(x: torch.Tensor) -> torch.Tensor:

@@ -49,13 +49,13 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 
 def token_sensitivity(model: nn.Module, batches: list[torch.Tensor], blocks: dict[str, nn.Module],
-                      tokens: int) -> dict[str, torch.Tensor]:
+                      tokens: int, progress: bool = False) -> dict[str, torch.Tensor]:
     """For each of `blocks` ({experts module name: the MoE block that calls it}), [T] fp32 on the CPU: the norm of
     the gradient of the model's summed next-token loss at the block's output, for the first T <= `tokens`
     calibration tokens in calibration order (the tokens the reconstruction keeps), normalised to mean 1 per block.
     A sequence's last token, which predicts nothing here, still weighs what its output passes to no later token:
     nothing (0). A batch of token ids [B, L] at a time (fewer rows where its logits would be large:
-    rows_per_pass), the model in eval mode and its weights frozen."""
+    rows_per_pass), the model in eval mode and its weights frozen; `progress` shows a bar over the batches."""
     found: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
     embeddings = model.get_input_embeddings()
     # the graph starts at the embeddings' output, since no weight asks for a gradient
@@ -65,7 +65,8 @@ def token_sensitivity(model: nn.Module, batches: list[torch.Tensor], blocks: dic
     device = embeddings.weight.device
     try:
         with frozen(model), torch.enable_grad():
-            for batch in first_batches(batches, tokens):
+            kept = first_batches(batches, tokens)
+            for batch in tqdm(kept, desc="loss weights", unit="batch", disable=not progress):
                 for ids in batch.split(rows_per_pass(model, batch.shape[1])):
                     ids = ids.to(device)
                     with block_outputs(blocks) as outputs:

@@ -61,14 +61,15 @@ class LoadedModel:
     def statistics(self, names: Collection[str], recompute: bool) -> Iterator[dict[str, ExpertGrams]]:
         return loaded_statistics(self.model, self.batches, names, recompute, self.keep_inputs, self.keep_outputs)
 
-    def keep(self, config: CompressionConfig) -> None:
+    def keep(self, config: CompressionConfig, progress: bool = False) -> None:
         """What the statistics keep for config's reconstruction: its tokens' inputs, for objective=normed their
-        layer's outputs, and for weighting=loss their weights, from a backward pass of the original model."""
+        layer's outputs, and for weighting=loss their weights, from a backward pass of the original model (with
+        `progress`, a bar over its batches)."""
         self.keep_inputs = engine.kept_inputs(config)
         self.keep_outputs = config.reconstruction.objective == "normed"
         if engine.weighs(config):
             blocks = {name: self.model.get_submodule(name.rpartition(".")[0]) for name, _ in self.found}
-            self.sensitivity = token_sensitivity(self.model, self.batches, blocks, self.keep_inputs)
+            self.sensitivity = token_sensitivity(self.model, self.batches, blocks, self.keep_inputs, progress)
 
     def next_norm(self, name: str) -> nn.Module:
         """The norm the decoder layer after the one holding `name` applies to its input (`input_layernorm`), or the
@@ -122,7 +123,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[
     source = LoadedModel(model, calibration_batches(model, config, calibration), config.calibration.batch_size)
     record = config.for_data(source.calibrated)  # what the folder records: target_bits as asked, not as chosen
     config, choice = record, None
-    source.keep(record)
+    source.keep(record, progress)
     if record.target_bits is not None:
         config, choice = bits.choose(source, record, fit_device(config.device), progress)
     specs = engine.plan(source, config)
@@ -145,7 +146,7 @@ def compress_as(model: nn.Module, specs: dict[str, ModuleSpec], config: Compress
     config's size: to try allocations of one's own."""
     source = LoadedModel(model, calibration_batches(model, config, calibration), config.calibration.batch_size)
     config = config.for_data(source.calibrated)
-    source.keep(config)
+    source.keep(config, progress)
     return fit_in_place(source, specs, config, progress)
 
 
