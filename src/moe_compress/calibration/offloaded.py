@@ -14,8 +14,8 @@ resumes from the first layer not saved, and a compression of the same model on t
 size reuses them without calibrating again.
 
 Under torchrun the pass is data-parallel: every process runs its share of the batches through the layers, and since
-the statistics are sums over tokens, an all-reduce after each layer gives every process the whole; rank 0 saves them. The loss weights of the
-reconstruction's tokens, computed before, are shared out by batch the same way.
+the statistics are sums over tokens, an all-reduce after each layer gives every process the whole; rank 0 saves them.
+The loss weights of the reconstruction's tokens, computed before, are shared out by batch the same way.
 """
 
 from __future__ import annotations
@@ -154,9 +154,9 @@ def _weigh(model: nn.Module, batches: list[torch.Tensor], names: list[str], toke
     the batches, and a sum over the processes, each filling its own batches' places with the rest zero, puts them
     together: no process waits while one weighs the whole."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = batches[rank::world]
+    mine, desc = batches[rank::world], "loss weights" if world == 1 else f"loss weights [rank {rank}/{world}]"
     found = layer_gradient_norms(model, mine, dtype, lambda layer: onloaded(layer, dtype), progress, spill,
-                                 "loss weights" if world == 1 else f"loss weights [rank {rank}/{world}]") if mine else {}
+                                 desc) if mine else {}
     ends = torch.tensor([ids.numel() for ids in batches]).cumsum(0).tolist()
     for name in names:
         weights = torch.zeros(ends[-1])
