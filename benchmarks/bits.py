@@ -332,6 +332,8 @@ def markdown(result: dict) -> str:
     sections = []
     for name, found in result["testbeds"].items():
         skipped = f"\n\nHQQ not run: {found['hqq_skipped']}." if found["hqq_skipped"] else ""
+        if found.get("hqq_from"):  # rows carried over from an earlier run, which says which
+            skipped = f"\n\nThe HQQ rows are {found['hqq_from']}."
         sections.append(
             f"### {TESTBED_NAMES[name]}\n\nOriginal (bf16 weights) held-out loss: **{found['original_loss']:.4f}** "
             f"nats per byte, evaluated in fp32 as every run is ({found['original_loss_bf16_activations']:.4f} with "
