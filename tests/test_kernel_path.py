@@ -3,9 +3,9 @@
 At rank 3 (the other forward tests) fp32 rows of factors are 12 bytes, which grouped_mm refuses (it wants 16-byte
 aligned rows), so those tests, which want no gradient, run the fallback loop. Here the ranks are aligned, or unaligned
 with gradients wanted, where the module pads the factors with zeros to aligned sizes (training, as the reconstruction
-does), and every test checks that the kernel ran. Reference: each W_e rebuilt by the formula of its form, written out below, then transformers' own eager experts
-code on those weights, all in fp64 from the very values the module holds, so that autograd through both gives the
-reference gradients of every core, factor, bias and the input.
+does), and every test checks that the kernel ran. Reference: each W_e rebuilt by the formula of its form, written
+out below, then transformers' own eager experts code on those weights, all in fp64 from the very values the module
+holds, so that autograd through both gives the reference gradients of every core, factor, bias and the input.
 
 Shapes: E experts, T tokens, K active experts per token, H hidden.
 """

@@ -33,7 +33,7 @@ from torch import nn
 
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.layers import capture, decoder_layers, layer_statistics
-from moe_compress.calibration.sensitivity import first_batches, layer_gradient_norms, normalised
+from moe_compress.calibration.sensitivity import layer_sensitivity
 from moe_compress.calibration.store import save_sensitivity, save_statistics, sensitivity_unit
 from moe_compress.discovery import split_weights
 from moe_compress.parallel import Manifest
@@ -147,27 +147,26 @@ def _gather(model: nn.Module, batches: list[torch.Tensor], done: dict, on_disk: 
         del grams
 
 
-def _weigh(model: nn.Module, batches: list[torch.Tensor], names: list[str], tokens: int, manifest: Manifest,
-           device: str, dtype: torch.dtype | None, progress: bool, spill: Path) -> None:
-    """The token weights of the first `tokens` tokens of `batches` (calibration/sensitivity.py) for the experts
-    modules `names`, saved by the first process. Under torch.distributed every process computes them on its share of
-    the batches, and a sum over the processes, each filling its own batches' places with the rest zero, puts them
-    together: no process waits while one weighs the whole."""
+def _weigh(model: nn.Module, batches: list[torch.Tensor], tokens: int, manifest: Manifest, device: str,
+           dtype: torch.dtype | None, progress: bool, spill: Path) -> None:
+    """The token weights of the first `tokens` tokens of `batches` (calibration/sensitivity.py), saved by the first
+    process. Under torch.distributed every process computes them on its share of the batches and a sum over the
+    processes puts them together: no process waits while one weighs the whole."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine, desc = batches[rank::world], "loss weights" if world == 1 else f"loss weights [rank {rank}/{world}]"
-    found = layer_gradient_norms(model, mine, dtype, lambda layer: onloaded(layer, dtype), progress, spill,
-                                 desc) if mine else {}
-    ends = torch.tensor([ids.numel() for ids in batches]).cumsum(0).tolist()
-    for name in names:
-        weights = torch.zeros(ends[-1])
-        for batch, norms in zip(range(rank, len(batches), world), found.get(name, [])):
-            weights[ends[batch] - norms.numel():ends[batch]] = norms
-        if world > 1:
-            on_device = weights.to(device)  # nccl reduces GPU tensors only
-            dist.all_reduce(on_device)
-            weights = on_device.cpu()
-        if rank == 0:
-            save_sensitivity(manifest, name, normalised(weights[:tokens]))
+
+    def total(weights: torch.Tensor) -> torch.Tensor:
+        if world == 1:
+            return weights
+        on_device = weights.to(device)  # nccl reduces GPU tensors only
+        dist.all_reduce(on_device)
+        return on_device.cpu()
+
+    found = layer_sensitivity(model, batches, tokens, dtype, lambda layer: onloaded(layer, dtype), progress, spill,
+                              (rank, world), total,
+                              "loss weights" if world == 1 else f"loss weights [rank {rank}/{world}]")
+    if rank == 0:
+        for name, weights in found.items():
+            save_sensitivity(manifest, name, weights)
 
 
 def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module], batches: list[torch.Tensor],
@@ -192,8 +191,7 @@ def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module],
         model = offloaded_model(checkpoint, Path(offload), device)
         dtype = compute_dtype(model.dtype, device)
         if unweighed:
-            _weigh(model, first_batches(batches[::world], keep_inputs), names, keep_inputs, manifest, device, dtype,
-                   progress, Path(offload))
+            _weigh(model, batches[::world], keep_inputs, manifest, device, dtype, progress, Path(offload))
         if len(done) < len(names):
             _gather(model, batches[rank::world], done, on_disk, read_gate_up, manifest, device, dtype, progress,
                     keep_inputs)

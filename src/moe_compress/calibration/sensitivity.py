@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
 from moe_compress.calibration.layers import capture, logits_on
+from moe_compress.discovery import find_experts
 
 LOGITS_BUDGET = 2**28  # logit elements a forward and backward holds at once (1 GiB in fp32), times about 3
 
@@ -137,12 +138,25 @@ def first_batches(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor
 
 def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int, dtype: torch.dtype | None = None,
                       around_layer: Callable[[nn.Module], AbstractContextManager] = lambda layer: nullcontext(),
-                      progress: bool = False, spill: Path | None = None) -> dict[str, torch.Tensor]:
+                      progress: bool = False, spill: Path | None = None, share: tuple[int, int] = (0, 1),
+                      total: Callable[[torch.Tensor], torch.Tensor] = lambda weights: weights,
+                      desc: str = "loss weights") -> dict[str, torch.Tensor]:
     """token_sensitivity of every experts module of `model`, computed one decoder layer at a time
-    (layer_gradient_norms, whose arguments these are) for a checkpoint whose layers are offloaded to disk."""
+    (layer_gradient_norms, whose arguments these are) for a checkpoint whose layers are offloaded to disk. With
+    `share` (rank, world), this process computes the norms of the kept batches [rank::world] alone, in their places
+    among zeros, and total(norms) must sum them over the processes (an all-reduce) before they are normalised."""
     kept = first_batches(batches, tokens)
-    found = layer_gradient_norms(model, kept, dtype, around_layer, progress, spill)
-    return {name: normalised(torch.cat(norms)[:tokens]) for name, norms in found.items()}
+    rank, world = share
+    mine = kept[rank::world]
+    found = layer_gradient_norms(model, mine, dtype, around_layer, progress, spill, desc) if mine else {}
+    ends = torch.tensor([ids.numel() for ids in kept]).cumsum(0).tolist()
+    weights = {}
+    for name, _ in find_experts(model):  # every process, in the same order, whatever batches it took
+        norms = torch.zeros(ends[-1])
+        for batch, part in zip(range(rank, len(kept), world), found.get(name, [])):
+            norms[ends[batch] - part.numel():ends[batch]] = part
+        weights[name] = normalised(total(norms)[:tokens])
+    return weights
 
 
 def layer_gradient_norms(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | None = None,
