@@ -22,7 +22,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -45,10 +45,12 @@ class Route:
     expert: torch.Tensor  # [S] expert of each sorted pair, ascending
     weight: torch.Tensor  # [S] routing weight of each sorted pair
     order: torch.Tensor  # [S] position of each sorted pair in the flattened [T, K] routing grid
+    slot: torch.Tensor  # [S] the inverse: the sorted pair at each position of the flattened grid
     counts: list[int]  # [E] pairs per expert
     offsets: torch.Tensor  # [E] int32 cumulative counts, for torch's grouped_mm
     num_tokens: int
     top_k: int
+    gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # token_rows' copies
 
     @classmethod
     def build(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> Route:
@@ -58,8 +60,9 @@ class Route:
         return cls(
             token=order // top_k,
             expert=expert,
-            weight=top_k_weights.reshape(-1)[order],
+            weight=top_k_weights.reshape(-1).index_select(0, order),
             order=order,
+            slot=torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device)),
             counts=counts.tolist(),
             offsets=torch.cumsum(counts, 0, dtype=torch.int32),
             num_tokens=num_tokens,
@@ -89,11 +92,19 @@ class Route:
             return None
         return torch.tensor([e for e, c in enumerate(self.counts) if c], device=self.expert.device)
 
+    def token_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sorted pair's token's row of x [T, d]: [S, d], gathered once per forward whoever asks. On the CPU
+        by index_select, whose backward (index_add) took 0.4x the time of indexing's (index_put with accumulation)
+        at 2,048 pairs of width 256; elsewhere by indexing, whose backward stays deterministic on CUDA with a token's
+        K copies to add up."""
+        if id(x) not in self.gathered:
+            rows = x.index_select(0, self.token) if x.device.type == "cpu" else x[self.token]
+            self.gathered[id(x)] = x, rows  # x kept too, so that its id is not reused while the route lives
+        return self.gathered[id(x)][1]
+
     def to_grid(self, y: torch.Tensor) -> torch.Tensor:
-        """[S, d] sorted pairs -> [T, K, d] routing grid."""
-        grid = torch.empty_like(y)
-        grid[self.order] = y
-        return grid.view(self.num_tokens, self.top_k, y.shape[-1])
+        """[S, d] sorted pairs -> [T, K, d] routing grid (a permutation: no two rows meet in its backward)."""
+        return y.index_select(0, self.slot).view(self.num_tokens, self.top_k, y.shape[-1])
 
     def to_tokens(self, y: torch.Tensor) -> torch.Tensor:
         """Sum the pairs of each token: [S, d] -> [T, d]. A reshape and sum, not index_add, to stay deterministic."""
@@ -527,7 +538,7 @@ class Projection(nn.Module):
         """C_{g(e)} x for each sorted pair, computing each core once per token: [T, in] -> [S, out]."""
         G, out_f, in_f = self.shape_of("core")
         if G == 1:
-            return self.shared_mm(x, "core")[route.token]
+            return route.token_rows(self.shared_mm(x, "core"))
         z = (x @ self.core.reshape(G * out_f, in_f).T).view(-1, G, out_f)  # [T, G, out]
         return z[route.token, self.expert_core[route.expert]]
 
@@ -555,9 +566,9 @@ class Projection(nn.Module):
     def add_bias(self, y: torch.Tensor, route: Route) -> torch.Tensor:
         return y if self.bias is None else y + self.bias[route.expert]
 
-    def expand(self, x: torch.Tensor, x_pairs: torch.Tensor, route: Route) -> torch.Tensor:
-        """W_e x for each sorted pair, from token inputs x [T, in] and their copies per pair x_pairs [S, in]."""
-        return self.add_bias(self._pairs(self.core_on_tokens(x, route), x_pairs, route), route)
+    def expand(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """W_e x for each sorted pair, from token inputs x [T, in]."""
+        return self.add_bias(self._pairs(self.core_on_tokens(x, route), route.token_rows(x), route), route)
 
     def pairs(self, h: torch.Tensor, route: Route) -> torch.Tensor:
         """W_e h for each sorted pair, from pair inputs: [S, in] -> [S, out]."""
@@ -687,10 +698,10 @@ class BasisProjection(Projection):
             return core_x + self.expert_mm(self.shared_mm(x, "v"), "u", route)
         return core_x + self.shared_mm(self.expert_mm(x, "v", route), "u")
 
-    def expand(self, x: torch.Tensor, x_pairs: torch.Tensor, route: Route) -> torch.Tensor:
+    def expand(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         if self.shared == "out":
-            return super().expand(x, x_pairs, route)
-        z = self.shared_mm(x, "v")[route.token]  # V^T x once per token: [S, k]
+            return super().expand(x, route)
+        z = route.token_rows(self.shared_mm(x, "v"))  # V^T x once per token: [S, k]
         return self.add_bias(self.core_on_tokens(x, route) + self.expert_mm(z, "u", route), route)
 
     def reduce(self, h: torch.Tensor, route: Route) -> torch.Tensor:
@@ -734,8 +745,8 @@ class DenseProjection(Projection):
     def _pairs(self, core_x: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
         return core_x
 
-    def expand(self, x: torch.Tensor, x_pairs: torch.Tensor, route: Route) -> torch.Tensor:
-        return self.pairs(x_pairs, route)
+    def expand(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        return self.pairs(route.token_rows(x), route)
 
     def core_on_pairs(self, h: torch.Tensor, route: Route) -> torch.Tensor:
         return self.expert_mm(h, "core", route)
@@ -909,11 +920,11 @@ class SharedCoreExperts(nn.Module):
             return self._forward(hidden_states, route)
 
     def _forward(self, hidden_states: torch.Tensor, route: Route):
-        p, x, x_pairs = self.projections, hidden_states, hidden_states[route.token]
+        p, x = self.projections, hidden_states
         if self.has_gate:
-            h = apply_gate(self.template, p["gate"].expand(x, x_pairs, route), p["up"].expand(x, x_pairs, route))
+            h = apply_gate(self.template, p["gate"].expand(x, route), p["up"].expand(x, route))
         else:
-            h = self.act_fn(p["up"].expand(x, x_pairs, route))
+            h = self.act_fn(p["up"].expand(x, route))
         if self.post_expert_norm is None:
             return p["down"].reduce(h, route).to(hidden_states.dtype)
         y = self.post_expert_norm(p["down"].pairs(h, route))  # the norm is per expert, so the down core is per pair

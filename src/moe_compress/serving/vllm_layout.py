@@ -95,7 +95,6 @@ def routed_forward(projections: dict[str, Projection], activation: str, x: torch
 def _routed(projections: dict[str, Projection], gated: bool, act: Callable[[torch.Tensor], torch.Tensor],
             x: torch.Tensor, route: Route) -> torch.Tensor:
     down = projections["down"]
-    x_pairs = x[route.token]  # [S, H]
-    up = projections["up"].expand(x, x_pairs, route)  # [S, F]
-    h = act(projections["gate"].expand(x, x_pairs, route)) * up if gated else act(up)
+    up = projections["up"].expand(x, route)  # [S, F]
+    h = act(projections["gate"].expand(x, route)) * up if gated else act(up)
     return down.reduce(h, route).to(x.dtype)
