@@ -23,7 +23,7 @@ from moe_compress import SharedCoreExperts
 from moe_compress.calibration.layers import loaded_statistics
 from moe_compress.calibration import sensitivity
 from moe_compress.calibration.sensitivity import token_sensitivity
-from moe_compress.calibration.store import load_sensitivity
+from moe_compress.calibration.store import load_sensitivity, sensitivity_unit
 from moe_compress.compression.config import RECONSTRUCTION_STEPS
 from moe_compress.compression.from_folder import work_dir
 from moe_compress.compression.reconstruction import outputs, reconstruct
@@ -428,7 +428,9 @@ def test_layer_inputs_spilled_to_files_give_the_same_weights_and_are_removed(tmp
 
 def test_a_checkpoint_folder_weighs_its_tokens_as_the_loaded_model_does(tmp_path):
     """The folder's weights come layer by layer, each layer run again for its backward (calibration/offloaded.py);
-    the loaded model's from one backward through it: the same sums in the same order here (fp32)."""
+    the loaded model's from one backward through it: the same sums in the same order here (fp32). In one process
+    the statistics pass is the weighing's forward; a pass of its own (statistics saved, weights not: a resumed run)
+    gives the same weights, bit for bit."""
     src, ids = source_folder(tmp_path), token_ids(8, 16)
     config = mc.CompressionConfig(target_ratio=0.5, reconstruction={"steps": 2, "max_tokens": 100})
     mc.compress_checkpoint(src, tmp_path / "sc", config, calibration=ids, progress=False)
@@ -436,7 +438,12 @@ def test_a_checkpoint_folder_weighs_its_tokens_as_the_loaded_model_does(tmp_path
     model = tiny_model()
     blocks = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in find_experts(model)}
     want = token_sensitivity(model, list(ids.split(config.calibration.batch_size)), blocks, tokens=100)
+    with_statistics = {name: load_sensitivity(Manifest(statistics), name) for name in want}
     for name, weights in want.items():
-        assert torch.allclose(load_sensitivity(Manifest(statistics), name), weights, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(with_statistics[name], weights, rtol=1e-5, atol=1e-6), name
+    for name in want:
+        Manifest(statistics).path(sensitivity_unit(name)).unlink()
+    mc.compress_checkpoint(src, tmp_path / "again", config, calibration=ids, progress=False)
+    assert all(torch.equal(load_sensitivity(Manifest(statistics), name), with_statistics[name]) for name in want)
     recorded = json.loads((tmp_path / "sc" / "config.json").read_text())["quantization_config"]
     assert recorded["compression"]["reconstruction"]["weighting"] == "loss"

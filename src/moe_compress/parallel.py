@@ -47,7 +47,8 @@ class Ranks:
         return self.rank == 0
 
 
-def _ranks() -> Ranks:
+def current_ranks() -> Ranks:
+    """This process's place among torchrun's (rank 0 of 1 outside torch.distributed)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         return Ranks(local_rank=local_rank)
@@ -74,7 +75,7 @@ def distributed(device: torch.device) -> Iterator[Ranks]:
     """torch.distributed across torchrun's processes (nccl between GPUs, gloo between CPUs) for the duration of the
     block; a single rank outside torchrun, or the caller's process group when one is already up."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
-        yield _ranks()
+        yield current_ranks()
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)  # nccl's object broadcasts stage through the current device
@@ -82,7 +83,7 @@ def distributed(device: torch.device) -> Iterator[Ranks]:
     else:
         dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
-        yield _ranks()
+        yield current_ranks()
     finally:
         dist.destroy_process_group()
 

@@ -177,16 +177,20 @@ def layer_statistics(model: nn.Module, inputs: LayerInputs, wanted: Callable[[st
                      make_grams: Callable[[str], ExpertGrams], recompute: bool = False,
                      dtype: torch.dtype | None = None,
                      around_layer: Callable[[nn.Module], AbstractContextManager] = lambda layer: nullcontext(),
-                     progress: bool = False, desc: str = "calibration") -> Iterator[dict[str, ExpertGrams]]:
+                     progress: bool = False, desc: str = "calibration",
+                     before_layer: Callable[[int, list[torch.Tensor]], None] = lambda index, hidden: None
+                     ) -> Iterator[dict[str, ExpertGrams]]:
     """Layer by layer, the statistics of the `wanted` experts modules of each decoder layer on the inputs that reach
     it ({} for a layer with none), each module's made by make_grams(name). Before the next layer the caller may
     replace that layer's modules; with `recompute` the layer's outputs passed on are then computed again, as it now
     is, otherwise they are the ones observed. `dtype` and `around_layer` are how the layer runs (LayerInputs.run, and
-    a context such as the onloading of offloaded weights)."""
+    a context such as the onloading of offloaded weights); before_layer(index, its inputs) sees each layer's inputs
+    before it runs."""
     for index in tqdm(range(len(inputs.layers)), desc=desc, unit="layer", disable=not progress):
         names = [name for name in inputs.experts_of(index, model) if wanted(name)]
         grams = {name: make_grams(name) for name in names}
         kept = {name: stats.observe_block for name, stats in grams.items() if stats.keep_inputs}
+        before_layer(index, inputs.hidden)
         with observing(model, grams), observing_blocks(model, kept), around_layer(inputs.layers[index]):
             outputs = inputs.run(index, dtype)
         for stats in grams.values():

@@ -13,9 +13,12 @@ Each experts module's statistics are saved atomically, with their checksums, in 
 resumes from the first layer not saved, and a compression of the same model on the same calibration data at another
 size reuses them without calibrating again.
 
-Under torchrun the pass is data-parallel: every process runs its share of the batches through the layers, and since
-the statistics are sums over tokens, an all-reduce after each layer gives every process the whole; rank 0 saves them.
-The loss weights of the reconstruction's tokens, computed before, are shared out by batch the same way.
+The loss weights of the reconstruction's tokens (calibration/sensitivity.py) need a forward through every layer and a
+backward; in one process the statistics pass is that forward, keeping each layer's inputs on those tokens for the
+backward that follows it. Under torchrun the pass is data-parallel: every process runs its share of the batches through
+the layers, and since the statistics are sums over tokens, an all-reduce after each layer gives every process the
+whole; rank 0 saves them. The weights, which are of the first process's share's tokens, are then computed before the
+pass, in a pass of their own shared out by batch the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +34,15 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
 from moe_compress.calibration.grams import ExpertGrams
 from moe_compress.calibration.layers import capture, decoder_layers, layer_statistics
-from moe_compress.calibration.sensitivity import layer_sensitivity
+from moe_compress.calibration.sensitivity import (LayerTrace, first_batches, layer_sensitivity, placed_weights,
+                                                  traced_backward)
 from moe_compress.calibration.store import save_sensitivity, save_statistics, sensitivity_unit
 from moe_compress.discovery import split_weights
-from moe_compress.parallel import Manifest
+from moe_compress.parallel import Manifest, current_ranks
 
 def _offload_map(model: nn.Module, device: str) -> dict[str, str]:
     """A device_map with the decoder layers on disk and every other module on `device`."""
@@ -129,30 +135,44 @@ def _sum_over_ranks(stats: ExpertGrams, device: str) -> None:
 
 
 def _gather(model: nn.Module, batches: list[torch.Tensor], done: dict, on_disk: dict, read_gate_up: Callable,
-            manifest: Manifest, device: str, dtype: torch.dtype | None, progress: bool, keep_inputs: int) -> None:
-    """The statistics pass of gather_statistics over this process's `batches`, for the modules not `done`."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            manifest: Manifest, device: str, dtype: torch.dtype | None, progress: bool, keep_inputs: int,
+            weigh: bool = False, spill: Path | None = None) -> None:
+    """The statistics pass of gather_statistics over this process's `batches`, for the modules not `done`. With
+    `weigh` (one process alone), the pass keeps each layer's inputs on the batches that hold the first `keep_inputs`
+    tokens (with `spill`, in files there) and their loss weights follow from them: the weighing's forward is this
+    pass, where _weigh runs one of its own."""
+    ranks = current_ranks()
+    inputs, trace = capture(model, batches), LayerTrace(spill)
+    weighed = first_batches(batches, keep_inputs) if weigh else []
+    around = partial(onloaded, dtype=dtype)
     statistics = layer_statistics(
-        model, capture(model, batches), lambda name: name not in done,
+        model, inputs, lambda name: name not in done,
         lambda name: ExpertGrams(model.get_submodule(name), split_weights(read_gate_up(on_disk[name])),
                                  keep_inputs),
-        dtype=dtype, around_layer=lambda layer: onloaded(layer, dtype), progress=progress,
-        desc="calibration" if world == 1 else f"calibration [rank {rank}/{world}]")
+        dtype=dtype, around_layer=around, progress=progress,
+        desc="calibration" if ranks.world_size == 1 else f"calibration [rank {ranks.rank}/{ranks.world_size}]",
+        before_layer=lambda index, hidden: trace.keep(index, hidden[:len(weighed)]) if weighed else None)
     for grams in statistics:
         for name, stats in grams.items():
-            if world > 1:
+            if ranks.world_size > 1:
                 _sum_over_ranks(stats, device)
-            if rank == 0:
+            if ranks.is_main:
                 save_statistics(manifest, name, stats)
         del grams
+    if weighed:
+        with tqdm(total=len(inputs.layers), desc="loss weights", unit="layer", disable=not progress) as bar:
+            found = traced_backward(model, weighed, inputs, trace, dtype, around, bar)
+        for name, weights in placed_weights(model, weighed, keep_inputs, found).items():
+            save_sensitivity(manifest, name, weights)
 
 
 def _weigh(model: nn.Module, batches: list[torch.Tensor], tokens: int, manifest: Manifest, device: str,
            dtype: torch.dtype | None, progress: bool, spill: Path) -> None:
     """The token weights of the first `tokens` tokens of `batches` (calibration/sensitivity.py), saved by the first
-    process. Under torch.distributed every process computes them on its share of the batches and a sum over the
-    processes puts them together: no process waits while one weighs the whole."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    process, in a pass of their own. Under torch.distributed every process computes them on its share of the batches
+    and a sum over the processes puts them together: no process waits while one weighs the whole."""
+    ranks = current_ranks()
+    rank, world = ranks.rank, ranks.world_size
 
     def total(weights: torch.Tensor) -> torch.Tensor:
         if world == 1:
@@ -164,7 +184,7 @@ def _weigh(model: nn.Module, batches: list[torch.Tensor], tokens: int, manifest:
     found = layer_sensitivity(model, batches, tokens, dtype, lambda layer: onloaded(layer, dtype), progress, spill,
                               (rank, world), total,
                               "loss weights" if world == 1 else f"loss weights [rank {rank}/{world}]")
-    if rank == 0:
+    if ranks.is_main:
         for name, weights in found.items():
             save_sensitivity(manifest, name, weights)
 
@@ -176,9 +196,11 @@ def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module],
     kept. `checkpoint` is the source checkpoint's index (compression.checkpoint_index) and read_gate_up(experts) reads
     a module's gate and up weights from it. Under torch.distributed every process calls it, with the same batches:
     each runs its share of them. Each module keeps the inputs of its first `keep_inputs` tokens (under
-    torch.distributed, of the first process's share), and with `weigh` their weights (calibration/sensitivity.py),
-    computed before the statistics, by every process on its share of those tokens' batches."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    torch.distributed, of the first process's share), and with `weigh` their weights (calibration/sensitivity.py):
+    in one process from the statistics pass, under torch.distributed before it, by every process on its share of
+    those tokens' batches."""
+    ranks = current_ranks()
+    rank, world = ranks.rank, ranks.world_size
     manifest = Manifest(folder)
     names = [experts.name for experts in checkpoint.experts]
     done = manifest.done(names)
@@ -190,9 +212,11 @@ def gather_statistics(checkpoint: Any, read_gate_up: Callable[[Any], nn.Module],
     with tempfile.TemporaryDirectory(dir=folder, prefix="offload-") as offload:
         model = offloaded_model(checkpoint, Path(offload), device)
         dtype = compute_dtype(model.dtype, device)
-        if unweighed:
+        # in one process the statistics pass also weighs, unless it has nothing left to gather
+        alone = world == 1 and len(done) < len(names)
+        if unweighed and not alone:
             _weigh(model, batches[::world], keep_inputs, manifest, device, dtype, progress, Path(offload))
         if len(done) < len(names):
             _gather(model, batches[rank::world], done, on_disk, read_gate_up, manifest, device, dtype, progress,
-                    keep_inputs)
+                    keep_inputs, unweighed and alone, Path(offload))
     return manifest

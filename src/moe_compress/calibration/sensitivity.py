@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
-from moe_compress.calibration.layers import capture, logits_on
+from moe_compress.calibration.layers import LayerInputs, capture, logits_on
 from moe_compress.discovery import find_experts
 
 LOGITS_BUDGET = 2**28  # logit elements a forward and backward holds at once (1 GiB in fp32), times about 3
@@ -143,12 +143,21 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int
                       desc: str = "loss weights") -> dict[str, torch.Tensor]:
     """token_sensitivity of every experts module of `model`, computed one decoder layer at a time
     (layer_gradient_norms, whose arguments these are) for a checkpoint whose layers are offloaded to disk. With
-    `share` (rank, world), this process computes the norms of the kept batches [rank::world] alone, in their places
-    among zeros, and total(norms) must sum them over the processes (an all-reduce) before they are normalised."""
+    `share` (rank, world), this process computes the norms of the kept batches [rank::world] alone, and total(norms)
+    must sum them over the processes (an all-reduce): placed_weights."""
     kept = first_batches(batches, tokens)
-    rank, world = share
-    mine = kept[rank::world]
+    mine = kept[share[0]::share[1]]
     found = layer_gradient_norms(model, mine, dtype, around_layer, progress, spill, desc) if mine else {}
+    return placed_weights(model, kept, tokens, found, share, total)
+
+
+def placed_weights(model: nn.Module, kept: list[torch.Tensor], tokens: int, found: dict[str, list[torch.Tensor]],
+                   share: tuple[int, int] = (0, 1),
+                   total: Callable[[torch.Tensor], torch.Tensor] = lambda weights: weights) -> dict[str, torch.Tensor]:
+    """The weights of the first `tokens` tokens of the batches `kept` for every experts module of `model`, from this
+    process's norms `found` (layer_gradient_norms of kept[rank::world], `share` being (rank, world)): each batch's
+    norms in its place among zeros, total(norms) the sum over the processes, normalised."""
+    rank, world = share
     ends = torch.tensor([ids.numel() for ids in kept]).cumsum(0).tolist()
     weights = {}
     for name, _ in find_experts(model):  # every process, in the same order, whatever batches it took
@@ -159,31 +168,61 @@ def layer_sensitivity(model: nn.Module, batches: list[torch.Tensor], tokens: int
     return weights
 
 
+class LayerTrace:
+    """What a forward through the decoder layers keeps for layer_gradient_norms' backward: each layer's inputs on
+    the batches, on the CPU or with `spill` in files in that folder (12 GiB at Qwen3-30B-A3B's 48 layers, 65,536
+    tokens in bf16)."""
+
+    def __init__(self, spill: Path | None = None):
+        self.spill = spill
+        self.inputs: list[list[torch.Tensor] | Path] = []  # per layer: [B, L, H] per batch, or their spill file
+
+    def keep(self, index: int, hidden: list[torch.Tensor]) -> None:
+        """Layer `index`'s inputs (the layers come in order)."""
+        hidden = [h.cpu() for h in hidden]
+        if self.spill is not None:
+            path = self.spill / f"layer-{index}.safetensors"
+            save_file({str(b): h.contiguous() for b, h in enumerate(hidden)}, path)
+            hidden = path
+        self.inputs.append(hidden)
+
+    def layer_inputs(self, index: int) -> list[torch.Tensor]:
+        """Layer `index`'s inputs, read back (a spill file removed once read)."""
+        kept = self.inputs[index]
+        return unspilled(kept) if isinstance(kept, Path) else kept
+
+
 def layer_gradient_norms(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | None = None,
                          around_layer: Callable[[nn.Module], AbstractContextManager] = lambda layer: nullcontext(),
                          progress: bool = False, spill: Path | None = None,
                          desc: str = "loss weights") -> dict[str, list[torch.Tensor]]:
     """For every experts module of `model` (in model order), per batch [B * L]: the norm of the gradient of the
     model's summed next-token loss at its block's output, computed one decoder layer at a time: forward through the
-    layers keeping each one's inputs (on the CPU, or with `spill` in files in that folder: 12 GiB at Qwen3-30B-A3B's
-    48 layers, 65,536 tokens in bf16), the loss's gradient at the last one's outputs through what follows the
-    layers, then back through the layers, each run again on its inputs for its backward. Batches are independent,
-    so processes may each take some. `dtype` and `around_layer` are how a layer runs (calibration/layers.py:
+    layers keeping each one's inputs (a LayerTrace, with `spill`), then traced_backward. Batches are independent, so
+    processes may each take some. `dtype` and `around_layer` are how a layer runs (calibration/layers.py:
     LayerInputs.run), here with gradients; `progress` shows a bar (`desc`) over the layers, each counted forward and
     backward."""
-    inputs = capture(model, batches)
-    layers, kept = inputs.layers, []
-    bar = tqdm(total=2 * len(layers), desc=desc, unit="layer", disable=not progress)
-    for index in range(len(layers)):
+    inputs, trace = capture(model, batches), LayerTrace(spill)
+    bar = tqdm(total=2 * len(inputs.layers), desc=desc, unit="layer", disable=not progress)
+    for index in range(len(inputs.layers)):
         bar.update()
-        hidden = [h.cpu() for h in inputs.hidden]
-        if spill is not None:
-            save_file({str(b): h.contiguous() for b, h in enumerate(hidden)}, spill / f"layer-{index}.safetensors")
-            hidden = spill / f"layer-{index}.safetensors"
-        kept.append(hidden)
-        with around_layer(layers[index]):
+        trace.keep(index, inputs.hidden)
+        with around_layer(inputs.layers[index]):
             inputs.advance(index, inputs.run(index, dtype))
-    grads = []
+    found = traced_backward(model, batches, inputs, trace, dtype, around_layer, bar)
+    bar.close()
+    return found
+
+
+def traced_backward(model: nn.Module, batches: list[torch.Tensor], inputs: LayerInputs, trace: LayerTrace,
+                    dtype: torch.dtype | None = None,
+                    around_layer: Callable[[nn.Module], AbstractContextManager] = lambda layer: nullcontext(),
+                    bar: tqdm | None = None) -> dict[str, list[torch.Tensor]]:
+    """layer_gradient_norms' backward, after a forward of the token-id `batches` through every layer that left the
+    last layer's outputs in `inputs` (and maybe more batches after them) and every layer's inputs in `trace`: the
+    loss's gradient at the last layer's outputs through what follows the layers, then back through the layers, each
+    run again on its inputs for its backward (`bar` counts them)."""
+    layers, grads = inputs.layers, []
     with frozen(model), torch.enable_grad():
         for batch, last in zip(batches, inputs.hidden):
             rows = rows_per_pass(model, batch.shape[1])
@@ -195,16 +234,15 @@ def layer_gradient_norms(model: nn.Module, batches: list[torch.Tensor], dtype: t
     found: dict[str, list[torch.Tensor]] = {name: [] for index in range(len(layers))
                                             for name in inputs.experts_of(index, model)}  # in the model's order
     for index in reversed(range(len(layers))):
-        bar.update()
+        if bar is not None:
+            bar.update()
         within = [name.removeprefix(f"{inputs.prefix}.{index}.") for name in inputs.experts_of(index, model)]
         blocks = {name: name.rpartition(".")[0] for name in within}  # experts module: its block, within the layer
-        hidden = kept[index] if spill is None else unspilled(kept[index])
         with around_layer(layers[index]), frozen(layers[index]), torch.enable_grad():
-            for batch, (hidden, kwargs) in enumerate(zip(hidden, inputs.kwargs[index])):
+            for batch, (hidden, kwargs) in enumerate(zip(trace.layer_inputs(index), inputs.kwargs[index])):
                 norms, grads[batch] = layer_backward(layers[index], blocks, hidden, kwargs, grads[batch], dtype)
                 for name, norm in norms.items():
                     found[f"{inputs.prefix}.{index}.{name}"].append(norm)
-    bar.close()
     return found
 
 
