@@ -3,7 +3,9 @@ without it.
 
 - testbeds: compress() of each bundled testbed at kept 0.3 (method=auto, calibrated on 256 windows of 256 bytes of
   the training split, the default number of calibration sequences), with the default reconstruction and without it
-  (reconstruction.steps=0), median of 3 runs taken in turns, 1 torch thread.
+  (reconstruction.steps=0), median of 3 runs taken in turns, 1 torch thread; and the same for each testbed saved as a
+  checkpoint folder and compressed by compress_checkpoint (statistics gathered anew in each run), where the statistics
+  pass is also the weighing's forward.
 - Qwen3-30B-A3B's shape, per experts module: a one-layer model with its MoE layer's shape (hidden 2048, 128 experts
   of width 768, top-8; random weights, since time does not depend on their values) compressed at kept 0.3 on 256
   random sequences of 256 tokens, one run: the calibration pass and the fits against the reconstruction of its block,
@@ -18,6 +20,7 @@ import copy
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from benchmarks.common import stored_part, table
 from benchmarks.quality import calibration_windows
 from moe_compress import CompressionConfig, ReconstructionConfig, compress, find_experts
 from moe_compress.calibration.sensitivity import token_sensitivity
+from moe_compress.compression.from_folder import compress_checkpoint
 from moe_compress.compression.config import RECONSTRUCTION_STEPS, CalibrationConfig
 from moe_compress.testbed import TESTBEDS, load_testbed
 
@@ -48,28 +52,46 @@ def steps_of(setting: dict) -> dict:
     return {"steps": setting["steps"]} if "steps" in setting else {}
 
 
+def timed_folder(folder: Path, config: CompressionConfig, tokens: torch.Tensor) -> tuple[float, object]:
+    """compress_checkpoint of `folder` into a fresh directory: its statistics gathered anew, none reused."""
+    with tempfile.TemporaryDirectory() as work:
+        start = time.perf_counter()
+        report = compress_checkpoint(folder, Path(work) / "compressed", config, progress=False, calibration=tokens)
+        return time.perf_counter() - start, report
+
+
 def testbed_rows(setting: dict) -> dict:
+    """{testbed: {"in memory": row, "folder": row}}, each row the medians with and without the reconstruction."""
     rows = {}
     tokens = calibration_windows(setting["sequences"])
+    configs = {"without": CompressionConfig(target_ratio=setting["ratio"],
+                                            reconstruction=ReconstructionConfig(steps=0)),
+               "with": CompressionConfig(target_ratio=setting["ratio"],
+                                         reconstruction=ReconstructionConfig(**steps_of(setting)))}
     for name in setting["testbeds"]:
         original, _ = load_testbed(torch.float32, TESTBEDS[name])
-        configs = {"without": CompressionConfig(target_ratio=setting["ratio"],
-                                                reconstruction=ReconstructionConfig(steps=0)),
-                   "with": CompressionConfig(target_ratio=setting["ratio"],
-                                             reconstruction=ReconstructionConfig(**steps_of(setting)))}
-        times: dict[str, list[float]] = {kind: [] for kind in configs}
-        blocks = []
-        for _ in range(setting["repeats"]):
-            for kind, config in configs.items():  # in turns: the machine's load falls on both alike
-                seconds, report = timed_compress(original, config, tokens)
-                times[kind].append(seconds)
-                if report.blocks:
-                    blocks.append(sum(b.seconds for b in report.blocks))
-        rows[name] = {kind: statistics.median(t) for kind, t in times.items()}
-        rows[name]["reconstruction_s"] = statistics.median(blocks)
-        rows[name]["ratio"] = rows[name]["with"] / rows[name]["without"]
+        with tempfile.TemporaryDirectory() as saved:
+            original.save_pretrained(saved)
+            runs = {"in memory": lambda config: timed_compress(original, config, tokens),
+                    "folder": lambda config: timed_folder(Path(saved), config, tokens)}
+            rows[name] = {path: medians(run, configs, setting["repeats"]) for path, run in runs.items()}
         print(f"reconstruction cost: {name} {rows[name]}", file=sys.stderr, flush=True)
     return rows
+
+
+def medians(run, configs: dict[str, CompressionConfig], repeats: int) -> dict:
+    """Median seconds of run(config) for each of `configs`, in turns (the machine's load falls on both alike), the
+    median seconds of the Adam steps, and with / without."""
+    times: dict[str, list[float]] = {kind: [] for kind in configs}
+    blocks = []
+    for _ in range(repeats):
+        for kind, config in configs.items():
+            seconds, report = run(config)
+            times[kind].append(seconds)
+            if report.blocks:
+                blocks.append(sum(b.seconds for b in report.blocks))
+    row = {kind: statistics.median(t) for kind, t in times.items()}
+    return {**row, "reconstruction_s": statistics.median(blocks), "ratio": row["with"] / row["without"]}
 
 
 def qwen3_shaped(setting: dict):
@@ -130,10 +152,13 @@ def cost_part(quick: bool = False, testbeds: dict | None = None, qwen3: dict | N
 
 def markdown(part: dict) -> str:
     meta = part.get("meta", {})
-    rows = [[name, f"{r['without']:.1f}", f"{r['with']:.1f}", f"{r['reconstruction_s']:.1f}",
+    paths = {"in memory": "compress()", "folder": "checkpoint folder"}
+    measured = [(f"{name}, {paths[path]}", r) for name, by_path in part["testbeds"].items()
+                for path, r in by_path.items()]
+    rows = [[label, f"{r['without']:.1f}", f"{r['with']:.1f}", f"{r['reconstruction_s']:.1f}",
              f"{r['with'] - r['without'] - r['reconstruction_s']:.1f}", f"**{r['ratio']:.2f}x**"]
-            for name, r in part["testbeds"].items()]
-    ratios = [r["ratio"] for r in part["testbeds"].values()]
+            for label, r in measured]
+    ratios = [r["ratio"] for _, r in measured]
     q = part.get("qwen3")
     if q is not None:
         s = part["qwen3_setting"]
@@ -154,13 +179,15 @@ def markdown(part: dict) -> str:
             f" ({where}): compress() at kept {part['testbed_setting']['ratio']} with calibration data "
             f"(method=auto), with the default reconstruction (the pass that weighs the kept tokens by the loss's "
             f"gradient, then {RECONSTRUCTION_STEPS} Adam steps a block of {ReconstructionConfig().batch_tokens} "
-            f"tokens) and without it; testbeds: median of {part['testbed_setting']['repeats']} runs in turns, the "
-            "weighing pass read as what the run with it took beyond the one without and the Adam steps; "
+            f"tokens) and without it, and compress_checkpoint of the testbed saved as a folder likewise (statistics "
+            "gathered anew in every run; its statistics pass is also the weighing's forward, so its weighing is a "
+            f"backward through the layers); testbeds: median of {part['testbed_setting']['repeats']} runs in turns, "
+            "the weighing read as what the run with it took beyond the one without and the Adam steps; "
             "Qwen3-30B-A3B's shape: one run of a one-layer model with its MoE layer (uniform ranks), the calibration "
             "pass and the fits timed as the whole run less the reconstruction and less the weighing pass, timed on "
             "its own. Goal: at most 2x the calibrated compression without it.\n\n"
-            + table(["model", "without s", "with s", "Adam steps s", "weighing pass s", "with / without"], rows)
-            + f"\n\nWithin the goal: {', '.join(met) or 'none'}; missed: {', '.join(missed) or 'none'}. {shape}")
+            + table(["model, path", "without s", "with s", "Adam steps s", "weighing s", "with / without"], rows)
+            + f"\n\nWithin the goal: {'; '.join(met) or 'none'}. Missed: {'; '.join(missed) or 'none'}. {shape}")
 
 
 def main() -> None:
