@@ -150,6 +150,13 @@ def cost_part(quick: bool = False, testbeds: dict | None = None, qwen3: dict | N
             "qwen3": qwen3 if qwen3 is not None else qwen3_row(shape)}
 
 
+FOLDER_NOTE = ("A checkpoint folder's compression without reconstruction is the quicker of the two: it gathers the "
+               "statistics once and reads them back for the rank curves and for the fits, where compress() runs its "
+               "statistics pass twice (holding every layer's Grams between them would not fit at real sizes). With "
+               "reconstruction, its weighing column is also what the kept tokens' inputs cost to write beside the "
+               "statistics and read back, and its backward through the layers runs each layer's forward again.")
+
+
 def markdown(part: dict) -> str:
     meta = part.get("meta", {})
     paths = {"in memory": "compress()", "folder": "checkpoint folder"}
@@ -187,7 +194,8 @@ def markdown(part: dict) -> str:
             "pass and the fits timed as the whole run less the reconstruction and less the weighing pass, timed on "
             "its own. Goal: at most 2x the calibrated compression without it.\n\n"
             + table(["model, path", "without s", "with s", "Adam steps s", "weighing s", "with / without"], rows)
-            + f"\n\nWithin the goal: {'; '.join(met) or 'none'}. Missed: {'; '.join(missed) or 'none'}. {shape}")
+            + f"\n\nWithin the goal: {'; '.join(met) or 'none'}. Missed: {'; '.join(missed) or 'none'}. {shape} "
+            + FOLDER_NOTE)
 
 
 def main() -> None:
