@@ -46,6 +46,10 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def label(self, desc: str) -> str:
+        """A progress bar's name, with this process's rank when there are several: "calibration [rank 1/2]"."""
+        return desc if self.world_size == 1 else f"{desc} [rank {self.rank}/{self.world_size}]"
+
 
 def current_ranks() -> Ranks:
     """This process's place among torchrun's (rank 0 of 1 outside torch.distributed)."""

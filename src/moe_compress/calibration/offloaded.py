@@ -150,7 +150,7 @@ def _gather(model: nn.Module, batches: list[torch.Tensor], done: dict, on_disk: 
         lambda name: ExpertGrams(model.get_submodule(name), split_weights(read_gate_up(on_disk[name])),
                                  keep_inputs),
         dtype=dtype, around_layer=around, progress=progress,
-        desc="calibration" if ranks.world_size == 1 else f"calibration [rank {ranks.rank}/{ranks.world_size}]",
+        desc=ranks.label("calibration"),
         before_layer=lambda index, hidden: trace.keep(index, hidden[:len(weighed)]) if weighed else None)
     for grams in statistics:
         for name, stats in grams.items():
@@ -172,18 +172,16 @@ def _weigh(model: nn.Module, batches: list[torch.Tensor], tokens: int, manifest:
     process, in a pass of their own. Under torch.distributed every process computes them on its share of the batches
     and a sum over the processes puts them together: no process waits while one weighs the whole."""
     ranks = current_ranks()
-    rank, world = ranks.rank, ranks.world_size
 
     def total(weights: torch.Tensor) -> torch.Tensor:
-        if world == 1:
+        if ranks.world_size == 1:
             return weights
         on_device = weights.to(device)  # nccl reduces GPU tensors only
         dist.all_reduce(on_device)
         return on_device.cpu()
 
-    found = layer_sensitivity(model, batches, tokens, dtype, lambda layer: onloaded(layer, dtype), progress, spill,
-                              (rank, world), total,
-                              "loss weights" if world == 1 else f"loss weights [rank {rank}/{world}]")
+    found = layer_sensitivity(model, batches, tokens, dtype, partial(onloaded, dtype=dtype), progress, spill,
+                              (ranks.rank, ranks.world_size), total, ranks.label("loss weights"))
     if ranks.is_main:
         for name, weights in found.items():
             save_sensitivity(manifest, name, weights)

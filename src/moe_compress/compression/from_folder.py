@@ -379,8 +379,7 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
                 print(f"resuming: {len(done)} of {len(units)} (layer, projection) units are done and verified")
         pending = from_main(pending)
         mine = share(pending, ranks)
-        label = "compress" if ranks.world_size == 1 else f"compress [rank {ranks.rank}/{ranks.world_size}]"
-        with tqdm(total=len(mine), desc=label, disable=not progress, position=ranks.local_rank) as bar:
+        with tqdm(total=len(mine), desc=ranks.label("compress"), disable=not progress, position=ranks.local_rank) as bar:
             fit_share(folder, specs, mine, config, device, manifest, bar)
         barrier()
         if config.reconstruction.on:
@@ -391,7 +390,7 @@ def compress_checkpoint(source: str | Path, output_dir: str | Path, config: Comp
                 if done and progress:
                     print(f"resuming: {len(done)} of {len(specs)} blocks are reconstructed and verified")
             mine = share(from_main(pending), ranks)
-            with tqdm(total=len(mine), desc=label.replace("compress", "reconstruct"), unit="block",
+            with tqdm(total=len(mine), desc=ranks.label("reconstruct"), unit="block",
                       disable=not progress, position=ranks.local_rank) as bar:
                 reconstruct_share(folder, specs, mine, config, device, manifest, bar)
             barrier()
