@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,7 +80,8 @@ def testbed_rows(setting: dict) -> dict:
     return rows
 
 
-def medians(run, configs: dict[str, CompressionConfig], repeats: int) -> dict:
+def medians(run: Callable[[CompressionConfig], tuple[float, object]], configs: dict[str, CompressionConfig],
+            repeats: int) -> dict:
     """Median seconds of run(config) for each of `configs`, in turns (the machine's load falls on both alike), the
     median seconds of the Adam steps, and with / without."""
     times: dict[str, list[float]] = {kind: [] for kind in configs}
