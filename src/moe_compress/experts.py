@@ -31,7 +31,7 @@ from torch import nn
 from transformers.integrations.moe import _default_apply_gate
 
 from moe_compress import cpu_matmul
-from moe_compress.cpu_matmul import PackedMatrices
+from moe_compress.cpu_matmul import ExpertTables, PackedMatrices
 from moe_compress.discovery import join_weights, projection_names, split_weights
 from moe_compress.quantize import (Int4Matrices, Int4Weight, QuantFormat, QuantizedMatrix, dequantize_packed,
                                    int4_kernel_rows, pack, pack_zeros, packed_words, round_codes, unpack_zeros)
@@ -74,6 +74,12 @@ class Route:
         """Whether more than half the experts are routed: below that (decoding), work per routed expert is cheaper
         than work over all of them."""
         return sum(1 for c in self.counts if c) > len(self.counts) // 2
+
+    @property
+    def thin(self) -> bool:
+        """Whether the pairs are spread thin, at most two a routed expert (decoding): a product per pair then reads
+        fewer bytes' worth of time than one per expert (cpu_matmul.ExpertTables)."""
+        return len(self.expert) <= 2 * sum(1 for c in self.counts if c)
 
     def per_expert(self, x: torch.Tensor, product: Callable[[torch.Tensor, int], torch.Tensor],
                    out_features: int) -> torch.Tensor:
@@ -224,7 +230,7 @@ class Projection(nn.Module):
         self._kernels: dict[str, tuple[tuple, Int4Matrices | None]] = {}
         # tensors laid out for oneDNN or the int4 kernel in their stead (pack_for_cpu_), with the data pointer of
         # their placeholder
-        self._packed: dict[str, tuple[int, PackedMatrices | Int4Matrices]] = {}
+        self._packed: dict[str, tuple[int, PackedMatrices | ExpertTables | Int4Matrices]] = {}
 
     def __getattr__(self, name: str) -> Any:
         stored = self.__dict__.get("stored")
@@ -394,9 +400,11 @@ class Projection(nn.Module):
     def expert_mm(self, x: torch.Tensor, name: str, route: Route) -> torch.Tensor:
         """x_s T_e for each sorted pair s (expert e), T_e expert e's matrix of the stored tensor `name` as products
         read it: the tensor's own [in, k] where it is stored so (TRANSPOSED), else its transpose. [S, a] -> [S, b]."""
-        packed = self._packed_matrices(name)  # 4-bit per-expert tensors run through the int4 kernel packed alone:
-        if packed is not None:  # its layout beside the codes of every expert would double what they hold
-            return route.per_expert(x, packed, packed.out_features)
+        packed = self._packed_matrices(name)
+        if isinstance(packed, ExpertTables) and route.thin:
+            return packed.on_pairs(x, route.expert)
+        if packed is not None:  # 4-bit per-expert tensors run through the int4 kernel packed alone: its layout beside
+            return route.per_expert(x, packed, packed.out_features)  # the codes of every expert would double them
         tensor = getattr(self, name)
         return grouped_mm(x, tensor if name in self.TRANSPOSED else tensor.transpose(1, 2), route)
 
@@ -430,8 +438,8 @@ class Projection(nn.Module):
         return cpu_matmul.available(self._parameters[name])
 
     def pack_for_cpu_(self) -> None:
-        """For inference on the CPU: lay each packable tensor out for oneDNN's matmul (cpu_matmul) or, 4-bit, torch's
-        int4 kernel, and free it, so that the experts hold their bytes once. The tensor (a parameter, or the packed
+        """For inference on the CPU: lay each packable tensor out for oneDNN's matmul (a shared one) or as
+        embedding_bag's tables (one a expert: cpu_matmul), or, 4-bit, for torch's int4 kernel, and free it, so that the experts hold their bytes once. The tensor (a parameter, or the packed
         codes) keeps its shape as a 1-element placeholder that nothing reads; training is refused from then on. The
         4-bit tensors then run through the kernel on any number of tokens (dequantizing needs the codes)."""
         if self.training:
@@ -444,7 +452,7 @@ class Projection(nn.Module):
                 packed = self._kernels.pop(name)[1]
             else:
                 weights = storage.detach().mT if name in self.TRANSPOSED else storage.detach()  # [., out, in]
-                packed = PackedMatrices(weights.unbind(0))
+                packed = ExpertTables(weights) if self.per_expert(name) else PackedMatrices(weights.unbind(0))
             storage.data = storage.new_zeros(1).expand(storage.shape)
             self._packed[name] = (storage.data_ptr(), packed)
 
@@ -452,7 +460,7 @@ class Projection(nn.Module):
         """The tensor holding the values of the stored tensor `name`: its parameter, or its packed codes."""
         return self._buffers[f"{name}_packed"] if name in self.stored else self._parameters[name]
 
-    def _packed_matrices(self, name: str) -> PackedMatrices | Int4Matrices | None:
+    def _packed_matrices(self, name: str) -> PackedMatrices | ExpertTables | Int4Matrices | None:
         """The packed matrices of `name`, unless values were loaded into its tensor since (a new storage in place of
         the placeholder: vLLM reloading weights), which makes them stale and drops them."""
         entry = self._packed.get(name)
