@@ -229,8 +229,8 @@ class Projection(nn.Module):
         self._routed: torch.Tensor | None = None  # the experts this forward reads, where not all (dequantized_once)
         # 4-bit tensors in the int4 kernel's layout, a matrix each, with the key of the codes they were built from
         self._kernels: dict[str, tuple[tuple, Int4Matrices | None]] = {}
-        # tensors laid out for oneDNN or the int4 kernel in their stead (pack_for_cpu_), with the data pointer of
-        # their placeholder
+        # tensors laid out for oneDNN, as embedding_bag's tables or for the int4 kernel in their stead
+        # (pack_for_cpu_), with the data pointer of their placeholder
         self._packed: dict[str, tuple[int, PackedMatrices | ExpertTables | Int4Matrices]] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -422,7 +422,7 @@ class Projection(nn.Module):
         return x @ (matrix if name in self.TRANSPOSED else matrix.T)
 
     def packable(self) -> list[str]:
-        """The stored tensors pack_for_cpu_ can lay out for the CPU's fast matmuls: the float ones oneDNN multiplies
+        """The stored tensors pack_for_cpu_ can lay out for the CPU's fast products: the float ones oneDNN multiplies
         well, and the 4-bit ones torch's int4 kernel takes, that the forward reads through expert_mm and shared_mm
         alone: not the cores of several groups of experts (read per group), nor the wrapped form's (multiplied with
         its factors ahead of the forward)."""
@@ -874,8 +874,9 @@ def dequantized_once(projections, route: Route) -> Iterator[None]:
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
     """`model` (in eval mode) laid out for inference on the CPU, in place: in every compressed experts module, the
-    float tensors in oneDNN's layout and the 4-bit ones in torch's int4 kernel's, in their stead (Projection.
-    pack_for_cpu_). Decoding then runs about twice as fast (bf16), and the 4-bit per-expert factors, which unpacked
+    shared float tensors in oneDNN's layout, the per-expert ones as embedding_bag's tables and the 4-bit ones in
+    torch's int4 kernel's, in their stead (Projection.pack_for_cpu_, cpu_matmul). Decoding then runs about twice as fast
+    (bf16), and the 4-bit per-expert factors, which unpacked
     are dequantized at each forward, through the kernel; training and saving the packed model are refused or
     meaningless: load it again for them. What the vLLM plugin does with each layer it loads."""
     for module in model.modules():

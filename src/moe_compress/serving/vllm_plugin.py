@@ -4,8 +4,9 @@ Installed as a `vllm.general_plugins` entry point (pyproject.toml), which every 
 a quantization config for `quant_method: moe_compress`, the method a compressed folder's config.json names. That
 config gives each compressed experts layer a fused-MoE method that registers our cores and factors on vLLM's layer,
 loads them from the folder (moe_compress.vllm_layout says how the names are mapped) and runs the forward in plain
-torch with SharedCoreExperts' algebra; on the CPU its float tensors are then laid out for oneDNN's matmul in their
-stead (moe_compress.cpu_matmul: about twice torch's speed when decoding). Every other layer (attention, router, norms,
+torch with SharedCoreExperts' algebra; on the CPU its float tensors are then laid out in their stead for the fastest
+products torch has (moe_compress.cpu_matmul: the shared ones for oneDNN's matmul, the per-expert factors as
+embedding_bag's tables, which decoding reads pair by pair in one call). Every other layer (attention, router, norms,
 embeddings) stays vLLM's own.
 
 Supported: vLLM 0.32 (the MoE interfaces, RoutedExperts and FusedMoEMethodBase.apply, change between minor
@@ -154,8 +155,8 @@ class SharedCoreMoEMethod(FusedMoEMethodBase):
             param = getattr(layer, name)
             if param is not tensor and param.data_ptr() != tensor.data_ptr():
                 tensor.data = param.data
-        # on the CPU, the float tensors in oneDNN's layout instead, about twice torch's matmul speed on decoding's few
-        # tokens (cpu_matmul), and the 4-bit ones in torch's int4 kernel's, which reads the codes as they are
+        # on the CPU, the float tensors laid out for oneDNN's matmul or as embedding_bag's tables instead (cpu_matmul),
+        # and the 4-bit ones in torch's int4 kernel's, which reads the codes as they are
         for projection in self.projections.values():
             projection.pack_for_cpu_()
         for name, tensor in layer_tensors(self.projections).items():  # so that the packed storage is freed
