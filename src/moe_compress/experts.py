@@ -440,9 +440,10 @@ class Projection(nn.Module):
 
     def pack_for_cpu_(self) -> None:
         """For inference on the CPU: lay each packable tensor out for oneDNN's matmul (a shared one) or as
-        embedding_bag's tables (one a expert: cpu_matmul), or, 4-bit, for torch's int4 kernel, and free it, so that the experts hold their bytes once. The tensor (a parameter, or the packed
-        codes) keeps its shape as a 1-element placeholder that nothing reads; training is refused from then on. The
-        4-bit tensors then run through the kernel on any number of tokens (dequantizing needs the codes)."""
+        embedding_bag's tables (one a expert: cpu_matmul), or, 4-bit, for torch's int4 kernel, and free it, so that
+        the experts hold their bytes once. The tensor (a parameter, or the packed codes) keeps its shape as a
+        1-element placeholder that nothing reads; training is refused from then on. The 4-bit tensors then run
+        through the kernel on any number of tokens (dequantizing needs the codes)."""
         if self.training:
             raise RuntimeError("pack_for_cpu_ is for inference: call .eval() first")
         for name in self.packable():
