@@ -40,7 +40,7 @@ CONTEXT = 256  # the testbed's max_position_embeddings: the window of `moe-compr
 # its rotary table is made that long (the two extra positions are never scored, and the table's first CONTEXT rows
 # are the same). float32 on both sides, so that greedy choices and log-likelihoods agree to rounding; bfloat16 for
 # the 4-bit folder of bf16 scales, whose tensors the plugin runs through torch's int4 kernel (in transformers too, on
-# few tokens), so that what the CPU serves in bf16 is checked as well.
+# few tokens), and for a float folder, so that what the CPU serves in bf16 is checked as well.
 SERVER_ARGS = ["--enforce-eager", "--max-model-len", str(CONTEXT + 2), "--seed", "0",
                "--hf-overrides", json.dumps({"max_position_embeddings": CONTEXT + 2})]
 
@@ -49,8 +49,9 @@ SETTINGS = {"als": dict(method="als"), "delta": dict(method="delta"), "basis": d
             "mixed": dict(method="mixed"), "delta-2cores": dict(method="delta", num_cores=2, target_ratio=0.4),
             "mixed-4bit": dict(method="mixed", bits=4, group_size=32, symmetric=False),
             "quantize-4bit": dict(method="quantize", bits=4, group_size=32),  # the dense form: pure quantization
-            "mixed-4bit-bf16": dict(method="mixed", bits=4, group_size=32, symmetric=False)}
-BF16 = {"mixed-4bit-bf16"}  # compressed, served and compared in bfloat16
+            "mixed-4bit-bf16": dict(method="mixed", bits=4, group_size=32, symmetric=False),
+            "mixed-bf16": dict(method="mixed")}
+BF16 = {"mixed-4bit-bf16", "mixed-bf16"}  # compressed, served and compared in bfloat16
 BF16_TIE = 2  # times bf16's own error in transformers' logits at that position (against the same weights in fp32)
 
 

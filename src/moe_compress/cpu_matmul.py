@@ -68,6 +68,7 @@ class ExpertTables:
         # [pieces, E * in, width]: each slice a contiguous table
         self.tables = rows.reshape(num_experts * self.in_features, pieces, width).transpose(0, 1).contiguous()
         self.nbytes = self.tables.nbytes
+        self.inputs = torch.arange(self.in_features, device=weights.device)  # a matrix's rows, from its first
 
     @property
     def dtype(self) -> torch.dtype:
@@ -83,7 +84,7 @@ class ExpertTables:
         """x_s W_{expert_s}^T for each row s of x [S, in] with its own expert: every pair reads its expert's matrix,
         which costs less than a product per expert where few pairs share one (decoding)."""
         width = self.in_features
-        rows = (expert.unsqueeze(1) * width + torch.arange(width, device=x.device)).reshape(-1)
+        rows = (expert.unsqueeze(1) * width + self.inputs).reshape(-1)
         offsets = torch.arange(0, rows.numel(), width, device=x.device)
         weights = x.contiguous().reshape(-1)
         slices = [F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights)

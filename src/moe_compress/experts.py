@@ -47,6 +47,7 @@ class Route:
     order: torch.Tensor  # [S] position of each sorted pair in the flattened [T, K] routing grid
     slot: torch.Tensor  # [S] the inverse: the sorted pair at each position of the flattened grid
     counts: list[int]  # [E] pairs per expert
+    num_routed: int  # experts with some pair
     offsets: torch.Tensor  # [E] int32 cumulative counts, for torch's grouped_mm
     num_tokens: int
     top_k: int
@@ -57,13 +58,15 @@ class Route:
         num_tokens, top_k = top_k_index.shape
         expert, order = torch.sort(top_k_index.reshape(-1), stable=True)
         counts = torch.bincount(expert, minlength=num_experts)
+        per_expert = counts.tolist()
         return cls(
             token=order // top_k,
             expert=expert,
             weight=top_k_weights.reshape(-1).index_select(0, order),
             order=order,
             slot=torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device)),
-            counts=counts.tolist(),
+            counts=per_expert,
+            num_routed=sum(1 for c in per_expert if c),
             offsets=torch.cumsum(counts, 0, dtype=torch.int32),
             num_tokens=num_tokens,
             top_k=top_k,
@@ -73,14 +76,14 @@ class Route:
     def busy(self) -> bool:
         """Whether more than half the experts are routed: below that (decoding), work per routed expert is cheaper
         than work over all of them."""
-        return sum(1 for c in self.counts if c) > len(self.counts) // 2
+        return self.num_routed > len(self.counts) // 2
 
     @property
     def thin(self) -> bool:
         """Whether the pairs are spread thin, at most six a routed expert on average (decoding, short prompts): a
         product per pair then takes less time than one per expert (cpu_matmul.ExpertTables; at Qwen3-30B-A3B's
         factors, bf16, the two crossed between 6 and 8 pairs an expert)."""
-        return len(self.expert) <= 6 * sum(1 for c in self.counts if c)
+        return len(self.expert) <= 6 * self.num_routed
 
     def per_expert(self, x: torch.Tensor, product: Callable[[torch.Tensor, int], torch.Tensor],
                    out_features: int) -> torch.Tensor:
@@ -863,7 +866,11 @@ def dequantized_once(projections, route: Route) -> Iterator[None]:
     """Within the block, each quantized tensor is dequantized once, at its first read, and the float copies are
     dropped at its end: a forward reads a core several times, and resident memory stays the integer storage. Per-expert
     tensors are dequantized for the experts of `route` alone."""
-    projections, routed = list(projections), route.routed_experts()
+    projections = [proj for proj in projections if proj.stored]  # float ones have nothing to dequantize
+    if not projections:  # (and setting a module's attributes costs a decoding step about 5 us each)
+        yield
+        return
+    routed = route.routed_experts()
     for proj in projections:
         proj._memo, proj._routed = {}, routed
     try:
