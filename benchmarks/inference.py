@@ -10,9 +10,10 @@ of the original. A forward dequantizes what it reads (the per-expert tensors of 
 single 4-bit core on fewer than INT4_KERNEL_ROWS bf16 tokens (on any number where the CPU has no native bf16 matmul:
 quantize.int4_kernel_rows), which runs through torch's int4 weight-only kernel; the
 `, bf16` rows are the same modules in bf16, as models are served; `, packed` ones laid out for the CPU as the vLLM
-plugin lays them out (moe_compress.pack_for_cpu: the float tensors in oneDNN's layout, the 4-bit ones in the int4
-kernel's, every product through it, in the codes' stead). The kernel is timed apart on one expert's
-projections (`int4_kernel`): against dequantizing the matrix and a bf16 matmul, and against the float matmuls.
+plugin lays them out (moe_compress.pack_for_cpu: the shared float tensors in oneDNN's layout, the per-expert ones as
+embedding_bag's tables, the 4-bit ones in the int4 kernel's, every product through it, in the codes' stead). The
+kernel is timed apart on one expert's projections (`int4_kernel`): against dequantizing the matrix and a bf16 matmul,
+and against the float matmuls.
 Timing: medians of interleaved runs in one process.
 Memory: peak resident memory of a fresh process that builds one module and runs one forward.
 """
@@ -27,7 +28,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from benchmarks.common import in_fresh_process, interleaved_medians, peak_rss_mib, table
 from moe_compress import ModuleSpec, SharedCoreExperts, pack_for_cpu
-from moe_compress.cpu_matmul import PackedMatrices
+from moe_compress.cpu_matmul import ExpertTables, PackedMatrices
 from moe_compress.compression.budget import max_rank, stored_params
 from moe_compress.compression.config import MIXED_FORMS, PROJECTIONS
 from moe_compress.compression.fitting import quantized
@@ -86,11 +87,12 @@ def build(kind: str, shape: dict) -> torch.nn.Module:
 def weights_mib(module: torch.nn.Module) -> float:
     """What the module holds for its weights, each storage once: parameters and buffers (packed codes and scales;
     one-element placeholders where packed), the 4-bit tensors a forward laid out for torch's int4 kernel, and the
-    packed layouts (oneDNN's opaque ones counted by their elements)."""
+    packed layouts (embedding_bag's tables; oneDNN's opaque ones counted by their elements)."""
     layouts = [built for m in module.modules() for _, built in getattr(m, "_kernels", {}).values() if built]
     layouts += [packed for m in module.modules() for _, packed in getattr(m, "_packed", {}).values()]
     opaque = sum(layout.nbytes for layout in layouts if isinstance(layout, PackedMatrices))
     tensors = [*module.parameters(), *module.buffers(),
+               *(layout.tables for layout in layouts if isinstance(layout, ExpertTables)),
                *(t for layout in layouts if isinstance(layout, Int4Matrices) for k in layout.weights
                  for t in (k.packed, k.scales_and_zeros, k.row_shift) if t is not None)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -175,7 +177,8 @@ def markdown(result: dict) -> str:
             f"{kernel_tokens(result.get('int4_kernel_rows', INT4_KERNEL_ROWS))} bf16 tokens, which run through "
             "torch's int4 kernel; `original 4-bit` the "
             "original experts so kept (method=quantize); `, packed`: laid out as the vLLM plugin serves them "
-            "(pack_for_cpu: floats for oneDNN, every 4-bit product through the int4 kernel, codes freed).\n\n"
+            "(pack_for_cpu: shared floats for oneDNN, per-expert ones as embedding_bag tables, every 4-bit product "
+            "through the int4 kernel, codes freed).\n\n"
             + table(header, rows) + "\n\n" + kernel_text(result, s))
 
 
