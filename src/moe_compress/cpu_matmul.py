@@ -70,10 +70,6 @@ class ExpertTables:
         self.nbytes = self.tables.nbytes
         self.inputs = torch.arange(self.in_features, device=weights.device)  # a matrix's rows, from its first
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.tables.dtype
-
     def __call__(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
         """x W_index^T for rows x [N, in] of one expert, as PackedMatrices computes it."""
         matrix = self.tables[:, index * self.in_features:(index + 1) * self.in_features]  # [pieces, in, width]
