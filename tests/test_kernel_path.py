@@ -36,6 +36,7 @@ PADDED = [(torch.float32, 3), (torch.bfloat16, 4)]  # 12 and 8-byte rows: zero-p
 # dropped or wrong term is far above both: each pair of factors moves the output by 20-60%, and a parameter's
 # gradient missing its term is off by about 100%.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Kernel against loop: on CPU (torch 2.13) they agree bit for bit, outputs and gradients (measured); the tolerance
 # allows a kernel that sums each expert's products in another order, by a few fp32 roundings or one bf16 ulp (2^-8).
 LOOP_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 4e-3}
@@ -43,17 +44,17 @@ GROUPED_MM = torch.ops.aten._grouped_mm.default
 MODELS = ["qwen3_moe", "gpt_oss"]  # plain SiLU gating; biases, transposed weights, interleaved gate/up, clamped gating
 
 
-def compressed(model_type: str, form, rank: int, dtype: torch.dtype) -> SharedCoreExperts:
+def compressed(model_type: str, form, rank: int, dtype: torch.dtype, device: str = "cpu") -> SharedCoreExperts:
     experts_module = find_experts(tiny_model(model_type, num_experts=E, num_local_experts=E))[0][1]
     shared = randomize(SharedCoreExperts.empty(experts_module, shared_spec(experts_module, form, rank)))
     with torch.no_grad():  # randomize's factors move the output by 1-4% each, not far above bf16's tolerance; 4x
         for name, p in shared.named_parameters():  # makes each pair of them move it by 20-60% (measured)
             if not name.endswith("core"):
                 p.mul_(4)
-    return shared.to(dtype)
+    return shared.to(device, dtype)
 
 
-def routed_batch(hidden: int, dtype: torch.dtype, seed: int = 0):
+def routed_batch(hidden: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
     """Hidden states, a routing that reaches every expert, its weights, and a cotangent for the backward."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, hidden, generator=g).to(dtype)
@@ -61,12 +62,12 @@ def routed_batch(hidden: int, dtype: torch.dtype, seed: int = 0):
     weights = torch.randn(T, K, generator=g).softmax(-1).to(dtype)
     cotangent = torch.randn(T, hidden, generator=g).to(dtype)  # not ones: a sum's gradient would be one broadcast value
     assert index.unique().numel() == E
-    return x, index, weights, cotangent
+    return tuple(t.to(device) for t in (x, index, weights, cotangent))
 
 
 def plain_weights(proj, p) -> torch.Tensor:
     """W_e [E, out, in] of one projection by its form's formula, from its parameters p[name]."""
-    C = p["core"][proj.expert_core]
+    C = p["core"][proj.expert_core.cpu()]
     if proj.form == "wrapped":  # (I + U_out V_out^T) C (I + U_in V_in^T)
         out_f, in_f = proj.shape
         eye_out, eye_in = torch.eye(out_f, dtype=C.dtype), torch.eye(in_f, dtype=C.dtype)
@@ -76,8 +77,9 @@ def plain_weights(proj, p) -> torch.Tensor:
 
 def reference(shared: SharedCoreExperts, x, index, weights, cotangent):
     """run's output and gradients in fp64: plain weights into transformers' own eager experts code."""
-    params = {name: p.detach().double().requires_grad_() for name, p in shared.named_parameters()}
-    x = x.detach().double().requires_grad_()
+    params = {name: p.detach().cpu().double().requires_grad_() for name, p in shared.named_parameters()}
+    x = x.detach().cpu().double().requires_grad_()
+    index, weights, cotangent = index.cpu(), weights.cpu(), cotangent.cpu()
     parts = {}
     for name, proj in shared.projections.items():
         p = {key.rpartition(".")[2]: t for key, t in params.items() if key.startswith(f"projections.{name}.")}
@@ -91,7 +93,7 @@ def reference(shared: SharedCoreExperts, x, index, weights, cotangent):
 
 
 def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got.double() - expected).norm() / expected.norm()).item()
+    return ((got.cpu().double() - expected.cpu()).norm() / expected.norm()).item()
 
 
 def run(shared: SharedCoreExperts, x, index, weights, cotangent, backward: bool = True):
@@ -108,9 +110,10 @@ def run(shared: SharedCoreExperts, x, index, weights, cotangent, backward: bool 
     return y.detach(), dict(zip(["input", *params], grads)), forward_calls, backward_calls
 
 
-def case(form: str, dtype: torch.dtype, rank: int, model_type: str, monkeypatch):
-    """A module of the form, a batch, and a count of the module's calls of its grouped_mm (kernel or loop)."""
-    shared = compressed(model_type, FORMS[form], rank, dtype)
+def case(form: str, dtype: torch.dtype, rank: int, model_type: str, monkeypatch, device: str = "cpu"):
+    """A module of the form on `device`, a batch, and a count of the module's calls of its grouped_mm (kernel or
+    loop)."""
+    shared = compressed(model_type, FORMS[form], rank, dtype, device)
     calls = Counter()
     kernel_or_loop = experts.grouped_mm
 
@@ -119,20 +122,25 @@ def case(form: str, dtype: torch.dtype, rank: int, model_type: str, monkeypatch)
         return kernel_or_loop(*args)
 
     monkeypatch.setattr(experts, "grouped_mm", counted)
-    return shared, routed_batch(shared.projections["down"].shape[0], dtype), calls
+    return shared, routed_batch(shared.projections["down"].shape[0], dtype, device=device), calls
 
 
 # gpt_oss's own gating reads gate = gate_up[..., ::2]: the gradient reaching the gate and up projections' last
 # grouped_mm is a view with a stride of 2, which grouped_mm's backward refuses ("Invalid strides/sizes"); the kernel
 # path makes it contiguous (experts.grouped_mm), and these cases check that it does.
 PRECISION_IDS = ["fp32-r4", "fp32-r8", "bf16-r8", "fp32-r3-padded", "bf16-r4-padded"]
+# (device, dtype, rank): every precision on the CPU; on a CUDA GPU, where the module gives torch's kernel bf16 alone
+# (experts.grouped_mm), bf16 at an aligned rank and at one padded for the gradient
+CASES = ([pytest.param("cpu", *precision, id=name) for precision, name in zip(PRECISIONS + PADDED, PRECISION_IDS)]
+         + [pytest.param("cuda", torch.bfloat16, 8, id="cuda-bf16-r8", marks=ON_GPU),
+            pytest.param("cuda", torch.bfloat16, 4, id="cuda-bf16-r4-padded", marks=ON_GPU)])
 
 
 @pytest.mark.parametrize("model_type", MODELS)
-@pytest.mark.parametrize("dtype, rank", PRECISIONS + PADDED, ids=PRECISION_IDS)
+@pytest.mark.parametrize("device, dtype, rank", CASES)
 @pytest.mark.parametrize("form", list(FORMS))
-def test_kernel_forward_matches_the_plain_math(form, dtype, rank, model_type, monkeypatch):
-    shared, batch, calls = case(form, dtype, rank, model_type, monkeypatch)
+def test_kernel_forward_matches_the_plain_math(form, device, dtype, rank, model_type, monkeypatch):
+    shared, batch, calls = case(form, dtype, rank, model_type, monkeypatch, device)
     y, _, forward, _ = run(shared, *batch, backward=False)
     # every per-expert product ran on the kernel, none on the loop
     assert calls["grouped_mm"] > 0 and forward.calls[GROUPED_MM] == calls["grouped_mm"], (forward.calls, calls)
@@ -142,10 +150,10 @@ def test_kernel_forward_matches_the_plain_math(form, dtype, rank, model_type, mo
 
 
 @pytest.mark.parametrize("model_type", MODELS)
-@pytest.mark.parametrize("dtype, rank", PRECISIONS + PADDED, ids=PRECISION_IDS)
+@pytest.mark.parametrize("device, dtype, rank", CASES)
 @pytest.mark.parametrize("form", list(FORMS))
-def test_kernel_backward_matches_the_plain_math(form, dtype, rank, model_type, monkeypatch):
-    shared, batch, calls = case(form, dtype, rank, model_type, monkeypatch)
+def test_kernel_backward_matches_the_plain_math(form, device, dtype, rank, model_type, monkeypatch):
+    shared, batch, calls = case(form, dtype, rank, model_type, monkeypatch, device)
     _, grads, forward, backward = run(shared, *batch)
     kernels, backward_kernels = forward.calls[GROUPED_MM], backward.calls[GROUPED_MM]
     # each kernel call of the forward is two in the backward: the gradients of its rows and of its per-expert matrices

@@ -190,9 +190,10 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # an SPD inverse: factors
 
 
-def _bit_positions(cols: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Word index and bit offset [cols] of each code in the densely packed row: code i starts at bit i*b."""
-    start = torch.arange(cols) * bits
+def _bit_positions(cols: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word index and bit offset [cols] of each code in the densely packed row, on `device`: code i starts at bit
+    i*b."""
+    start = torch.arange(cols, device=device) * bits
     return start // WORD_BITS, start % WORD_BITS
 
 
@@ -212,9 +213,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"pack takes int8 codes in [{q_min}, {q_max}] for bits={bits}; got {codes.dtype} codes"
                          + (f" in [{int(codes.min())}, {int(codes.max())}]" if codes.numel() else ""))
     cols = codes.shape[-1]
-    word, offset = _bit_positions(cols, bits)
+    word, offset = _bit_positions(cols, bits, codes.device)
     u = codes.long() - q_min  # [..., cols], unsigned
-    packed = torch.zeros(*codes.shape[:-1], packed_words(cols, bits), dtype=torch.long)
+    packed = torch.zeros(*codes.shape[:-1], packed_words(cols, bits), dtype=torch.long, device=codes.device)
     last = packed.ndim - 1
     packed.index_add_(last, word, (u << offset) & 0xFFFFFFFF)
     straddles = offset + bits > WORD_BITS
@@ -231,7 +232,7 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
                          f"{list(packed.shape)}: pass the cols that were packed")
     if bytewise(bits):  # uint8 arithmetic wraps, so the offset codes read as int8 are the signed ones
         return whole_codes(packed, bits, cols).sub_(1 << (bits - 1)).view(torch.int8)
-    word, offset = _bit_positions(cols, bits)
+    word, offset = _bit_positions(cols, bits, packed.device)
     unsigned = packed.long() & 0xFFFFFFFF
     u = unsigned[..., word] >> offset
     straddles = offset + bits > WORD_BITS

@@ -46,19 +46,22 @@ class ExpertGrams(RoutingCounts):
     for down, and the tokens routed to it."""
 
     def __init__(self, experts: nn.Module, parts: dict | None = None, keep_inputs: int = 0,
-                 keep_outputs: bool = False):
+                 keep_outputs: bool = False, device: torch.device | str | None = None):
         """`parts`: the module's split_weights when its own parameters are elsewhere (offloaded, read from disk);
         `keep_inputs`: how many of the first tokens' inputs to keep as they are (`block_inputs`), for the layer-wise
         reconstruction, with their MoE block's outputs (`block_outputs`, its targets), and with `keep_outputs` their
-        decoder layer's outputs too (`layer_outputs`); the outputs are given by the layer-by-layer pass."""
+        decoder layer's outputs too (`layer_outputs`); the outputs are given by the layer-by-layer pass. `device`:
+        where the layer runs, which the Grams and the weights their intermediate activations need are moved to
+        (default: where the weights are)."""
         parts = split_weights(experts) if parts is None else parts
         self.gated = "gate" in parts
         E, F, H = parts["up"][0].shape
-        device = parts["up"][0].device
+        device = parts["up"][0].device if device is None else torch.device(device)
         self.tokens = torch.zeros(E, dtype=torch.long, device=device)  # [E]
         self.inputs = torch.zeros(E, H, H, device=device)  # [E, H, H]
         self.intermediate = torch.zeros(E, F, F, device=device)  # [E, F, F]
-        self.weights = {name: (W.detach(), b) for name, (W, b) in parts.items() if name != "down"}
+        self.weights = {name: (W.detach().to(device), None if b is None else b.detach().to(device))
+                        for name, (W, b) in parts.items() if name != "down"}
         self.keep_inputs = keep_inputs
         self.kept: list[torch.Tensor] = []  # [T_i, H] fp32, the first keep_inputs tokens in calibration order
         self.kept_outputs: list[torch.Tensor] = []  # [T_i, H] fp32, their MoE block's outputs

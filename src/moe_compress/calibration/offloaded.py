@@ -148,7 +148,7 @@ def _gather(model: nn.Module, batches: list[torch.Tensor], done: dict, on_disk: 
     statistics = layer_statistics(
         model, inputs, lambda name: name not in done,
         lambda name: ExpertGrams(model.get_submodule(name), split_weights(read_gate_up(on_disk[name])),
-                                 keep_inputs),
+                                 keep_inputs, device=device),
         dtype=dtype, around_layer=around, progress=progress,
         desc=ranks.label("calibration"),
         before_layer=lambda index, hidden: trace.keep(index, hidden[:len(weighed)]) if weighed else None)
