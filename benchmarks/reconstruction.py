@@ -11,7 +11,9 @@ without it.
   random sequences of 256 tokens, one run: the calibration pass and the fits against the reconstruction of its block,
   each timed by the compression's own report.
 
-`python -m benchmarks.reconstruction` runs it and stores it in benchmarks/results/calibration.json (§8).
+`python -m benchmarks.reconstruction` runs it and stores it in benchmarks/results/calibration.json (§8);
+`--device cuda` runs the same on a GPU (the testbeds in fp32 with all their torch threads, the Qwen3-shaped module in
+bf16, as a user compresses it there) and stores it beside, under "reconstruction_cuda".
 """
 
 from __future__ import annotations
@@ -42,10 +44,20 @@ QWEN3 = dict(hidden=2048, experts=128, width=768, top_k=8, ratio=0.3, sequences=
 QUICK_QWEN3 = dict(hidden=64, experts=8, width=32, top_k=2, ratio=0.3, sequences=4, length=32, steps=5)
 
 
-def timed_compress(original, config: CompressionConfig, tokens: torch.Tensor) -> tuple[float, object]:
+def synchronized(device: str) -> None:
+    """Wait for the GPU's queued work, so that a clock read after it counts that work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_compress(original, config: CompressionConfig, tokens: torch.Tensor,
+                   device: str = "cpu") -> tuple[float, object]:
+    """compress() of a copy of `original` (on `device`)."""
     model = copy.deepcopy(original)
+    synchronized(device)
     start = time.perf_counter()
     report = compress(model, config, calibration=tokens, progress=False)
+    synchronized(device)
     return time.perf_counter() - start, report
 
 
@@ -61,19 +73,21 @@ def timed_folder(folder: Path, config: CompressionConfig, tokens: torch.Tensor) 
         return time.perf_counter() - start, report
 
 
-def testbed_rows(setting: dict) -> dict:
-    """{testbed: {"in memory": row, "folder": row}}, each row the medians with and without the reconstruction."""
+def testbed_rows(setting: dict, device: str = "cpu") -> dict:
+    """{testbed: {"in memory": row, "folder": row}}, each row the medians with and without the reconstruction, the
+    model (or the checkpoint folder's layers and fits) on `device`."""
     rows = {}
     tokens = calibration_windows(setting["sequences"])
-    configs = {"without": CompressionConfig(target_ratio=setting["ratio"],
+    configs = {"without": CompressionConfig(target_ratio=setting["ratio"], device=device,
                                             reconstruction=ReconstructionConfig(steps=0)),
-               "with": CompressionConfig(target_ratio=setting["ratio"],
+               "with": CompressionConfig(target_ratio=setting["ratio"], device=device,
                                          reconstruction=ReconstructionConfig(**steps_of(setting)))}
     for name in setting["testbeds"]:
         original, _ = load_testbed(torch.float32, TESTBEDS[name])
+        original.to(device)
         with tempfile.TemporaryDirectory() as saved:
             original.save_pretrained(saved)
-            runs = {"in memory": lambda config: timed_compress(original, config, tokens),
+            runs = {"in memory": lambda config: timed_compress(original, config, tokens, device),
                     "folder": lambda config: timed_folder(Path(saved), config, tokens)}
             rows[name] = {path: medians(run, configs, setting["repeats"]) for path, run in runs.items()}
         print(f"reconstruction cost: {name} {rows[name]}", file=sys.stderr, flush=True)
@@ -96,8 +110,9 @@ def medians(run: Callable[[CompressionConfig], tuple[float, object]], configs: d
     return {**row, "reconstruction_s": statistics.median(blocks), "ratio": row["with"] / row["without"]}
 
 
-def qwen3_shaped(setting: dict):
-    """A one-layer Qwen3-MoE model with Qwen3-30B-A3B's MoE layer shape, random weights (std 0.02)."""
+def qwen3_shaped(setting: dict, device: str = "cpu"):
+    """A one-layer Qwen3-MoE model with Qwen3-30B-A3B's MoE layer shape, random weights (std 0.02), on `device`: in
+    fp32 on the CPU, in bf16 on a GPU."""
     config = Qwen3MoeConfig(hidden_size=setting["hidden"], moe_intermediate_size=setting["width"],
                             num_experts=setting["experts"], num_experts_per_tok=setting["top_k"], norm_topk_prob=True,
                             num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
@@ -107,7 +122,7 @@ def qwen3_shaped(setting: dict):
     with torch.no_grad():
         for parameter in model.model.layers[0].mlp.parameters():
             parameter.normal_(0, 0.02)
-    return model
+    return model.to(device, torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
 
 
 def qwen3_tokens(setting: dict) -> torch.Tensor:
@@ -115,15 +130,15 @@ def qwen3_tokens(setting: dict) -> torch.Tensor:
     return torch.randint(0, 256, (setting["sequences"], setting["length"]), generator=torch.Generator().manual_seed(0))
 
 
-def qwen3_row(setting: dict) -> dict:
-    model = qwen3_shaped(setting)
+def qwen3_row(setting: dict, device: str = "cpu") -> dict:
+    model = qwen3_shaped(setting, device)
     tokens = qwen3_tokens(setting)
     # uniform ranks: the global allocation's curves cost the same with or without reconstruction, so leaving them
     # out leaves the ratio at its least favourable to the reconstruction
     config = CompressionConfig(target_ratio=setting["ratio"], rank_allocation="uniform",
                                reconstruction=ReconstructionConfig(**steps_of(setting)))
-    seconds, report = timed_compress(model, config, tokens)
-    block, weights = report.blocks[0], weights_seconds(setting)
+    seconds, report = timed_compress(model, config, tokens, device)
+    block, weights = report.blocks[0], weights_seconds(setting, device)
     without = seconds - block.seconds - weights
     return {"total_s": seconds, "fits_s": report.seconds, "reconstruction_s": block.seconds, "weights_s": weights,
             "without_s": without, "ratio": seconds / without,
@@ -131,42 +146,62 @@ def qwen3_row(setting: dict) -> dict:
             setting["length"], "method": report.config.method}
 
 
-def weights_seconds(setting: dict) -> float:
+def weights_seconds(setting: dict, device: str = "cpu") -> float:
     """The time of the pass that weighs the kept tokens (calibration/sensitivity.py), which compress() runs before
     the fits, on the model and tokens of qwen3_row, timed on its own."""
-    model = qwen3_shaped(setting)
+    model = qwen3_shaped(setting, device)
     tokens = qwen3_tokens(setting)
     blocks = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in find_experts(model)}
+    synchronized(device)
     start = time.perf_counter()
     token_sensitivity(model, list(tokens.split(CalibrationConfig().batch_size)), blocks,
                       ReconstructionConfig().max_tokens)
+    synchronized(device)
     return time.perf_counter() - start
 
 
-def cost_part(quick: bool = False, testbeds: dict | None = None, qwen3: dict | None = None) -> dict:
-    """The part; `testbeds`, `qwen3`: rows measured before, kept (`--qwen3-only`, `--testbeds-only`)."""
-    torch.set_num_threads(1)
+def cost_part(quick: bool = False, testbeds: dict | None = None, qwen3: dict | None = None,
+              device: str = "cpu") -> dict:
+    """The part; `testbeds`, `qwen3`: rows measured before, kept (`--qwen3-only`, `--testbeds-only`). On the CPU
+    with one torch thread, as every CPU section; on a GPU the host's threads left as they are."""
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
     testbed, shape = (QUICK_TESTBED, QUICK_QWEN3) if quick else (TESTBED, QWEN3)
-    rows = testbeds if testbeds is not None else testbed_rows(testbed)
+    rows = testbeds if testbeds is not None else testbed_rows(testbed, device)
     return {"testbed_setting": testbed, "testbeds": rows, "qwen3_setting": shape,
-            "qwen3": qwen3 if qwen3 is not None else qwen3_row(shape)}
+            "qwen3": qwen3 if qwen3 is not None else qwen3_row(shape, device)}
 
 
-FOLDER_NOTE = ("A checkpoint folder's compression without reconstruction is the quicker of the two: it gathers the "
-               "statistics once and reads them back for the rank curves and for the fits, where compress() runs its "
-               "statistics pass twice (holding every layer's Grams between them would not fit at real sizes). With "
-               "reconstruction, its weighing column is also what the kept tokens' inputs cost to write beside the "
-               "statistics and read back, and its backward through the layers runs each layer's forward again.")
+def folder_note(testbeds: dict) -> str:
+    """How the checkpoint folder's rows differ from compress()'s, as measured."""
+    quicker = all(r["folder"]["without"] < r["in memory"]["without"] for r in testbeds.values())
+    first = ("A checkpoint folder's compression without reconstruction is the quicker of the two here: it gathers the "
+             "statistics once and reads them back for the rank curves and for the fits, where compress() runs its "
+             "statistics pass twice (holding every layer's Grams between them would not fit at real sizes)."
+             if quicker else "Here a checkpoint folder's compression without reconstruction is the slower of the two, "
+             "though it gathers the statistics once where compress() runs its statistics pass twice: it also loads "
+             "the checkpoint layer by layer and writes the statistics to disk and reads them back.")
+    return (first + " With reconstruction, its weighing column is also what the kept tokens' inputs cost to write "
+            "beside the statistics and read back, and its backward through the layers runs each layer's forward "
+            "again.")
 
 
-def markdown(part: dict) -> str:
+# on a GPU the reconstruction's products run in fp32 (Adam's small steps), where torch's grouped_mm takes bf16 alone
+GPU_NOTE = ("On the GPU the reconstruction trains in fp32, where torch's grouped_mm kernel takes bf16 alone, so each "
+            "per-expert product of its steps is a loop over the experts: its Adam steps grow with their number "
+            "(testbed_fine's 32 experts against testbed's 8), where the CPU's kernel takes fp32.")
+
+
+def markdown(part: dict, title: str = "Reconstruction") -> str:
     meta = part.get("meta", {})
     paths = {"in memory": "compress()", "folder": "checkpoint folder"}
     measured = [(f"{name}, {paths[path]}", r) for name, by_path in part["testbeds"].items()
                 for path, r in by_path.items()]
-    rows = [[label, f"{r['without']:.1f}", f"{r['with']:.1f}", f"{r['reconstruction_s']:.1f}",
-             f"{r['with'] - r['without'] - r['reconstruction_s']:.1f}", f"**{r['ratio']:.2f}x**"]
-            for label, r in measured]
+    # a row measured without the Adam steps' own time (the GPU part's folder rows, see its command) shows "-" there
+    rows = [[label, f"{r['without']:.1f}", f"{r['with']:.1f}",
+             f"{r['reconstruction_s']:.1f}" if "reconstruction_s" in r else "-",
+             f"{r['with'] - r['without'] - r['reconstruction_s']:.1f}" if "reconstruction_s" in r else "-",
+             f"**{r['ratio']:.2f}x**"] for label, r in measured]
     ratios = [r["ratio"] for _, r in measured]
     q = part.get("qwen3")
     if q is not None:
@@ -184,7 +219,7 @@ def markdown(part: dict) -> str:
     if q is not None and "date" in q:  # kept from an earlier run
         shape += f" That row is kept from the run of {q['date']} (`--testbeds-only`)."
     where = ", ".join(meta[key] for key in ("date", "machine") if key in meta)  # parts may run on another machine
-    return (f"**Reconstruction**, measured with `{meta.get('command', 'python -m benchmarks.reconstruction')}`"
+    return (f"**{title}**, measured with `{meta.get('command', 'python -m benchmarks.reconstruction')}`"
             f" ({where}): compress() at kept {part['testbed_setting']['ratio']} with calibration data "
             f"(method=auto), with the default reconstruction (the pass that weighs the kept tokens by the loss's "
             f"gradient, then {RECONSTRUCTION_STEPS} Adam steps a block of {ReconstructionConfig().batch_tokens} "
@@ -197,32 +232,36 @@ def markdown(part: dict) -> str:
             "its own. Goal: at most 2x the calibrated compression without it.\n\n"
             + table(["model, path", "without s", "with s", "Adam steps s", "weighing s", "with / without"], rows)
             + f"\n\nWithin the goal: {'; '.join(met) or 'none'}. Missed: {'; '.join(missed) or 'none'}. {shape} "
-            + FOLDER_NOTE)
+            + folder_note(part["testbeds"]) + ("" if meta.get("machine", "CPU").startswith("CPU") else f" {GPU_NOTE}"))
 
 
 def main() -> None:
     quick = "--quick" in sys.argv
+    device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
+    key = "reconstruction" if device == "cpu" else f"reconstruction_{torch.device(device).type}"
     path = Path(__file__).parent / "results" / "calibration.json"
     kept = {}
     if "--qwen3-only" in sys.argv:  # the testbeds' rows of the last run kept
-        kept["testbeds"] = json.loads(path.read_text())["reconstruction"]["testbeds"]
+        kept["testbeds"] = json.loads(path.read_text())[key]["testbeds"]
     if "--testbeds-only" in sys.argv:  # the Qwen3-shaped row of the last run kept, with its date
-        stored = json.loads(path.read_text())["reconstruction"]
+        stored = json.loads(path.read_text())[key]
         kept["qwen3"] = {"date": stored["meta"]["date"], **stored["qwen3"]}
     if "--weights-only" in sys.argv:  # the stored run's Qwen3-shaped row, with its weighing pass timed alone
         stored = json.loads(path.read_text())
-        q = stored["reconstruction"]["qwen3"]
-        torch.set_num_threads(1)
-        q["weights_s"] = weights_seconds(stored["reconstruction"]["qwen3_setting"])
+        q = stored[key]["qwen3"]
+        if device == "cpu":
+            torch.set_num_threads(1)
+        q["weights_s"] = weights_seconds(stored[key]["qwen3_setting"], device)
         q["without_s"] = q["total_s"] - q["reconstruction_s"] - q["weights_s"]
         q["ratio"] = q["total_s"] / q["without_s"]
-        stored["reconstruction"]["meta"]["command"] += " (its weighing pass timed alone by --weights-only)"
+        stored[key]["meta"]["command"] += " (its weighing pass timed alone by --weights-only)"
         path.write_text(json.dumps(stored, indent=1, default=str))
-        print(markdown(stored["reconstruction"]))
+        print(markdown(stored[key]))
         return
     flags = {"testbeds": " --qwen3-only", "qwen3": " --testbeds-only"}  # the rows each flag keeps
-    command = "python -m benchmarks.reconstruction" + "".join(flags[k] for k in kept)
-    part = stored_part("calibration", "reconstruction", command, lambda: cost_part(quick, **kept), store=not quick)
+    command = "python -m benchmarks.reconstruction" + "".join(flags[k] for k in kept) + (
+        f" --device {device}" if device != "cpu" else "")
+    part = stored_part("calibration", key, command, lambda: cost_part(quick, **kept, device=device), store=not quick)
     print(markdown(part))
 
 
