@@ -234,7 +234,7 @@ def markdown(result: dict) -> str:
                  "calibrated fits s", "statistics pass s", "calibration text s", "metrics s"], time_rows_)
         + f"\n\n{time_note(t)}"
         + (f"\n\n{reconstruction.markdown(result['reconstruction'])}" if "reconstruction" in result else "")
-        + (f"\n\n{reconstruction.markdown(result['reconstruction_cuda'], 'Reconstruction on a GPU')}"
+        + (f"\n\n{reconstruction.markdown(result['reconstruction_cuda'], reconstruction.GPU_TITLE)}"
            if "reconstruction_cuda" in result else "")
     )
 

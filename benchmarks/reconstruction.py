@@ -186,6 +186,7 @@ def folder_note(testbeds: dict) -> str:
             "again.")
 
 
+GPU_TITLE = "Reconstruction on a GPU"  # the part's title in §8, beside the CPU's
 # on a GPU the reconstruction's products run in fp32 (Adam's small steps), where torch's grouped_mm takes bf16 alone
 GPU_NOTE = ("On the GPU the reconstruction trains in fp32, where torch's grouped_mm kernel takes bf16 alone, so each "
             "per-expert product of its steps is a loop over the experts: its Adam steps grow with their number "
@@ -239,6 +240,7 @@ def main() -> None:
     quick = "--quick" in sys.argv
     device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
     key = "reconstruction" if device == "cpu" else f"reconstruction_{torch.device(device).type}"
+    title = "Reconstruction" if device == "cpu" else GPU_TITLE
     path = Path(__file__).parent / "results" / "calibration.json"
     kept = {}
     if "--qwen3-only" in sys.argv:  # the testbeds' rows of the last run kept
@@ -256,13 +258,13 @@ def main() -> None:
         q["ratio"] = q["total_s"] / q["without_s"]
         stored[key]["meta"]["command"] += " (its weighing pass timed alone by --weights-only)"
         path.write_text(json.dumps(stored, indent=1, default=str))
-        print(markdown(stored[key]))
+        print(markdown(stored[key], title))
         return
     flags = {"testbeds": " --qwen3-only", "qwen3": " --testbeds-only"}  # the rows each flag keeps
     command = "python -m benchmarks.reconstruction" + "".join(flags[k] for k in kept) + (
         f" --device {device}" if device != "cpu" else "")
     part = stored_part("calibration", key, command, lambda: cost_part(quick, **kept, device=device), store=not quick)
-    print(markdown(part))
+    print(markdown(part, title))
 
 
 if __name__ == "__main__":
