@@ -885,10 +885,10 @@ def dequantized_once(projections, route: Route) -> Iterator[None]:
 def pack_for_cpu(model: nn.Module) -> nn.Module:
     """`model` (in eval mode) laid out for inference on the CPU, in place: in every compressed experts module, the
     shared float tensors in oneDNN's layout, the per-expert ones as embedding_bag's tables and the 4-bit ones in
-    torch's int4 kernel's, in their stead (Projection.pack_for_cpu_, cpu_matmul). Decoding then runs about twice as fast
-    (bf16), and the 4-bit per-expert factors, which unpacked
-    are dequantized at each forward, through the kernel; training and saving the packed model are refused or
-    meaningless: load it again for them. What the vLLM plugin does with each layer it loads."""
+    torch's int4 kernel's, in their stead (Projection.pack_for_cpu_, cpu_matmul). Decoding then runs about twice as
+    fast (bf16), and the 4-bit per-expert factors, which unpacked are dequantized at each forward, through the
+    kernel; training and saving the packed model are refused or meaningless: load it again for them. What the vLLM
+    plugin does with each layer it loads."""
     for module in model.modules():
         if isinstance(module, Projection):
             module.pack_for_cpu_()
