@@ -178,3 +178,58 @@ def test_kernel_and_fallback_loop_agree(form, dtype, rank, monkeypatch):
     assert relative(y, y_loop.double()) < tol, relative(y, y_loop.double())
     errors = {name: relative(grads[name], grads_loop[name].double()) for name in grads}
     assert max(errors.values()) < tol, errors
+
+
+# The batched product of the devices whose grouped_mm kernel refuses the dtype (fp32 and fp16 on CUDA, where the
+# reconstruction trains in fp32): run here on the CPU by telling the module that its kernel does not take the inputs,
+# and on a GPU as a user runs it. fp32 at rank 3 and 4: no alignment matters to bmm.
+PADDED_CASES = [pytest.param("cpu", 3, id="cpu-fp32-r3"), pytest.param("cpu", 4, id="cpu-fp32-r4"),
+                pytest.param("cuda", 4, id="cuda-fp32-r4", marks=ON_GPU)]
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+@pytest.mark.parametrize("device, rank", PADDED_CASES)
+@pytest.mark.parametrize("form", list(FORMS))
+def test_padded_product_matches_the_plain_math(form, device, rank, model_type, monkeypatch):
+    shared, batch, calls = case(form, torch.float32, rank, model_type, monkeypatch, device)
+    if device == "cpu":
+        monkeypatch.setattr(experts, "kernel_takes", lambda x: False)
+    padded, batched = Counter(), experts.padded_bmm
+
+    def counted(*args):
+        y = batched(*args)
+        padded["products"] += y is not None
+        return y
+
+    monkeypatch.setattr(experts, "padded_bmm", counted)
+    y, grads, forward, _ = run(shared, *batch)
+    # every per-expert product ran as one batched product, none on the kernel or the loop
+    assert calls["grouped_mm"] > 0 and padded["products"] == calls["grouped_mm"], (calls, padded)
+    assert forward.calls[GROUPED_MM] == 0 and forward.calls[torch.ops.aten.bmm.default] >= calls["grouped_mm"]
+    expected_y, expected = reference(shared, *batch)
+    assert relative(y, expected_y) < TOLERANCE[torch.float32], relative(y, expected_y)
+    errors = {name: relative(grads[name], expected[name]) for name in grads}
+    assert max(errors.values()) < TOLERANCE[torch.float32], errors
+
+
+def test_padded_product_leaves_a_skewed_routing_to_the_loop():
+    """One expert taking most of the pairs would pad the stack to E times their number: padded_bmm declines
+    (PADDING_LIMIT), and grouped_mm's loop gives the product, forward and backward, as the plain per-expert math."""
+    g = torch.Generator().manual_seed(0)
+    # one expert a token; expert 0 takes 3/4 of them, 6 times the mean, and every other expert a few
+    index = torch.tensor([[0] if t < 3 * T // 4 else [1 + t % (E - 1)] for t in range(T)])
+    route = experts.Route.build(index, torch.rand(T, 1, generator=g), E)
+    assert route.busy and max(route.counts) == 6 * T // E
+    x = torch.randn(T, 6, generator=g, requires_grad=True)
+    w = torch.randn(E, 6, 5, generator=g, requires_grad=True)
+    assert experts.padded_bmm(x, w, route) is None
+    balanced = experts.Route.build(torch.arange(T)[:, None] % E, torch.rand(T, 1, generator=g), E)
+    assert experts.padded_bmm(x, w, balanced) is not None
+    expected = torch.cat([x_e @ w_e for x_e, w_e in zip(x.split(route.counts), w.unbind(0))])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experts, "kernel_takes", lambda x: False)
+        y = experts.grouped_mm(x, w, route)
+    assert torch.equal(y, expected)
+    cotangent = torch.randn(y.shape, generator=g)
+    for got, want in zip(torch.autograd.grad(y, [x, w], cotangent), torch.autograd.grad(expected, [x, w], cotangent)):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -36,6 +36,10 @@ from moe_compress.discovery import join_weights, projection_names, split_weights
 from moe_compress.quantize import (Int4Matrices, Int4Weight, QuantFormat, QuantizedMatrix, dequantize_packed,
                                    int4_kernel_rows, pack, pack_zeros, packed_words, round_codes, unpack_zeros)
 
+# padded_bmm's bound on its padded stack, in pairs per pair: a skewed routing (one expert taking most of a batch)
+# would make it as many times the pairs as there are experts, and then the loop over the experts costs less
+PADDING_LIMIT = 4
+
 
 @dataclass
 class Route:
@@ -52,6 +56,7 @@ class Route:
     num_tokens: int
     top_k: int
     gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # token_rows' copies
+    padded: tuple[torch.Tensor, int] | None = None  # padded_rows()
 
     @classmethod
     def build(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> Route:
@@ -94,6 +99,16 @@ class Route:
                 blocks.append(product(x[start:start + count], expert))
             start += count
         return torch.cat(blocks) if blocks else x.new_zeros(0, out_features)
+
+    def padded_rows(self) -> tuple[torch.Tensor, int]:
+        """Where each sorted pair goes when every expert's rows are padded to the busiest's count M: its row of the
+        [E * M] padded stack, and M (experts.padded_bmm); computed once per forward."""
+        if self.padded is None:
+            most = max(self.counts, default=0)
+            starts = self.offsets.long() - self.offsets.new_tensor(self.counts, dtype=torch.long)
+            within = torch.arange(len(self.expert), device=self.expert.device) - starts[self.expert]
+            self.padded = self.expert * most + within, most
+        return self.padded
 
     def routed_experts(self) -> torch.Tensor | None:
         """The experts some pair is routed to, ascending, where at most half of them are (decoding); None otherwise,
@@ -154,9 +169,26 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, pads).contiguous()
 
 
+def kernel_takes(x: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm kernel takes inputs like x: any dtype on the CPU, bf16 alone on CUDA (elsewhere it
+    falls back to a loop over the experts in C++)."""
+    return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+
+
+def padded_bmm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor | None:
+    """grouped_mm as one batched product: each expert's rows zero-padded to the busiest expert's count, [E, M, a] x
+    [E, a, b]; None where the padding would hold over PADDING_LIMIT times the pairs."""
+    rows, most = route.padded_rows()
+    if len(route.counts) * most > PADDING_LIMIT * max(len(x), 1):
+        return None
+    padded = x.new_zeros(len(route.counts) * most, x.shape[-1]).index_copy(0, rows, x)
+    y = torch.bmm(padded.view(len(route.counts), most, -1), w)
+    return y.view(-1, w.shape[-1]).index_select(0, rows)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
     """Per-expert matmul of sorted pairs: [S, a] x [E, a, b] -> [S, b], row block e times w[e]."""
-    fast = x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+    fast = kernel_takes(x)
     training = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     # torch's kernel visits every expert; with few of them routed (decoding) a loop over those is cheaper
     if fast and route.busy and hasattr(F, "grouped_mm"):
@@ -176,6 +208,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor:
                 if y.requires_grad:  # its backward refuses strided gradients, which a model's gating can hand it
                     y.register_hook(torch.Tensor.contiguous)  # (gpt_oss reads gate and up as every other column)
                 return y[:, :w.shape[-1]]
+    if not fast and route.busy:
+        # fp32 on CUDA (the reconstruction trains in it): one kernel for all the experts, where the loops below
+        # launch one a routed expert and an autograd node each (BENCHMARKS §8)
+        y = padded_bmm(x, w, route)
+        if y is not None:
+            return y
     if training:
         # unbind, not w[e]: each w[e]'s backward writes a zero gradient the size of all of w (at Qwen3-30B-A3B's shape
         # the loop's backward took 24-67x longer than with unbind's one stacked gradient)

@@ -240,7 +240,9 @@ def traced_backward(model: nn.Module, batches: list[torch.Tensor], inputs: Layer
         blocks = {name: name.rpartition(".")[0] for name in within}  # experts module: its block, within the layer
         with around_layer(layers[index]), frozen(layers[index]), torch.enable_grad():
             for batch, (hidden, kwargs) in enumerate(zip(trace.layer_inputs(index), inputs.kwargs[index])):
-                norms, grads[batch] = layer_backward(layers[index], blocks, hidden, kwargs, grads[batch], dtype)
+                # the first layer's inputs need no gradient: nothing before it is weighed
+                norms, grads[batch] = layer_backward(layers[index], blocks, hidden, kwargs, grads[batch], dtype,
+                                                     through=index > 0)
                 for name, norm in norms.items():
                     found[f"{inputs.prefix}.{index}.{name}"].append(norm)
     return found
@@ -254,16 +256,21 @@ def unspilled(path: Path) -> list[torch.Tensor]:
 
 
 def layer_backward(layer: nn.Module, blocks: dict[str, str], hidden: torch.Tensor, kwargs: dict, grad: torch.Tensor,
-                   dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                   dtype: torch.dtype | None,
+                   through: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """One decoder layer run on one batch of its inputs `hidden` [B, L, H] (with `dtype`, computing in it), and the
     gradient `grad` at its outputs taken back through it: the gradient's norm at each of its MoE blocks' outputs
-    per token [B * L] (`blocks`: {experts module name within the layer: its block's}), and the gradient at its
-    inputs."""
+    per token [B * L] (`blocks`: {experts module name within the layer: its block's}), and with `through` the
+    gradient at its inputs (else None: the backward stops at the blocks' outputs, short of their experts and the
+    attention)."""
     device = grad.device
     x = hidden.to(device).clone().requires_grad_()
     cast = partial(tree_map_only, torch.Tensor, lambda t: (t.to(dtype) if dtype is not None and t.is_floating_point()
                                                            else t).clone())  # clones: outside inference mode
     with block_outputs({name: layer.get_submodule(block) for name, block in blocks.items()}) as outputs:
         y = layer(cast(x), **cast(kwargs))
+    if not through:
+        return gradient_norms(outputs, torch.autograd.grad(y, list(outputs.values()), grad.to(y.dtype),
+                                                           allow_unused=True)), None
     found = torch.autograd.grad(y, [x, *outputs.values()], grad.to(y.dtype), allow_unused=True)
     return gradient_norms(outputs, found[1:]), found[0].to(grad.dtype)
