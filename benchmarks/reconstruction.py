@@ -169,7 +169,7 @@ def cost_part(quick: bool = False, testbeds: dict | None = None, qwen3: dict | N
     testbed, shape = (QUICK_TESTBED, QUICK_QWEN3) if quick else (TESTBED, QWEN3)
     rows = testbeds if testbeds is not None else testbed_rows(testbed, device)
     return {"testbed_setting": testbed, "testbeds": rows, "qwen3_setting": shape,
-            "qwen3": qwen3 if qwen3 is not None else qwen3_row(shape, device)}
+            "qwen3": qwen3 if qwen3 is not None else qwen3_row(shape, device), "fp32_products": FP32_PRODUCTS}
 
 
 def folder_note(testbeds: dict) -> str:
@@ -187,10 +187,18 @@ def folder_note(testbeds: dict) -> str:
 
 
 GPU_TITLE = "Reconstruction on a GPU"  # the part's title in §8, beside the CPU's
-# on a GPU the reconstruction's products run in fp32 (Adam's small steps), where torch's grouped_mm takes bf16 alone
-GPU_NOTE = ("On the GPU the reconstruction trains in fp32, where torch's grouped_mm kernel takes bf16 alone, so each "
-            "per-expert product of its steps is a loop over the experts: its Adam steps grow with their number "
-            "(testbed_fine's 32 experts against testbed's 8), where the CPU's kernel takes fp32.")
+# How the reconstruction's fp32 per-expert products run on a GPU, where torch's grouped_mm takes bf16 alone: stored
+# with each run (parts stored before it was recorded ran the loop)
+FP32_PRODUCTS = "padded"
+GPU_NOTES = {
+    "loop": "On the GPU the reconstruction trains in fp32, where torch's grouped_mm kernel takes bf16 alone, so each "
+            "per-expert product of its steps was a loop over the experts: its Adam steps grew with their number "
+            "(testbed_fine's 32 experts against testbed's 8), where the CPU's kernel takes fp32. Those products have "
+            "since become one zero-padded batched product over the experts (experts.padded_bmm), not yet measured "
+            "on a GPU.",
+    "padded": "On the GPU the reconstruction trains in fp32, where torch's grouped_mm kernel takes bf16 alone; each "
+              "per-expert product of its steps runs as one zero-padded batched product over the experts "
+              "(experts.padded_bmm), where the CPU's kernel takes fp32."}
 
 
 def markdown(part: dict, title: str = "Reconstruction") -> str:
@@ -233,7 +241,14 @@ def markdown(part: dict, title: str = "Reconstruction") -> str:
             "its own. Goal: at most 2x the calibrated compression without it.\n\n"
             + table(["model, path", "without s", "with s", "Adam steps s", "weighing s", "with / without"], rows)
             + f"\n\nWithin the goal: {'; '.join(met) or 'none'}. Missed: {'; '.join(missed) or 'none'}. {shape} "
-            + folder_note(part["testbeds"]) + ("" if meta.get("machine", "CPU").startswith("CPU") else f" {GPU_NOTE}"))
+            + folder_note(part["testbeds"]) + gpu_note(part))
+
+
+def gpu_note(part: dict) -> str:
+    """How a GPU part's fp32 products ran; nothing for the CPU's."""
+    if part.get("meta", {}).get("machine", "CPU").startswith("CPU"):
+        return ""
+    return " " + GPU_NOTES[part.get("fp32_products", "loop")]
 
 
 def main() -> None:
