@@ -9,7 +9,7 @@ from conftest import ARCHITECTURES, tiny_model, token_ids
 from moe_compress.calibration.observe import observe, observing
 from moe_compress.calibration.grams import ExpertGrams, Regularisation, regularised
 from moe_compress.discovery import find_experts, split_weights
-from moe_compress.calibration.store import load_statistics
+from moe_compress.calibration.store import load_block_data, load_statistics
 from moe_compress.parallel import Manifest
 from moe_compress.calibration.layers import capture, decoder_layers
 
@@ -117,6 +117,25 @@ def test_statistics_are_saved_packed_in_bf16_and_load_as_full_fp32_grams(tmp_pat
     sizes = [m.path(name).stat().st_size - 8 * E for m in (old, manifest)]  # less the token counts
     assert 0 <= sizes[0] - full_bytes < 512 and 0 <= sizes[1] - packed_bytes < 512  # a safetensors header besides
     assert full_bytes / packed_bytes > 3.8  # 4d / (d + 1): 3.9 at d = 32, 4.0 at real sizes
+
+
+def test_the_kept_tokens_are_read_by_the_reconstruction_alone(tmp_path):
+    """Statistics saved with the reconstruction's kept inputs and outputs load for the curves and fits without them
+    (they are the bulk of the file at real sizes); load_block_data reads them as saved."""
+    name = "model.layers.0.mlp.experts"
+    grams = observe(tiny_model("qwen3_moe"), token_ids(4, 16), ExpertGrams, progress=False)[name]
+    inputs, outputs = torch.randn(64, grams.inputs.shape[-1]), torch.randn(64, grams.inputs.shape[-1])
+    manifest, plain = Manifest(tmp_path / "kept"), Manifest(tmp_path / "plain")
+    for folder in ("kept", "plain"):
+        (tmp_path / folder / "units").mkdir(parents=True)
+    manifest.save(name, {**grams.state(), "block_inputs": inputs, "block_outputs": outputs}, {})
+    plain.save(name, grams.state(), {})
+    loaded, alone = load_statistics(manifest, name), load_statistics(plain, name)
+    assert loaded.block_inputs is None and loaded.block_outputs is None
+    for key in ("tokens", "inputs", "intermediate"):
+        assert torch.equal(getattr(loaded, key), getattr(alone, key))
+    read_inputs, read_outputs = load_block_data(manifest, name)
+    assert torch.equal(read_inputs, inputs) and torch.equal(read_outputs, outputs)
 
 
 def test_gate_and_up_share_one_metric_until_more_tokens_arrive():

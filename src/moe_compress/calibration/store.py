@@ -31,8 +31,15 @@ def save_statistics(manifest: Manifest, name: str, grams: ExpertGrams) -> None:
     manifest.save(name, grams.state(), {"tokens": int(grams.tokens.sum())})
 
 
+BLOCK_DATA = ("block_inputs", "block_outputs")  # what load_block_data reads
+
+
 def load_statistics(manifest: Manifest, name: str) -> ExpertGrams:
-    return ExpertGrams.from_state(load_file(manifest.path(name)))
+    """One module's statistics for its curves and fits: the Grams alone. The kept tokens' inputs and outputs beside
+    them are the reconstruction's, which reads them itself (load_block_data): at Qwen3-30B-A3B's shape, 65,536 of
+    them are 1 GiB a module, which each pass read for nothing."""
+    with safe_open(manifest.path(name), "pt") as f:
+        return ExpertGrams.from_state({key: f.get_tensor(key) for key in f.keys() if key not in BLOCK_DATA})
 
 
 def load_token_counts(manifest: Manifest, name: str) -> list[int]:
@@ -45,10 +52,11 @@ def load_block_data(manifest: Manifest, name: str) -> tuple[torch.Tensor, torch.
     """The calibration inputs [N, H] kept with one module's statistics and their MoE block's outputs (None in a
     store saved before they were kept), without reading its Grams."""
     with safe_open(manifest.path(name), "pt") as f:
-        if "block_inputs" not in f.keys():
+        inputs, outputs = BLOCK_DATA
+        if inputs not in f.keys():
             raise ValueError(f"the statistics of {name} in {manifest.folder} keep no inputs; delete that folder to "
                              "gather them again with the reconstruction's")
-        return f.get_tensor("block_inputs"), f.get_tensor("block_outputs") if "block_outputs" in f.keys() else None
+        return f.get_tensor(inputs), f.get_tensor(outputs) if outputs in f.keys() else None
 
 
 def sensitivity_unit(name: str) -> str:

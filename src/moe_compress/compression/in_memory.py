@@ -123,7 +123,6 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[
     source = LoadedModel(model, calibration_batches(model, config, calibration), config.calibration.batch_size)
     record = config.for_data(source.calibrated)  # what the folder records: target_bits as asked, not as chosen
     config, choice = record, None
-    source.keep(record, progress)
     if record.target_bits is not None:
         config, choice = bits.choose(source, record, fit_device(config.device), progress)
     specs = engine.plan(source, config)
@@ -132,6 +131,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Optional[
             found = {name: (curves, spec) for name, curves, spec in
                      engine.curves(source, specs, specs, config, fit_device(config.device), bar)}
         specs = engine.allocated_specs(config, found, engine.params_before(source))
+    source.keep(record, progress)  # after the passes that read the Grams alone: they need none of the kept tokens
     return fit_in_place(source, specs, config, progress, record, choice)
 
 
