@@ -236,6 +236,7 @@ def markdown(result: dict) -> str:
         + (f"\n\n{reconstruction.markdown(result['reconstruction'])}" if "reconstruction" in result else "")
         + (f"\n\n{reconstruction.markdown(result['reconstruction_cuda'], reconstruction.GPU_TITLE)}"
            if "reconstruction_cuda" in result else "")
+        + (f"\n\n{reconstruction.kernels_markdown(result['kernel_counts'])}" if "kernel_counts" in result else "")
     )
 
 

@@ -13,7 +13,9 @@ without it.
 
 `python -m benchmarks.reconstruction` runs it and stores it in benchmarks/results/calibration.json (§8);
 `--device cuda` runs the same on a GPU (the testbeds in fp32 with all their torch threads, the Qwen3-shaped module in
-bf16, as a user compresses it there) and stores it beside, under "reconstruction_cuda".
+bf16, as a user compresses it there) and stores it beside, under "reconstruction_cuda". `--count-kernels` counts, on
+the CPU, the kernels a reconstruction step launches with the products the GPU's fp32 takes (experts.padded_bmm)
+against the loop over the experts it replaced, stored under "kernel_counts".
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from unittest import mock
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from benchmarks.common import stored_part, table
 from benchmarks.quality import calibration_windows
-from moe_compress import CompressionConfig, ReconstructionConfig, compress, find_experts
+from moe_compress import CompressionConfig, ReconstructionConfig, compress, experts, find_experts
 from moe_compress.calibration.sensitivity import token_sensitivity
+from moe_compress.compression.reconstruction import outputs, training
 from moe_compress.compression.from_folder import compress_checkpoint
 from moe_compress.compression.config import RECONSTRUCTION_STEPS, CalibrationConfig
 from moe_compress.testbed import TESTBEDS, load_testbed
@@ -251,8 +257,101 @@ def gpu_note(part: dict) -> str:
     return " " + GPU_NOTES[part.get("fp32_products", "loop")]
 
 
+class KernelCount(TorchDispatchMode):
+    """How many aten kernels run within the block (on a GPU, each one a launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_kernels(block: torch.nn.Module, x: torch.Tensor) -> int:
+    """The aten kernels of one reconstruction step's forward and backward of `block` on token inputs x [N, H], with
+    the products the GPU's fp32 takes (torch's grouped_mm kernel refusing the dtype, as it does there)."""
+    with mock.patch.object(experts, "kernel_takes", lambda x: False), KernelCount() as counted:
+        loss = outputs(block, x).square().mean()
+        loss.backward()
+    return counted.count
+
+
+def block_kernels(model: torch.nn.Module, calibration: torch.Tensor, tokens: torch.Tensor, ratio: float) -> dict:
+    """{"experts": their count, "padded": kernels, "loop": kernels}: one reconstruction step of the last MoE block of
+    `model`, compressed at kept `ratio` on `calibration` (no reconstruction), on the block's inputs from the token ids
+    `tokens`, with the padded batched product and with the loop over the experts it replaced."""
+    experts_name = find_experts(model)[-1][0]
+    config = CompressionConfig(target_ratio=ratio, reconstruction=ReconstructionConfig(steps=0))
+    compress(model, config, calibration=calibration, progress=False)
+    block = model.get_submodule(experts_name.rpartition(".")[0])
+    seen = []
+    hook = block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(tokens)
+    hook.remove()
+    x = seen[0].reshape(-1, seen[0].shape[-1])
+    compressed, routed = model.get_submodule(experts_name), []
+    hook = compressed.register_forward_pre_hook(lambda module, args: routed.append(args[1]))  # (x, top-k index, ...)
+    with torch.no_grad():
+        outputs(block, x)
+    hook.remove()
+    # the busiest expert's pairs on the step's tokens: what the padded stack grows with
+    busiest = torch.bincount(routed[0].reshape(-1), minlength=model.config.num_experts).max().item()
+    with training(block, compressed, router=False):
+        found = {"experts": model.config.num_experts, "busiest": busiest, "padded": step_kernels(block, x)}
+        with mock.patch.object(experts, "padded_bmm", lambda *args: None):
+            found["loop"] = step_kernels(block, x)
+    return found
+
+
+def kernel_counts(setting: dict) -> dict:
+    """block_kernels of each testbed (calibrated on 32 windows, a step's tokens from setting["sequences"]) and of a
+    one-layer model with Qwen3-30B-A3B's experts and routing (setting["qwen3"]: its widths cut, since a count does
+    not depend on them), calibrated on its step's tokens."""
+    counts = {}
+    for name in setting["testbeds"]:
+        model, _ = load_testbed(torch.float32, TESTBEDS[name])
+        counts[name] = block_kernels(model, calibration_windows(32), calibration_windows(setting["sequences"]),
+                                     setting["ratio"])
+    shape = setting["qwen3"]
+    counts["qwen3"] = block_kernels(qwen3_shaped(shape), qwen3_tokens(shape), qwen3_tokens(shape), setting["ratio"])
+    return {"setting": setting, "counts": counts}
+
+
+# a step's 1,024 tokens: 4 windows of 256 bytes; Qwen3-30B-A3B's 128 experts, top-8, at small widths
+KERNELS = dict(ratio=0.3, sequences=4, testbeds=tuple(TESTBEDS),
+               qwen3=dict(hidden=64, experts=128, width=32, top_k=8, sequences=4, length=256))
+
+
+def kernels_markdown(part: dict) -> str:
+    """The kernel counts, as a note under the GPU part."""
+    meta, counts, setting = part["meta"], part["counts"], part["setting"]
+    q, busiest = setting["qwen3"], counts["qwen3"]["busiest"]
+    real = q["experts"] * busiest * QWEN3["hidden"] * 4 / 2**30  # its largest padded stack at hidden 2048, fp32
+    labels = {"qwen3": f"a one-layer model with Qwen3-30B-A3B's routing ({q['experts']} experts, top-{q['top_k']}, "
+                       f"random weights, the busiest expert taking {busiest} pairs of the step's "
+                       f"{setting['sequences'] * 256 * q['top_k']:,}; its widths cut to {q['hidden']} x {q['width']}, "
+                       "since a count does not depend on them while the padded stack stays within "
+                       f"experts.PADDED_BYTES: at hidden {QWEN3['hidden']} this routing's largest would be "
+                       f"{real:.2f} GiB)"}
+    each = "; ".join(f"{labels.get(name, name + ' (' + str(c['experts']) + ' experts)')}: {c['padded']:,} against "
+                     f"{c['loop']:,} ({c['loop'] / c['padded']:.1f}x)" for name, c in counts.items())
+    return (f"**Kernels a reconstruction step launches on a GPU**, counted on the CPU with the products the GPU's fp32 "
+            f"takes (`{meta['command']}`, {meta['date']}): one step's forward and backward of the last MoE block, "
+            f"kept {setting['ratio']}, on {setting['sequences'] * 256:,} tokens, with the padded batched product "
+            f"against the loop over the experts it replaced, in aten kernels: {each}. A count, not a time: where a "
+            "GPU's small kernels are bound by their launches, a step's time follows it.")
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
+    if "--count-kernels" in sys.argv:
+        part = stored_part("calibration", "kernel_counts", "python -m benchmarks.reconstruction --count-kernels",
+                           lambda: kernel_counts(KERNELS), store=not quick)
+        print(kernels_markdown(part))
+        return
     device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
     key = "reconstruction" if device == "cpu" else f"reconstruction_{torch.device(device).type}"
     title = "Reconstruction" if device == "cpu" else GPU_TITLE

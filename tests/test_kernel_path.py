@@ -212,9 +212,10 @@ def test_padded_product_matches_the_plain_math(form, device, rank, model_type, m
     assert max(errors.values()) < TOLERANCE[torch.float32], errors
 
 
-def test_padded_product_leaves_a_skewed_routing_to_the_loop():
-    """One expert taking most of the pairs would pad the stack to E times their number: padded_bmm declines
-    (PADDING_LIMIT), and grouped_mm's loop gives the product, forward and backward, as the plain per-expert math."""
+def test_padded_product_leaves_a_skewed_routing_to_the_loop(monkeypatch):
+    """One expert taking most of the pairs would pad the stack to E times their number: past PADDING_LIMIT times the
+    pairs and PADDED_BYTES (set to 0 here), padded_bmm declines, and grouped_mm's loop gives the product, forward and
+    backward, as the plain per-expert math. Within the bytes, the skewed routing is padded as any other."""
     g = torch.Generator().manual_seed(0)
     # one expert a token; expert 0 takes 3/4 of them, 6 times the mean, and every other expert a few
     index = torch.tensor([[0] if t < 3 * T // 4 else [1 + t % (E - 1)] for t in range(T)])
@@ -222,6 +223,8 @@ def test_padded_product_leaves_a_skewed_routing_to_the_loop():
     assert route.busy and max(route.counts) == 6 * T // E
     x = torch.randn(T, 6, generator=g, requires_grad=True)
     w = torch.randn(E, 6, 5, generator=g, requires_grad=True)
+    assert experts.padded_bmm(x, w, route) is not None  # a few bytes: padded whatever the skew
+    monkeypatch.setattr(experts, "PADDED_BYTES", 0)
     assert experts.padded_bmm(x, w, route) is None
     balanced = experts.Route.build(torch.arange(T)[:, None] % E, torch.rand(T, 1, generator=g), E)
     assert experts.padded_bmm(x, w, balanced) is not None

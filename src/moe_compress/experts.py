@@ -36,9 +36,12 @@ from moe_compress.discovery import join_weights, projection_names, split_weights
 from moe_compress.quantize import (Int4Matrices, Int4Weight, QuantFormat, QuantizedMatrix, dequantize_packed,
                                    int4_kernel_rows, pack, pack_zeros, packed_words, round_codes, unpack_zeros)
 
-# padded_bmm's bound on its padded stack, in pairs per pair: a skewed routing (one expert taking most of a batch)
-# would make it as many times the pairs as there are experts, and then the loop over the experts costs less
+# padded_bmm's bound on its padded stack: PADDING_LIMIT times the pairs' rows or PADDED_BYTES, whichever is larger.
+# A skewed routing (one expert taking most of a batch) makes it up to as many times the pairs as there are experts;
+# past both, the loop over the experts is kinder to memory (a long prefill in fp16). A random router at Qwen3-30B-A3B's
+# 128 experts gave its busiest 5x the mean on a step's 1,024 tokens.
 PADDING_LIMIT = 4
+PADDED_BYTES = 2**30
 
 
 @dataclass
@@ -170,16 +173,17 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_takes(x: torch.Tensor) -> bool:
-    """Whether torch's grouped_mm kernel takes inputs like x: any dtype on the CPU, bf16 alone on CUDA (elsewhere it
-    falls back to a loop over the experts in C++)."""
+    """Whether torch's grouped_mm kernel takes inputs like x: any dtype on the CPU, bf16 alone on CUDA (other dtypes
+    there run torch's fallback, a loop over the experts)."""
     return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
 
 
 def padded_bmm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor | None:
     """grouped_mm as one batched product: each expert's rows zero-padded to the busiest expert's count, [E, M, a] x
-    [E, a, b]; None where the padding would hold over PADDING_LIMIT times the pairs."""
+    [E, a, b]; None where the padded stack would pass both PADDING_LIMIT times the pairs and PADDED_BYTES."""
     rows, most = route.padded_rows()
-    if len(route.counts) * most > PADDING_LIMIT * max(len(x), 1):
+    stacked = len(route.counts) * most
+    if stacked > PADDING_LIMIT * len(x) and stacked * x.shape[-1] * x.element_size() > PADDED_BYTES:
         return None
     padded = x.new_zeros(len(route.counts) * most, x.shape[-1]).index_copy(0, rows, x)
     y = torch.bmm(padded.view(len(route.counts), most, -1), w)
