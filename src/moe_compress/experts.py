@@ -185,7 +185,7 @@ def padded_bmm(x: torch.Tensor, w: torch.Tensor, route: Route) -> torch.Tensor |
     stacked = len(route.counts) * most
     if stacked > PADDING_LIMIT * len(x) and stacked * x.shape[-1] * x.element_size() > PADDED_BYTES:
         return None
-    padded = x.new_zeros(len(route.counts) * most, x.shape[-1]).index_copy(0, rows, x)
+    padded = x.new_zeros(stacked, x.shape[-1]).index_copy(0, rows, x)
     y = torch.bmm(padded.view(len(route.counts), most, -1), w)
     return y.view(-1, w.shape[-1]).index_select(0, rows)
 
