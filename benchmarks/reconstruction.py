@@ -258,14 +258,15 @@ def gpu_note(part: dict) -> str:
 
 
 class KernelCount(TorchDispatchMode):
-    """How many aten kernels run within the block (on a GPU, each one a launch)."""
+    """How many aten operations that compute run within the block (on a GPU, a kernel launch each): views, which
+    only describe memory, left out."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        self.count += not (func.is_view or func is torch.ops.aten._unsafe_view.default)
         return func(*args, **(kwargs or {}))
 
 
@@ -341,8 +342,9 @@ def kernels_markdown(part: dict) -> str:
     return (f"**Kernels a reconstruction step launches on a GPU**, counted on the CPU with the products the GPU's fp32 "
             f"takes (`{meta['command']}`, {meta['date']}): one step's forward and backward of the last MoE block, "
             f"kept {setting['ratio']}, on {setting['sequences'] * 256:,} tokens, with the padded batched product "
-            f"against the loop over the experts it replaced, in aten kernels: {each}. A count, not a time: where a "
-            "GPU's small kernels are bound by their launches, a step's time follows it.")
+            "against the loop over the experts it replaced, in aten operations that compute (views left out): "
+            f"{each}. A count, not a time: where a GPU's small kernels are bound by their launches, a step's time "
+            "follows it.")
 
 
 def main() -> None:
