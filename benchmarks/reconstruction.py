@@ -28,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
 from unittest import mock
 
 import torch
@@ -36,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from benchmarks.common import stored_part, table
-from benchmarks.quality import calibration_windows
+from benchmarks.quality import CALIBRATION_LEN, calibration_windows
 from moe_compress import CompressionConfig, ReconstructionConfig, compress, experts, find_experts
 from moe_compress.calibration.sensitivity import token_sensitivity
 from moe_compress.compression.reconstruction import outputs, training
@@ -196,15 +195,13 @@ GPU_TITLE = "Reconstruction on a GPU"  # the part's title in §8, beside the CPU
 # How the reconstruction's fp32 per-expert products run on a GPU, where torch's grouped_mm takes bf16 alone: stored
 # with each run (parts stored before it was recorded ran the loop)
 FP32_PRODUCTS = "padded"
+GPU_FP32 = "On the GPU the reconstruction trains in fp32, where torch's grouped_mm kernel takes bf16 alone"
+PADDED = "one zero-padded batched product over the experts (experts.padded_bmm)"
 GPU_NOTES = {
-    "loop": "On the GPU the reconstruction trains in fp32, where torch's grouped_mm kernel takes bf16 alone, so each "
-            "per-expert product of its steps was a loop over the experts: its Adam steps grew with their number "
-            "(testbed_fine's 32 experts against testbed's 8), where the CPU's kernel takes fp32. Those products have "
-            "since become one zero-padded batched product over the experts (experts.padded_bmm), not yet measured "
-            "on a GPU.",
-    "padded": "On the GPU the reconstruction trains in fp32, where torch's grouped_mm kernel takes bf16 alone; each "
-              "per-expert product of its steps runs as one zero-padded batched product over the experts "
-              "(experts.padded_bmm), where the CPU's kernel takes fp32."}
+    "loop": f"{GPU_FP32}, so each per-expert product of its steps was a loop over the experts: its Adam steps grew "
+            "with their number (testbed_fine's 32 experts against testbed's 8), where the CPU's kernel takes fp32. "
+            f"Those products have since become {PADDED}, not yet measured on a GPU.",
+    "padded": f"{GPU_FP32}; each per-expert product of its steps runs as {PADDED}, where the CPU's kernel takes fp32."}
 
 
 def markdown(part: dict, title: str = "Reconstruction") -> str:
@@ -271,8 +268,9 @@ class KernelCount(TorchDispatchMode):
 
 
 def step_kernels(block: torch.nn.Module, x: torch.Tensor) -> int:
-    """The aten kernels of one reconstruction step's forward and backward of `block` on token inputs x [N, H], with
-    the products the GPU's fp32 takes (torch's grouped_mm kernel refusing the dtype, as it does there)."""
+    """The aten operations that compute (KernelCount) in one reconstruction step's forward and backward of `block`
+    on token inputs x [N, H], with the products the GPU's fp32 takes (torch's grouped_mm kernel refusing the dtype,
+    as it does there)."""
     with mock.patch.object(experts, "kernel_takes", lambda x: False), KernelCount() as counted:
         loss = outputs(block, x).square().mean()
         loss.backward()
@@ -286,18 +284,15 @@ def block_kernels(model: torch.nn.Module, calibration: torch.Tensor, tokens: tor
     experts_name = find_experts(model)[-1][0]
     config = CompressionConfig(target_ratio=ratio, reconstruction=ReconstructionConfig(steps=0))
     compress(model, config, calibration=calibration, progress=False)
-    block = model.get_submodule(experts_name.rpartition(".")[0])
-    seen = []
-    hook = block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    block, compressed = model.get_submodule(experts_name.rpartition(".")[0]), model.get_submodule(experts_name)
+    seen, routed = [], []
+    hooks = [block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach())),
+             compressed.register_forward_pre_hook(lambda module, args: routed.append(args[1]))]  # (x, top-k index, ..)
     with torch.no_grad():
         model(tokens)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     x = seen[0].reshape(-1, seen[0].shape[-1])
-    compressed, routed = model.get_submodule(experts_name), []
-    hook = compressed.register_forward_pre_hook(lambda module, args: routed.append(args[1]))  # (x, top-k index, ...)
-    with torch.no_grad():
-        outputs(block, x)
-    hook.remove()
     # the busiest expert's pairs on the step's tokens: what the padded stack grows with
     busiest = torch.bincount(routed[0].reshape(-1), minlength=model.config.num_experts).max().item()
     with training(block, compressed, router=False):
@@ -321,7 +316,8 @@ def kernel_counts(setting: dict) -> dict:
     return {"setting": setting, "counts": counts}
 
 
-# a step's 1,024 tokens: 4 windows of 256 bytes; Qwen3-30B-A3B's 128 experts, top-8, at small widths
+# a step's 1,024 tokens: 4 calibration windows (4 sequences of 256 tokens for the Qwen3-shaped model); Qwen3-30B-A3B's
+# 128 experts, top-8, at small widths
 KERNELS = dict(ratio=0.3, sequences=4, testbeds=tuple(TESTBEDS),
                qwen3=dict(hidden=64, experts=128, width=32, top_k=8, sequences=4, length=256))
 
@@ -330,10 +326,11 @@ def kernels_markdown(part: dict) -> str:
     """The kernel counts, as a note under the GPU part."""
     meta, counts, setting = part["meta"], part["counts"], part["setting"]
     q, busiest = setting["qwen3"], counts["qwen3"]["busiest"]
+    pairs, tokens = q["sequences"] * q["length"] * q["top_k"], setting["sequences"] * CALIBRATION_LEN
     real = q["experts"] * busiest * QWEN3["hidden"] * 4 / 2**30  # its largest padded stack at hidden 2048, fp32
     labels = {"qwen3": f"a one-layer model with Qwen3-30B-A3B's routing ({q['experts']} experts, top-{q['top_k']}, "
                        f"random weights, the busiest expert taking {busiest} pairs of the step's "
-                       f"{setting['sequences'] * 256 * q['top_k']:,}; its widths cut to {q['hidden']} x {q['width']}, "
+                       f"{pairs:,}; its widths cut to {q['hidden']} x {q['width']}, "
                        "since a count does not depend on them while the padded stack stays within "
                        f"experts.PADDED_BYTES: at hidden {QWEN3['hidden']} this routing's largest would be "
                        f"{real:.2f} GiB)"}
@@ -341,7 +338,7 @@ def kernels_markdown(part: dict) -> str:
                      f"{c['loop']:,} ({c['loop'] / c['padded']:.1f}x)" for name, c in counts.items())
     return (f"**Kernels a reconstruction step launches on a GPU**, counted on the CPU with the products the GPU's fp32 "
             f"takes (`{meta['command']}`, {meta['date']}): one step's forward and backward of the last MoE block, "
-            f"kept {setting['ratio']}, on {setting['sequences'] * 256:,} tokens, with the padded batched product "
+            f"kept {setting['ratio']}, on {tokens:,} tokens, with the padded batched product "
             "against the loop over the experts it replaced, in aten operations that compute (views left out): "
             f"{each}. A count, not a time: where a GPU's small kernels are bound by their launches, a step's time "
             "follows it.")

@@ -269,8 +269,6 @@ def layer_backward(layer: nn.Module, blocks: dict[str, str], hidden: torch.Tenso
                                                            else t).clone())  # clones: outside inference mode
     with block_outputs({name: layer.get_submodule(block) for name, block in blocks.items()}) as outputs:
         y = layer(cast(x), **cast(kwargs))
-    if not through:
-        return gradient_norms(outputs, torch.autograd.grad(y, list(outputs.values()), grad.to(y.dtype),
-                                                           allow_unused=True)), None
-    found = torch.autograd.grad(y, [x, *outputs.values()], grad.to(y.dtype), allow_unused=True)
-    return gradient_norms(outputs, found[1:]), found[0].to(grad.dtype)
+    wanted = [x] if through else []
+    found = torch.autograd.grad(y, [*wanted, *outputs.values()], grad.to(y.dtype), allow_unused=True)
+    return gradient_norms(outputs, found[len(wanted):]), found[0].to(grad.dtype) if through else None
