@@ -58,12 +58,13 @@ def token_sensitivity(model: nn.Module, batches: list[torch.Tensor], blocks: dic
     nothing (0). A batch of token ids [B, L] at a time (fewer rows where its logits would be large:
     rows_per_pass), the model in eval mode and its weights frozen; `progress` shows a bar over the batches."""
     found: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
-    embeddings = model.get_input_embeddings()
-    # the graph starts at the embeddings' output, since no weight asks for a gradient
-    hook = embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_())
+    # the graph starts at the first block's output, since no weight asks for a gradient and nothing before it is
+    # weighed: the backward stops there, short of its experts and all before them (registered first, so that
+    # block_outputs keeps the output it makes)
+    hook = next(iter(blocks.values())).register_forward_hook(graph_start)
     was_training = model.training
     model.eval()
-    device = embeddings.weight.device
+    device = model.get_input_embeddings().weight.device
     try:
         with frozen(model), torch.enable_grad():
             kept = first_batches(batches, tokens)
@@ -79,6 +80,14 @@ def token_sensitivity(model: nn.Module, batches: list[torch.Tensor], blocks: dic
         hook.remove()
         model.train(was_training)
     return {name: normalised(torch.cat(parts)[:tokens]) for name, parts in found.items()}
+
+
+def graph_start(module: nn.Module, args, output):
+    """A forward hook making a module's output hidden states (the first element of a tuple) a leaf that autograd
+    differentiates from, cut from the graph before it."""
+    if isinstance(output, tuple):
+        return (output[0].detach().requires_grad_(), *output[1:])
+    return output.detach().requires_grad_()
 
 
 @contextmanager
