@@ -234,6 +234,7 @@ def markdown(result: dict) -> str:
                  "calibrated fits s", "statistics pass s", "calibration text s", "metrics s"], time_rows_)
         + f"\n\n{time_note(t)}"
         + (f"\n\n{reconstruction.markdown(result['reconstruction'])}" if "reconstruction" in result else "")
+        + (f"\n\n{reconstruction.steps_markdown(result['step_times'])}" if "step_times" in result else "")
         + (f"\n\n{reconstruction.markdown(result['reconstruction_cuda'], reconstruction.GPU_TITLE)}"
            if "reconstruction_cuda" in result else "")
         + (f"\n\n{reconstruction.kernels_markdown(result['kernel_counts'])}" if "kernel_counts" in result else "")

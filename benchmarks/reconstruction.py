@@ -15,7 +15,9 @@ without it.
 `--device cuda` runs the same on a GPU (the testbeds in fp32 with all their torch threads, the Qwen3-shaped module in
 bf16, as a user compresses it there) and stores it beside, under "reconstruction_cuda". `--count-kernels` counts, on
 the CPU, the kernels a reconstruction step launches with the products the GPU's fp32 takes (experts.padded_bmm)
-against the loop over the experts it replaced, stored under "kernel_counts".
+against the loop over the experts it replaced, stored under "kernel_counts". `--step-times` times, on the CPU, a
+reconstruction step of each testbed's last block against a training step of the original block (and the same step in
+bf16), stored under "step_times".
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from benchmarks.common import stored_part, table
 from benchmarks.quality import CALIBRATION_LEN, calibration_windows
 from moe_compress import CompressionConfig, ReconstructionConfig, compress, experts, find_experts
-from moe_compress.calibration.sensitivity import token_sensitivity
+from moe_compress.calibration.sensitivity import frozen, token_sensitivity
 from moe_compress.compression.reconstruction import outputs, training
 from moe_compress.compression.from_folder import compress_checkpoint
 from moe_compress.compression.config import RECONSTRUCTION_STEPS, CalibrationConfig
@@ -344,8 +346,94 @@ def kernels_markdown(part: dict) -> str:
             "follows it.")
 
 
+def step_seconds(block: torch.nn.Module, params: list[torch.nn.Parameter], batches: list[torch.Tensor],
+                 steps: int) -> float:
+    """Median seconds of a training step of `block` on the token inputs `batches` (in turn), as the reconstruction
+    takes one: forward, a squared loss, backward, torch's fused Adam on `params`; the first two steps left out."""
+    optimizer = torch.optim.Adam(params, lr=1e-3, fused=True)
+    times = []
+    for step in range(steps + 2):
+        x = batches[step % len(batches)]
+        start = time.perf_counter()
+        loss = outputs(block, x).float().square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def block_steps(name: str, setting: dict) -> dict:
+    """Milliseconds of a step on a testbed's last MoE block, on its inputs from calibration windows: the original
+    block, the compressed one (kept setting["ratio"], no reconstruction) as the reconstruction trains it (fp32, its
+    stored tensors trainable) and the same in bf16; setting["rounds"] rounds of setting["steps"] steps each, in turns
+    in this process, the median of the rounds' medians."""
+    original, _ = load_testbed(torch.float32, TESTBEDS[name])
+    model = copy.deepcopy(original)
+    compress(model, CompressionConfig(target_ratio=setting["ratio"], reconstruction=ReconstructionConfig(steps=0)),
+             calibration=calibration_windows(32), progress=False)
+    experts_name = find_experts(original)[-1][0]
+    parent = experts_name.rpartition(".")[0]
+    seen = []
+    hook = original.get_submodule(parent).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        original(calibration_windows(setting["sequences"]))
+    hook.remove()
+    x = seen[0].reshape(-1, seen[0].shape[-1])
+    batches = list(x.split(setting["batch_tokens"]))
+    block, compressed = model.get_submodule(parent), model.get_submodule(experts_name)
+    plain = original.get_submodule(parent)  # the original block: its experts' weights trainable, as in training
+    bf16 = copy.deepcopy(block).to(torch.bfloat16)
+    bf16_params = list(bf16.get_submodule(experts_name.rpartition(".")[2]).parameters())
+    rounds: dict[str, list[float]] = {"original": [], "compressed": [], "bf16": []}
+    with training(block, compressed, router=False) as params, frozen(bf16), frozen(plain):
+        for p in [*bf16_params, *plain.experts.parameters()]:
+            p.requires_grad_(True)
+        for _ in range(setting["rounds"]):
+            rounds["original"].append(step_seconds(plain, list(plain.experts.parameters()), batches, setting["steps"]))
+            rounds["compressed"].append(step_seconds(block, params, batches, setting["steps"]))
+            rounds["bf16"].append(step_seconds(bf16, bf16_params, [b.bfloat16() for b in batches], setting["steps"]))
+    return {kind: 1e3 * statistics.median(found) for kind, found in rounds.items()}
+
+
+def step_times(setting: dict) -> dict:
+    torch.set_num_threads(1)
+    return {"setting": setting, "testbeds": {name: block_steps(name, setting) for name in setting["testbeds"]}}
+
+
+# a step's 1,024 tokens of the last block's inputs on 16 calibration windows (4 batches, in turn)
+STEPS = dict(ratio=0.3, sequences=16, batch_tokens=1024, steps=40, rounds=3, testbeds=tuple(TESTBEDS))
+PARITY = 1.15  # the noise of a shared machine's step times: a compressed step within it of the original's is at parity
+QUICK_STEPS = dict(ratio=0.3, sequences=4, batch_tokens=512, steps=2, rounds=1, testbeds=("testbed",))
+
+
+def steps_markdown(part: dict) -> str:
+    """The step times, as a note under the CPU part."""
+    meta, setting = part["meta"], part["setting"]
+    found = part["testbeds"].values()
+    each = "; ".join(f"{name}: {t['compressed']:.1f} ms against {t['original']:.1f} "
+                     f"({t['compressed'] / t['original']:.2f}x), in bf16 {t['bf16']:.1f} ms "
+                     f"({t['bf16'] / t['compressed']:.2f}x the fp32 step's time)"
+                     for name, t in part["testbeds"].items())
+    parity = max(t["compressed"] / t["original"] for t in found) <= PARITY
+    verdict = ("So a reconstruction step costs what training the block costs: the compressed form adds no overhead "
+               "of its own to take out." if parity else
+               "The compressed form's step costs more than training the original block: it has overhead of its own.")
+    return (f"**A reconstruction step against a training step of the original block** (`{meta['command']}`, "
+            f"{meta['date']}, {meta['machine']}): one step (forward, a squared loss, backward, fused Adam) of the "
+            f"last MoE block on {setting['batch_tokens']:,} of its inputs, the compressed block (kept "
+            f"{setting['ratio']}) as the reconstruction trains it in fp32 against the original block with its "
+            f"experts' weights trainable, and the compressed block in bf16; median of {setting['rounds']} rounds of "
+            f"{setting['steps']} steps in turns, 1 torch thread: {each}. {verdict}")
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
+    if "--step-times" in sys.argv:
+        part = stored_part("calibration", "step_times", "python -m benchmarks.reconstruction --step-times",
+                           lambda: step_times(QUICK_STEPS if quick else STEPS), store=not quick)
+        print(steps_markdown(part))
+        return
     if "--count-kernels" in sys.argv:
         part = stored_part("calibration", "kernel_counts", "python -m benchmarks.reconstruction --count-kernels",
                            lambda: kernel_counts(KERNELS), store=not quick)

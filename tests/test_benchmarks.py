@@ -27,3 +27,16 @@ def test_benchmark_smoke_run_writes_report_and_plots(tmp_path):
     assert "| REAP pruning |" in report and "| HC-SMoE merging |" in report and "fine-grained testbed" in report
     for plot in ("quality_fine.png", "fit_speed.png", "distillation.png", "bits.png"):
         assert (tmp_path / "benchmarks" / plot).stat().st_size > 10_000
+
+
+@pytest.mark.timeout(300)
+def test_step_times_compare_a_reconstruction_step_with_the_original_blocks():
+    """`--step-times --quick` times the three steps of a testbed's block and says which way they compare, storing
+    nothing."""
+    command = [sys.executable, "-m", "benchmarks.reconstruction", "--step-times", "--quick"]
+    stored = (ROOT / "benchmarks" / "results" / "calibration.json").read_text()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "A reconstruction step against a training step of the original block" in result.stdout
+    assert "testbed: " in result.stdout and "ms against" in result.stdout and "in bf16" in result.stdout
+    assert (ROOT / "benchmarks" / "results" / "calibration.json").read_text() == stored
