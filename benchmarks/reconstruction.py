@@ -416,9 +416,8 @@ def steps_markdown(part: dict) -> str:
                      f"({t['bf16'] / t['compressed']:.2f}x the fp32 step's time)"
                      for name, t in part["testbeds"].items())
     parity = max(t["compressed"] / t["original"] for t in found) <= PARITY
-    verdict = ("So a reconstruction step costs what training the block costs: the compressed form adds no overhead "
-               "of its own to take out." if parity else
-               "The compressed form's step costs more than training the original block: it has overhead of its own.")
+    verdict = ("So a reconstruction step costs about what a training step of the original block costs." if parity
+               else "So a reconstruction step costs more than a training step of the original block.")
     return (f"**A reconstruction step against a training step of the original block** (`{meta['command']}`, "
             f"{meta['date']}, {meta['machine']}): one step (forward, a squared loss, backward, fused Adam) of the "
             f"last MoE block on {setting['batch_tokens']:,} of its inputs, the compressed block (kept "
