@@ -108,8 +108,9 @@ def loss_gradient_norms(model, ids) -> list[torch.Tensor]:
 @pytest.mark.parametrize("one_row", [False, True])
 def test_token_weights_are_the_loss_gradients_at_each_block_output(monkeypatch, one_row):
     """In batches (with `one_row`, one sequence a pass, as a large vocabulary makes it), cut at the kept tokens, in
-    one backward through the model or layer by layer, against one backward of the whole batch (fp32 sums in another
-    order: 1e-4); a sequence's last token predicts nothing and passes nothing on, so it weighs nothing."""
+    one backward through the model (its blocks named in any order) or layer by layer, against one backward of the
+    whole batch (fp32 sums in another order: 1e-4); a sequence's last token predicts nothing and passes nothing on,
+    so it weighs nothing."""
     if one_row:
         monkeypatch.setattr(sensitivity, "LOGITS_BUDGET", 1)
     model, ids = tiny_model(), token_ids(4, 16)
@@ -118,6 +119,9 @@ def test_token_weights_are_the_loss_gradients_at_each_block_output(monkeypatch, 
     got = token_sensitivity(model, list(ids.split(2)), blocks, tokens=ids.numel())
     layer_by_layer = sensitivity.layer_sensitivity(model, list(ids.split(2)), tokens=ids.numel())
     cut = token_sensitivity(model, list(ids.split(2)), blocks, tokens=40)
+    # the graph starts at the model's first block whatever order the blocks are given in
+    backwards = token_sensitivity(model, list(ids.split(2)), dict(reversed(blocks.items())), tokens=ids.numel())
+    assert all(torch.equal(backwards[name], got[name]) for name in got)
     assert got.keys() == layer_by_layer.keys() == cut.keys()
     for weights, layered, part, reference in zip(got.values(), layer_by_layer.values(), cut.values(), want):
         assert torch.allclose(weights, reference, rtol=1e-4, atol=1e-6)

@@ -58,10 +58,13 @@ def token_sensitivity(model: nn.Module, batches: list[torch.Tensor], blocks: dic
     nothing (0). A batch of token ids [B, L] at a time (fewer rows where its logits would be large:
     rows_per_pass), the model in eval mode and its weights frozen; `progress` shows a bar over the batches."""
     found: dict[str, list[torch.Tensor]] = {name: [] for name in blocks}
-    # the graph starts at the first block's output, since no weight asks for a gradient and nothing before it is
-    # weighed: the backward stops there, short of its experts and all before them (registered first, so that
-    # block_outputs keeps the output it makes)
-    hook = next(iter(blocks.values())).register_forward_hook(graph_start)
+    if not blocks:
+        return {}
+    # the graph starts at the first block's output (in the model's order, which its forward follows), since no
+    # weight asks for a gradient and nothing before it is weighed: the backward stops there, short of its experts and
+    # all before them (registered first, so that block_outputs keeps the output it makes)
+    first = next(module for module in model.modules() if any(module is block for block in blocks.values()))
+    hook = first.register_forward_hook(graph_start)
     was_training = model.training
     model.eval()
     device = model.get_input_embeddings().weight.device
