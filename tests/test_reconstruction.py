@@ -131,6 +131,29 @@ def test_token_weights_are_the_loss_gradients_at_each_block_output(monkeypatch, 
     assert all(p.requires_grad for p in model.parameters())  # the weights' own flags as they were
 
 
+def test_a_leading_dense_layer_is_not_weighed_and_its_trace_is_let_go(tmp_path, monkeypatch):
+    """With a dense first layer (no experts), layer by layer gives the same weights as one backward through the model,
+    though its backward runs through no layer before the first MoE layer and stops at that layer's blocks' outputs;
+    every spilled layer's inputs are removed, read or not."""
+    model, ids = tiny_model(mlp_only_layers=[0]), token_ids(4, 16)
+    blocks = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in find_experts(model)}
+    assert not any(name.startswith("model.layers.0.") for name in blocks)
+    want = token_sensitivity(model, list(ids.split(2)), blocks, tokens=ids.numel())
+    backwards, plain = [], sensitivity.layer_backward
+
+    def recorded(layer, *args, through=True):
+        backwards.append((list(model.model.layers).index(layer), through))
+        return plain(layer, *args, through=through)
+
+    monkeypatch.setattr(sensitivity, "layer_backward", recorded)
+    got = sensitivity.layer_sensitivity(model, list(ids.split(2)), tokens=ids.numel(), spill=tmp_path)
+    assert set(backwards) == {(1, False)}  # the second layer alone, each batch, its inputs needing no gradient
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_weighing_pass_shows_its_progress(capsys):
     """compress() with progress: the weighing pass's bar over its batches (4 sequences in 2 batches) beside the
     fits'."""

@@ -203,6 +203,12 @@ class LayerTrace:
         kept = self.inputs[index]
         return unspilled(kept) if isinstance(kept, Path) else kept
 
+    def drop(self, index: int) -> None:
+        """Layer `index`'s inputs let go unread (a spill file removed)."""
+        kept, self.inputs[index] = self.inputs[index], []
+        if isinstance(kept, Path):
+            kept.unlink()
+
 
 def layer_gradient_norms(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | None = None,
                          around_layer: Callable[[nn.Module], AbstractContextManager] = lambda layer: nullcontext(),
@@ -245,16 +251,21 @@ def traced_backward(model: nn.Module, batches: list[torch.Tensor], inputs: Layer
             grads.append(torch.cat(parts))
     found: dict[str, list[torch.Tensor]] = {name: [] for index in range(len(layers))
                                             for name in inputs.experts_of(index, model)}  # in the model's order
+    # nothing before the first layer with experts is weighed (a model's leading dense layers): no backward runs
+    # there, and that layer's stops at its blocks' outputs, short of its experts and attention
+    first = next((index for index in range(len(layers)) if inputs.experts_of(index, model)), len(layers))
     for index in reversed(range(len(layers))):
         if bar is not None:
             bar.update()
+        if index < first:
+            trace.drop(index)
+            continue
         within = [name.removeprefix(f"{inputs.prefix}.{index}.") for name in inputs.experts_of(index, model)]
         blocks = {name: name.rpartition(".")[0] for name in within}  # experts module: its block, within the layer
         with around_layer(layers[index]), frozen(layers[index]), torch.enable_grad():
             for batch, (hidden, kwargs) in enumerate(zip(trace.layer_inputs(index), inputs.kwargs[index])):
-                # the first layer's inputs need no gradient: nothing before it is weighed
                 norms, grads[batch] = layer_backward(layers[index], blocks, hidden, kwargs, grads[batch], dtype,
-                                                     through=index > 0)
+                                                     through=index > first)
                 for name, norm in norms.items():
                     found[f"{inputs.prefix}.{index}.{name}"].append(norm)
     return found
