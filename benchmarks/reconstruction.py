@@ -279,10 +279,10 @@ def step_kernels(block: torch.nn.Module, x: torch.Tensor) -> int:
     return counted.count
 
 
-def block_kernels(model: torch.nn.Module, calibration: torch.Tensor, tokens: torch.Tensor, ratio: float) -> dict:
-    """{"experts": their count, "padded": kernels, "loop": kernels}: one reconstruction step of the last MoE block of
-    `model`, compressed at kept `ratio` on `calibration` (no reconstruction), on the block's inputs from the token ids
-    `tokens`, with the padded batched product and with the loop over the experts it replaced."""
+def last_block(model: torch.nn.Module, calibration: torch.Tensor, tokens: torch.Tensor, ratio: float) -> tuple:
+    """`model` compressed in place at kept `ratio` on `calibration` (no reconstruction): its last MoE block, the
+    compressed experts module in it, and the block's inputs [N, H] and top-k routing [N, K] on the token ids
+    `tokens`."""
     experts_name = find_experts(model)[-1][0]
     config = CompressionConfig(target_ratio=ratio, reconstruction=ReconstructionConfig(steps=0))
     compress(model, config, calibration=calibration, progress=False)
@@ -294,9 +294,16 @@ def block_kernels(model: torch.nn.Module, calibration: torch.Tensor, tokens: tor
         model(tokens)
     for hook in hooks:
         hook.remove()
-    x = seen[0].reshape(-1, seen[0].shape[-1])
+    return block, compressed, seen[0].reshape(-1, seen[0].shape[-1]), routed[0]
+
+
+def block_kernels(model: torch.nn.Module, calibration: torch.Tensor, tokens: torch.Tensor, ratio: float) -> dict:
+    """{"experts": their count, "padded": kernels, "loop": kernels}: one reconstruction step of the last MoE block of
+    `model`, compressed at kept `ratio` on `calibration` (no reconstruction), on the block's inputs from the token ids
+    `tokens`, with the padded batched product and with the loop over the experts it replaced."""
+    block, compressed, x, routed = last_block(model, calibration, tokens, ratio)
     # the busiest expert's pairs on the step's tokens: what the padded stack grows with
-    busiest = torch.bincount(routed[0].reshape(-1), minlength=model.config.num_experts).max().item()
+    busiest = torch.bincount(routed.reshape(-1), minlength=model.config.num_experts).max().item()
     with training(block, compressed, router=False):
         found = {"experts": model.config.num_experts, "busiest": busiest, "padded": step_kernels(block, x)}
         with mock.patch.object(experts, "padded_bmm", lambda *args: None):
@@ -368,31 +375,24 @@ def block_steps(name: str, setting: dict) -> dict:
     block, the compressed one (kept setting["ratio"], no reconstruction) as the reconstruction trains it (fp32, its
     stored tensors trainable) and the same in bf16; setting["rounds"] rounds of setting["steps"] steps each, in turns
     in this process, the median of the rounds' medians."""
-    original, _ = load_testbed(torch.float32, TESTBEDS[name])
-    model = copy.deepcopy(original)
-    compress(model, CompressionConfig(target_ratio=setting["ratio"], reconstruction=ReconstructionConfig(steps=0)),
-             calibration=calibration_windows(32), progress=False)
-    experts_name = find_experts(original)[-1][0]
-    parent = experts_name.rpartition(".")[0]
-    seen = []
-    hook = original.get_submodule(parent).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    with torch.no_grad():
-        original(calibration_windows(setting["sequences"]))
-    hook.remove()
-    x = seen[0].reshape(-1, seen[0].shape[-1])
+    model, _ = load_testbed(torch.float32, TESTBEDS[name])
+    parent, _, slot = find_experts(model)[-1][0].rpartition(".")
+    plain = copy.deepcopy(model.get_submodule(parent))  # the original block, trained on its experts' weights
+    block, compressed, x, _ = last_block(model, calibration_windows(32), calibration_windows(setting["sequences"]),
+                                         setting["ratio"])
     batches = list(x.split(setting["batch_tokens"]))
-    block, compressed = model.get_submodule(parent), model.get_submodule(experts_name)
-    plain = original.get_submodule(parent)  # the original block: its experts' weights trainable, as in training
     bf16 = copy.deepcopy(block).to(torch.bfloat16)
-    bf16_params = list(bf16.get_submodule(experts_name.rpartition(".")[2]).parameters())
+    trained = {"original": list(plain.get_submodule(slot).parameters()),
+               "bf16": list(bf16.get_submodule(slot).parameters())}
     rounds: dict[str, list[float]] = {"original": [], "compressed": [], "bf16": []}
     with training(block, compressed, router=False) as params, frozen(bf16), frozen(plain):
-        for p in [*bf16_params, *plain.experts.parameters()]:
+        for p in [*trained["original"], *trained["bf16"]]:
             p.requires_grad_(True)
         for _ in range(setting["rounds"]):
-            rounds["original"].append(step_seconds(plain, list(plain.experts.parameters()), batches, setting["steps"]))
+            rounds["original"].append(step_seconds(plain, trained["original"], batches, setting["steps"]))
             rounds["compressed"].append(step_seconds(block, params, batches, setting["steps"]))
-            rounds["bf16"].append(step_seconds(bf16, bf16_params, [b.bfloat16() for b in batches], setting["steps"]))
+            rounds["bf16"].append(step_seconds(bf16, trained["bf16"], [b.bfloat16() for b in batches],
+                                               setting["steps"]))
     return {kind: 1e3 * statistics.median(found) for kind, found in rounds.items()}
 
 
